@@ -1,0 +1,170 @@
+"""Builds requests and reads responses; shared by the sync and async clients."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Union
+
+from banditd_client.types import (
+    ArmInfo,
+    ArmStat,
+    ChosenArm,
+    Decision,
+    ExperimentInfo,
+    RewardCounts,
+    RewardRejection,
+)
+from banditd_client.v1 import banditd_pb2 as pb
+
+ArmSpec = Union[str, ArmInfo, Mapping[str, Any]]
+RewardItem = Union[tuple[str, float], tuple[str, float, str], Mapping[str, Any]]
+
+POLICY_PARAMS = ("exploitation", "epsilon", "epsilon_decay", "temperature", "ucb_c", "half_life")
+REWARD_TYPES = {"binary": pb.BINARY, "continuous": pb.CONTINUOUS}
+STATE_NAMES = {pb.RUNNING: "running", pb.PAUSED: "paused", pb.STATE_UNSPECIFIED: "running"}
+
+
+def _prior(prior: Sequence[float] | None) -> pb.Prior | None:
+    if prior is None:
+        return None
+    a, b = prior
+    return pb.Prior(alpha=float(a), beta=float(b), mean=float(a), strength=float(b))
+
+
+def arm_proto(spec: ArmSpec) -> pb.Arm:
+    if isinstance(spec, str):
+        return pb.Arm(id=spec)
+    if isinstance(spec, ArmInfo):
+        return pb.Arm(id=spec.id, group=spec.group, prior=_prior(spec.prior))
+    return pb.Arm(id=str(spec["id"]), group=str(spec.get("group", "")), prior=_prior(spec.get("prior")))
+
+
+def create_request(
+    experiment_id: str,
+    arms: Iterable[ArmSpec],
+    policy: str,
+    reward_type: str,
+    sticky: bool,
+    attribution_window_seconds: int,
+    prior: Sequence[float] | None,
+    params: Mapping[str, float],
+) -> pb.CreateExperimentRequest:
+    unknown = set(params) - set(POLICY_PARAMS)
+    if unknown:
+        raise TypeError(f"unknown policy parameters {sorted(unknown)}; known: {POLICY_PARAMS}")
+    if reward_type not in REWARD_TYPES:
+        raise ValueError(f"reward_type must be one of {sorted(REWARD_TYPES)}, got {reward_type!r}")
+    exp = pb.Experiment(
+        id=experiment_id,
+        arms=[arm_proto(a) for a in arms],
+        policy=pb.Policy(name=policy, **{k: float(v) for k, v in params.items()}),
+        reward_type=REWARD_TYPES[reward_type],
+        sticky=sticky,
+        attribution_window_seconds=int(attribution_window_seconds),
+        prior=_prior(prior),
+    )
+    return pb.CreateExperimentRequest(experiment=exp)
+
+
+def update_request(
+    experiment_id: str,
+    add_arms: Iterable[ArmSpec] = (),
+    retire_arms: Iterable[str] = (),
+    state: str | None = None,
+) -> pb.UpdateExperimentRequest:
+    states = {None: pb.STATE_UNSPECIFIED, "paused": pb.PAUSED, "running": pb.RUNNING}
+    if state not in states:
+        raise ValueError(f"state must be 'paused', 'running' or None, got {state!r}")
+    return pb.UpdateExperimentRequest(
+        experiment_id=experiment_id,
+        add_arms=[arm_proto(a) for a in add_arms],
+        retire_arm_ids=list(retire_arms),
+        set_state=states[state],
+    )
+
+
+def decide_request(
+    experiment_id: str, unit_id: str, k: int | None, context: Mapping[str, str] | None
+) -> pb.DecideRequest:
+    return pb.DecideRequest(
+        experiment_id=experiment_id,
+        unit_id=unit_id,
+        k=k or 0,
+        context={str(key): str(v) for key, v in (context or {}).items()},
+    )
+
+
+def reward_request(item: RewardItem) -> pb.RewardRequest:
+    if isinstance(item, Mapping):
+        return pb.RewardRequest(
+            decision_id=item["decision_id"],
+            value=float(item["value"]),
+            event_id=item.get("event_id", ""),
+            arm_id=item.get("arm", ""),
+        )
+    if len(item) == 2:
+        decision_id, value = item  # type: ignore[misc]
+        return pb.RewardRequest(decision_id=decision_id, value=float(value))
+    decision_id, value, event_id = item  # type: ignore[misc]
+    return pb.RewardRequest(decision_id=decision_id, value=float(value), event_id=event_id)
+
+
+def decision(resp: pb.DecideResponse) -> Decision:
+    return Decision(
+        decision_id=resp.decision_id,
+        arms=tuple(ChosenArm(a.arm_id, a.score, a.propensity) for a in resp.arms),
+        sticky_hit=resp.sticky_hit,
+    )
+
+
+def experiment(exp: pb.Experiment) -> ExperimentInfo:
+    params = {name: getattr(exp.policy, name) for name in POLICY_PARAMS}
+    return ExperimentInfo(
+        id=exp.id,
+        arms=tuple(
+            ArmInfo(
+                id=a.id,
+                group=a.group,
+                active=a.active,
+                prior=(a.prior.alpha, a.prior.beta) if a.HasField("prior") else None,
+            )
+            for a in exp.arms
+        ),
+        policy=exp.policy.name,
+        policy_params={k: v for k, v in params.items() if v},
+        reward_type="continuous" if exp.reward_type == pb.CONTINUOUS else "binary",
+        sticky=exp.sticky,
+        attribution_window_seconds=exp.attribution_window_seconds,
+        state=STATE_NAMES.get(exp.state, "running"),
+        version=exp.version,
+        created_unix_ms=exp.created_unix_ms,
+    )
+
+
+def arm_stats(resp: pb.GetArmStatsResponse) -> list[ArmStat]:
+    return [
+        ArmStat(
+            arm=s.arm_id,
+            pulls=s.pulls,
+            rewards=s.rewards,
+            reward_sum=s.reward_sum,
+            mean=s.mean,
+            low=s.low,
+            high=s.high,
+            recent_share=s.recent_share,
+            active=s.active,
+            group=s.group,
+        )
+        for s in resp.arms
+    ]
+
+
+def reward_counts(resp: pb.RewardStreamResponse) -> RewardCounts:
+    return RewardCounts(
+        accepted=resp.accepted,
+        duplicate=resp.duplicate,
+        rejected=resp.rejected,
+        rejections=tuple(
+            RewardRejection(r.index, r.decision_id, r.code, r.reason) for r in resp.rejections
+        ),
+    )

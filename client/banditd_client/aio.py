@@ -1,0 +1,132 @@
+"""Asynchronous twin of Client, on grpc.aio."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterable, Awaitable, Callable, Iterable, Mapping, Sequence
+from typing import Any, TypeVar
+
+import grpc
+import grpc.aio
+
+from banditd_client import _convert as conv
+from banditd_client.client import DEFAULT_TIMEOUT, STREAM_TIMEOUT
+from banditd_client.errors import from_rpc_error
+from banditd_client.types import ArmStat, Decision, ExperimentInfo, RewardCounts
+from banditd_client.v1 import banditd_pb2 as pb
+from banditd_client.v1 import banditd_pb2_grpc as pb_grpc
+
+T = TypeVar("T")
+
+
+class AsyncClient:
+    """`async with AsyncClient("localhost:50051") as c: d = await c.decide(...)`"""
+
+    def __init__(
+        self,
+        target: str = "localhost:50051",
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        channel: grpc.aio.Channel | None = None,
+    ) -> None:
+        self._channel = channel or grpc.aio.insecure_channel(target)
+        self._stub = pb_grpc.BanditdStub(self._channel)
+        self.timeout = timeout
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def _call(self, method: Callable[..., Awaitable[T]], request: Any, timeout: float | None) -> T:
+        try:
+            return await method(request, timeout=timeout or self.timeout)
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from None
+
+    async def create_experiment(
+        self,
+        experiment_id: str,
+        arms: Iterable[conv.ArmSpec],
+        policy: str = "thompson",
+        *,
+        reward_type: str = "binary",
+        sticky: bool = False,
+        attribution_window_seconds: int = 0,
+        prior: Sequence[float] | None = None,
+        timeout: float | None = None,
+        **policy_params: float,
+    ) -> ExperimentInfo:
+        req = conv.create_request(
+            experiment_id, arms, policy, reward_type, sticky, attribution_window_seconds, prior,
+            policy_params,
+        )
+        return conv.experiment(await self._call(self._stub.CreateExperiment, req, timeout))
+
+    async def get_experiment(self, experiment_id: str, *, timeout: float | None = None) -> ExperimentInfo:
+        req = pb.GetExperimentRequest(experiment_id=experiment_id)
+        return conv.experiment(await self._call(self._stub.GetExperiment, req, timeout))
+
+    async def list_experiments(self, *, timeout: float | None = None) -> list[ExperimentInfo]:
+        resp = await self._call(self._stub.ListExperiments, pb.ListExperimentsRequest(), timeout)
+        return [conv.experiment(e) for e in resp.experiments]
+
+    async def update_experiment(
+        self,
+        experiment_id: str,
+        *,
+        add_arms: Iterable[conv.ArmSpec] = (),
+        retire_arms: Iterable[str] = (),
+        state: str | None = None,
+        timeout: float | None = None,
+    ) -> ExperimentInfo:
+        req = conv.update_request(experiment_id, add_arms, retire_arms, state)
+        return conv.experiment(await self._call(self._stub.UpdateExperiment, req, timeout))
+
+    async def decide(
+        self,
+        experiment_id: str,
+        unit_id: str = "",
+        *,
+        k: int | None = None,
+        context: Mapping[str, str] | None = None,
+        timeout: float | None = None,
+    ) -> Decision:
+        req = conv.decide_request(experiment_id, unit_id, k, context)
+        return conv.decision(await self._call(self._stub.Decide, req, timeout))
+
+    async def reward(
+        self,
+        decision_id: str,
+        value: float,
+        *,
+        event_id: str = "",
+        arm: str = "",
+        timeout: float | None = None,
+    ) -> bool:
+        req = pb.RewardRequest(decision_id=decision_id, value=float(value), event_id=event_id, arm_id=arm)
+        return (await self._call(self._stub.Reward, req, timeout)).accepted
+
+    async def reward_many(
+        self,
+        items: Iterable[conv.RewardItem] | AsyncIterable[conv.RewardItem],
+        *,
+        timeout: float | None = None,
+    ) -> RewardCounts:
+        async def requests() -> AsyncIterable[pb.RewardRequest]:
+            if isinstance(items, AsyncIterable):
+                async for item in items:
+                    yield conv.reward_request(item)
+            else:
+                for item in items:
+                    yield conv.reward_request(item)
+
+        resp = await self._call(self._stub.RewardStream, requests(), timeout or STREAM_TIMEOUT)
+        return conv.reward_counts(resp)
+
+    async def arm_stats(self, experiment_id: str, *, timeout: float | None = None) -> list[ArmStat]:
+        req = pb.GetArmStatsRequest(experiment_id=experiment_id)
+        return conv.arm_stats(await self._call(self._stub.GetArmStats, req, timeout))

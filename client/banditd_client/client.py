@@ -1,0 +1,136 @@
+"""Synchronous client. Every call has a deadline; failures raise BanditdError subclasses."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, TypeVar
+
+import grpc
+
+from banditd_client import _convert as conv
+from banditd_client.errors import from_rpc_error
+from banditd_client.types import ArmStat, Decision, ExperimentInfo, RewardCounts
+from banditd_client.v1 import banditd_pb2 as pb
+from banditd_client.v1 import banditd_pb2_grpc as pb_grpc
+
+T = TypeVar("T")
+DEFAULT_TIMEOUT = 5.0
+# Bulk ingestion may take longer than one decision.
+STREAM_TIMEOUT = 300.0
+
+
+class Client:
+    """Talks to a banditd server.
+
+    >>> c = Client("localhost:50051")
+    >>> d = c.decide("subject-lines", unit_id="u-17")
+    >>> c.reward(d.decision_id, 1.0)
+    """
+
+    def __init__(
+        self,
+        target: str = "localhost:50051",
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        channel: grpc.Channel | None = None,
+    ) -> None:
+        self._channel = channel or grpc.insecure_channel(target)
+        self._stub = pb_grpc.BanditdStub(self._channel)
+        self.timeout = timeout
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _call(self, method: Callable[..., T], request: Any, timeout: float | None) -> T:
+        try:
+            return method(request, timeout=timeout or self.timeout)
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from None
+
+    def create_experiment(
+        self,
+        experiment_id: str,
+        arms: Iterable[conv.ArmSpec],
+        policy: str = "thompson",
+        *,
+        reward_type: str = "binary",
+        sticky: bool = False,
+        attribution_window_seconds: int = 0,
+        prior: Sequence[float] | None = None,
+        timeout: float | None = None,
+        **policy_params: float,
+    ) -> ExperimentInfo:
+        req = conv.create_request(
+            experiment_id, arms, policy, reward_type, sticky, attribution_window_seconds, prior,
+            policy_params,
+        )
+        return conv.experiment(self._call(self._stub.CreateExperiment, req, timeout))
+
+    def get_experiment(self, experiment_id: str, *, timeout: float | None = None) -> ExperimentInfo:
+        req = pb.GetExperimentRequest(experiment_id=experiment_id)
+        return conv.experiment(self._call(self._stub.GetExperiment, req, timeout))
+
+    def list_experiments(self, *, timeout: float | None = None) -> list[ExperimentInfo]:
+        resp = self._call(self._stub.ListExperiments, pb.ListExperimentsRequest(), timeout)
+        return [conv.experiment(e) for e in resp.experiments]
+
+    def update_experiment(
+        self,
+        experiment_id: str,
+        *,
+        add_arms: Iterable[conv.ArmSpec] = (),
+        retire_arms: Iterable[str] = (),
+        state: str | None = None,
+        timeout: float | None = None,
+    ) -> ExperimentInfo:
+        req = conv.update_request(experiment_id, add_arms, retire_arms, state)
+        return conv.experiment(self._call(self._stub.UpdateExperiment, req, timeout))
+
+    def pause(self, experiment_id: str) -> ExperimentInfo:
+        return self.update_experiment(experiment_id, state="paused")
+
+    def resume(self, experiment_id: str) -> ExperimentInfo:
+        return self.update_experiment(experiment_id, state="running")
+
+    def decide(
+        self,
+        experiment_id: str,
+        unit_id: str = "",
+        *,
+        k: int | None = None,
+        context: Mapping[str, str] | None = None,
+        timeout: float | None = None,
+    ) -> Decision:
+        req = conv.decide_request(experiment_id, unit_id, k, context)
+        return conv.decision(self._call(self._stub.Decide, req, timeout))
+
+    def reward(
+        self,
+        decision_id: str,
+        value: float,
+        *,
+        event_id: str = "",
+        arm: str = "",
+        timeout: float | None = None,
+    ) -> bool:
+        """Reports a reward; returns False when the event was already counted."""
+        req = pb.RewardRequest(decision_id=decision_id, value=float(value), event_id=event_id, arm_id=arm)
+        return self._call(self._stub.Reward, req, timeout).accepted
+
+    def reward_many(
+        self, items: Iterable[conv.RewardItem], *, timeout: float | None = None
+    ) -> RewardCounts:
+        """Streams (decision_id, value[, event_id]) items; returns accepted/duplicate/rejected."""
+        requests = (conv.reward_request(i) for i in items)
+        resp = self._call(self._stub.RewardStream, requests, timeout or STREAM_TIMEOUT)
+        return conv.reward_counts(resp)
+
+    def arm_stats(self, experiment_id: str, *, timeout: float | None = None) -> list[ArmStat]:
+        req = pb.GetArmStatsRequest(experiment_id=experiment_id)
+        return conv.arm_stats(self._call(self._stub.GetArmStats, req, timeout))

@@ -1,0 +1,306 @@
+//! `banditd._core`: posterior state, sampling and scoring behind a small Python surface.
+//!
+//! Every method validates its input and returns a `CoreError` (a `ValueError`) with the
+//! cause instead of panicking; long work runs with the GIL released.
+
+pub mod bandit;
+pub mod error;
+pub mod policy;
+pub mod sampling;
+pub mod special;
+
+use std::sync::{Mutex, MutexGuard};
+
+use pyo3::create_exception;
+use pyo3::exceptions::{PyRuntimeError, PyValueError};
+use pyo3::prelude::*;
+use rand::SeedableRng;
+use rand_xoshiro::Xoshiro256PlusPlus;
+
+use bandit::Bandit;
+use error::CoreError as RsError;
+use policy::{Policy, RewardModel};
+
+create_exception!(
+    _core,
+    CoreError,
+    PyValueError,
+    "Invalid input to the decision core."
+);
+
+impl From<RsError> for PyErr {
+    fn from(e: RsError) -> PyErr {
+        CoreError::new_err(e.to_string())
+    }
+}
+
+/// Monte Carlo draws behind a Thompson propensity (standard error <= 0.5/sqrt(draws)).
+const PROPENSITY_DRAWS: usize = 2_000;
+/// Arm-draws a decision may spend refreshing a stale propensity cache inline; larger
+/// experiments keep the previous estimate until `refresh_propensities` runs.
+const INLINE_PROPENSITY_WORK: usize = 200_000;
+
+struct PropensityCache {
+    version: u64,
+    k: usize,
+    draws: usize,
+    p: Vec<f64>,
+}
+
+struct State {
+    bandit: Bandit,
+    rng: Xoshiro256PlusPlus,
+    cache: Vec<PropensityCache>,
+}
+
+impl State {
+    fn cached(&self, k: usize) -> Option<&PropensityCache> {
+        self.cache.iter().find(|c| c.k == k)
+    }
+
+    fn store(&mut self, entry: PropensityCache) {
+        self.cache.retain(|c| c.k != entry.k);
+        self.cache.push(entry);
+    }
+
+    /// Inclusion probabilities for slates of k, fresh when affordable, else the last estimate.
+    fn propensities(&mut self, k: usize) -> Result<Vec<f64>, RsError> {
+        let version = self.bandit.version;
+        if let Some(c) = self.cached(k) {
+            if c.version == version && c.p.len() == self.bandit.len() {
+                return Ok(c.p.clone());
+            }
+        }
+        let n_active = self.bandit.n_active().max(1);
+        let affordable = n_active * PROPENSITY_DRAWS <= INLINE_PROPENSITY_WORK;
+        let have_any = self
+            .cached(k)
+            .is_some_and(|c| c.p.len() == self.bandit.len());
+        if !affordable && have_any {
+            return Ok(self.cached(k).map(|c| c.p.clone()).unwrap_or_default());
+        }
+        let draws = if affordable {
+            PROPENSITY_DRAWS
+        } else {
+            (INLINE_PROPENSITY_WORK / n_active).clamp(50, PROPENSITY_DRAWS)
+        };
+        let p = self
+            .bandit
+            .inclusion_probabilities(&mut self.rng, k, draws)?;
+        self.store(PropensityCache {
+            version,
+            k,
+            draws,
+            p: p.clone(),
+        });
+        Ok(p)
+    }
+}
+
+/// One experiment's arms, posterior and policy.
+#[pyclass(name = "Bandit", module = "banditd._core", frozen)]
+struct PyBandit {
+    state: Mutex<State>,
+}
+
+impl PyBandit {
+    fn lock(&self) -> PyResult<MutexGuard<'_, State>> {
+        self.state.lock().map_err(|_| {
+            PyRuntimeError::new_err("bandit state lock poisoned by an earlier failure")
+        })
+    }
+}
+
+#[pymethods]
+impl PyBandit {
+    /// reward_type: "binary" | "continuous"; policy: thompson | ucb1 | epsilon_greedy |
+    /// softmax | greedy | uniform. Zero-valued parameters take their defaults.
+    #[new]
+    #[pyo3(signature = (reward_type="binary", policy="thompson", *, exploitation=0.0,
+        epsilon=0.0, epsilon_decay=0.0, temperature=0.0, ucb_c=0.0, half_life=0.0, seed=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        reward_type: &str,
+        policy: &str,
+        exploitation: f64,
+        epsilon: f64,
+        epsilon_decay: f64,
+        temperature: f64,
+        ucb_c: f64,
+        half_life: f64,
+        seed: Option<u64>,
+    ) -> PyResult<Self> {
+        let model = match reward_type {
+            "binary" | "" => RewardModel::Bernoulli,
+            "continuous" => RewardModel::Gaussian,
+            other => {
+                return Err(RsError::invalid(format!(
+                    "unknown reward type {other:?}; expected binary or continuous"
+                ))
+                .into())
+            }
+        };
+        let policy = Policy::parse(
+            policy,
+            exploitation,
+            epsilon,
+            epsilon_decay,
+            temperature,
+            ucb_c,
+        )?;
+        let bandit = Bandit::new(model, policy, half_life)?;
+        let rng = match seed {
+            Some(s) => Xoshiro256PlusPlus::seed_from_u64(s),
+            None => Xoshiro256PlusPlus::from_os_rng(),
+        };
+        Ok(PyBandit {
+            state: Mutex::new(State {
+                bandit,
+                rng,
+                cache: Vec::new(),
+            }),
+        })
+    }
+
+    /// Appends arms with priors (binary: alpha, beta; continuous: mean, strength).
+    fn add_arms(&self, prior_a: Vec<f64>, prior_b: Vec<f64>) -> PyResult<()> {
+        Ok(self.lock()?.bandit.add_arms(&prior_a, &prior_b)?)
+    }
+
+    fn set_active(&self, arm: usize, active: bool) -> PyResult<()> {
+        Ok(self.lock()?.bandit.set_active(arm, active)?)
+    }
+
+    fn set_prior(&self, arm: usize, prior_a: f64, prior_b: f64) -> PyResult<()> {
+        Ok(self.lock()?.bandit.set_prior(arm, prior_a, prior_b)?)
+    }
+
+    /// Restores an arm's sufficient statistics: count, reward sum, sum of squares.
+    fn set_stats(&self, arm: usize, n: f64, sum: f64, sumsq: f64) -> PyResult<()> {
+        Ok(self.lock()?.bandit.set_stats(arm, n, sum, sumsq)?)
+    }
+
+    /// Chooses k distinct arms. Returns (arms, scores, propensities): scores are posterior
+    /// means (probabilities for binary rewards), propensities the chance each arm was in
+    /// the slate under the current posterior.
+    #[pyo3(signature = (k=1))]
+    fn choose(&self, py: Python<'_>, k: usize) -> PyResult<(Vec<usize>, Vec<f64>, Vec<f64>)> {
+        let mut guard = self.lock()?;
+        let state = &mut *guard;
+        let result = py.detach(|| -> Result<_, RsError> {
+            let chosen = state.bandit.choose(&mut state.rng, k)?;
+            let p = state.propensities(k)?;
+            let arms: Vec<usize> = chosen.iter().map(|c| c.arm).collect();
+            let scores = arms.iter().map(|&a| state.bandit.mean(a)).collect();
+            let props = arms.iter().map(|&a| p[a]).collect();
+            Ok((arms, scores, props))
+        })?;
+        Ok(result)
+    }
+
+    /// Checks a batch without applying it.
+    fn validate_rewards(&self, arms: Vec<usize>, values: Vec<f64>) -> PyResult<()> {
+        Ok(self.lock()?.bandit.validate_rewards(&arms, &values)?)
+    }
+
+    /// Applies a batch of rewards, all or nothing.
+    fn apply_rewards(&self, py: Python<'_>, arms: Vec<usize>, values: Vec<f64>) -> PyResult<()> {
+        let mut guard = self.lock()?;
+        let state = &mut *guard;
+        py.detach(|| state.bandit.apply_rewards(&arms, &values))?;
+        Ok(())
+    }
+
+    /// Fresh Monte Carlo inclusion probabilities for slates of k (GIL released).
+    #[pyo3(signature = (k=1, draws=PROPENSITY_DRAWS))]
+    fn refresh_propensities(&self, py: Python<'_>, k: usize, draws: usize) -> PyResult<Vec<f64>> {
+        let mut guard = self.lock()?;
+        let state = &mut *guard;
+        let version = state.bandit.version;
+        let p = py.detach(|| {
+            state
+                .bandit
+                .inclusion_probabilities(&mut state.rng, k, draws)
+        })?;
+        state.store(PropensityCache {
+            version,
+            k,
+            draws,
+            p: p.clone(),
+        });
+        Ok(p)
+    }
+
+    /// True when the cached propensities for k lag the posterior.
+    #[pyo3(signature = (k=1))]
+    fn propensities_stale(&self, k: usize) -> PyResult<bool> {
+        let s = self.lock()?;
+        Ok(s.cached(k)
+            .is_none_or(|c| c.version != s.bandit.version || c.draws < PROPENSITY_DRAWS))
+    }
+
+    fn means(&self) -> PyResult<Vec<f64>> {
+        let s = self.lock()?;
+        Ok((0..s.bandit.len()).map(|a| s.bandit.mean(a)).collect())
+    }
+
+    /// Central credible intervals at `level` for every arm: (lows, highs).
+    #[pyo3(signature = (level=0.95))]
+    fn intervals(&self, py: Python<'_>, level: f64) -> PyResult<(Vec<f64>, Vec<f64>)> {
+        if !(level > 0.0 && level < 1.0) {
+            return Err(RsError::invalid(format!("level must be in (0, 1), got {level}")).into());
+        }
+        let s = self.lock()?;
+        let b = &s.bandit;
+        Ok(py.detach(|| (0..b.len()).map(|a| b.interval(a, level)).unzip()))
+    }
+
+    /// Sufficient statistics per arm: (n, sum, sumsq).
+    fn stats(&self) -> PyResult<(Vec<f64>, Vec<f64>, Vec<f64>)> {
+        let s = self.lock()?;
+        Ok((
+            s.bandit.n.clone(),
+            s.bandit.sum.clone(),
+            s.bandit.sumsq.clone(),
+        ))
+    }
+
+    fn priors(&self) -> PyResult<(Vec<f64>, Vec<f64>)> {
+        let s = self.lock()?;
+        Ok((s.bandit.prior_a.clone(), s.bandit.prior_b.clone()))
+    }
+
+    fn active(&self) -> PyResult<Vec<bool>> {
+        Ok(self.lock()?.bandit.active.clone())
+    }
+
+    #[getter]
+    fn version(&self) -> PyResult<u64> {
+        Ok(self.lock()?.bandit.version)
+    }
+
+    #[getter]
+    fn n_arms(&self) -> PyResult<usize> {
+        Ok(self.lock()?.bandit.len())
+    }
+}
+
+/// Exact quantile of Beta(a, b) (for intervals and the pruned Thompson bounds).
+#[pyfunction]
+fn beta_quantile(p: f64, a: f64, b: f64) -> PyResult<f64> {
+    if !(a > 0.0 && b > 0.0 && a.is_finite() && b.is_finite() && (0.0..=1.0).contains(&p)) {
+        return Err(RsError::invalid(format!(
+            "beta_quantile needs 0 <= p <= 1 and finite a, b > 0; got p={p}, a={a}, b={b}"
+        ))
+        .into());
+    }
+    Ok(special::beta_quantile(p, a, b))
+}
+
+#[pymodule]
+fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<PyBandit>()?;
+    m.add_function(wrap_pyfunction!(beta_quantile, m)?)?;
+    m.add("CoreError", m.py().get_type::<CoreError>())?;
+    Ok(())
+}

@@ -1,0 +1,81 @@
+"""Server side of the error hierarchy: the classes live in banditd_client.errors (one
+hierarchy for server and client); this module maps them to gRPC statuses in one place."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import grpc
+
+from banditd_client.errors import (
+    ERROR_TRAILER,
+    AlreadyExists,
+    ArmNotFound,
+    BanditdError,
+    DecisionNotFound,
+    ExperimentAlreadyExists,
+    ExperimentNotFound,
+    ExperimentPaused,
+    FailedPrecondition,
+    Internal,
+    InvalidArgument,
+    NotFound,
+    OutsideAttributionWindow,
+    ResourceExhausted,
+    Unavailable,
+)
+
+__all__ = [
+    "AlreadyExists",
+    "ArmNotFound",
+    "BanditdError",
+    "DecisionNotFound",
+    "ExperimentAlreadyExists",
+    "ExperimentNotFound",
+    "ExperimentPaused",
+    "FailedPrecondition",
+    "Internal",
+    "InvalidArgument",
+    "NotFound",
+    "OutsideAttributionWindow",
+    "ResourceExhausted",
+    "Unavailable",
+    "map_errors",
+]
+
+log = logging.getLogger("banditd")
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _abort(context: grpc.ServicerContext, exc: BaseException) -> None:
+    if isinstance(exc, BanditdError):
+        context.set_trailing_metadata(((ERROR_TRAILER, type(exc).__name__),))
+        context.abort(exc.code, exc.message)
+    log.exception("unexpected error in handler")
+    context.set_trailing_metadata(((ERROR_TRAILER, "Internal"),))
+    context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
+
+
+def map_errors(method: F) -> F:
+    """Wraps a servicer method so a BanditdError becomes its gRPC status with the message."""
+
+    @functools.wraps(method)
+    def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            return method(self, request, context)
+        except Exception as exc:  # noqa: BLE001 - every failure must become a status
+            _abort(context, exc)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def map_all_errors(cls: type) -> type:
+    """Applies map_errors to every public RPC method of a servicer class."""
+    for name, fn in list(vars(cls).items()):
+        if name[0].isupper() and inspect.isfunction(fn):
+            setattr(cls, name, map_errors(fn))
+    return cls

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, Union
+from typing import Any
 
 from banditd_client.types import (
     ArmInfo,
@@ -16,8 +16,8 @@ from banditd_client.types import (
 )
 from banditd_client.v1 import banditd_pb2 as pb
 
-ArmSpec = Union[str, ArmInfo, Mapping[str, Any]]
-RewardItem = Union[tuple[str, float], tuple[str, float, str], Mapping[str, Any]]
+ArmSpec = str | ArmInfo | Mapping[str, Any]
+RewardItem = tuple[str, float] | tuple[str, float, str] | Mapping[str, Any]
 
 POLICY_PARAMS = ("exploitation", "epsilon", "epsilon_decay", "temperature", "ucb_c", "half_life")
 REWARD_TYPES = {"binary": pb.BINARY, "continuous": pb.CONTINUOUS}

@@ -10,7 +10,6 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import grpc
-
 from banditd_client.errors import (
     ERROR_TRAILER,
     AlreadyExists,
@@ -28,6 +27,8 @@ from banditd_client.errors import (
     ResourceExhausted,
     Unavailable,
 )
+
+from banditd import _core
 
 __all__ = [
     "AlreadyExists",
@@ -52,6 +53,9 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def _abort(context: grpc.ServicerContext, exc: BaseException) -> None:
+    if isinstance(exc, _core.CoreError):
+        # The Rust core refuses bad input before changing anything: the caller's fault.
+        exc = InvalidArgument(str(exc))
     if isinstance(exc, BanditdError):
         context.set_trailing_metadata(((ERROR_TRAILER, type(exc).__name__),))
         context.abort(exc.code, exc.message)

@@ -1,0 +1,59 @@
+# One-command workflows. `make serve` and `make test` work on a fresh machine: they create
+# .venv, install everything, build the Rust core and run.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+DEPS := $(VENV)/.deps-installed
+CORE := $(VENV)/.core-built
+RUST_SRC := $(shell find core_rs/src -name '*.rs') core_rs/Cargo.toml Cargo.toml pyproject.toml
+PORT ?= 50051
+DATA_DIR ?= ./data/banditd
+
+.PHONY: install serve test test-rust test-python lint fmt proto demo bench clean
+
+install: $(CORE)
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(DEPS): requirements-dev.txt client/pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -r requirements-dev.txt
+	$(BIN)/pip install -q -e client
+	touch $@
+
+$(CORE): $(DEPS) $(RUST_SRC)
+	VIRTUAL_ENV=$(abspath $(VENV)) PATH=$(abspath $(BIN)):$$PATH $(BIN)/maturin develop --release -q
+	touch $@
+
+serve: install
+	$(BIN)/banditd serve --port $(PORT) --data-dir $(DATA_DIR)
+
+test: install lint test-rust test-python
+
+test-rust:
+	PYO3_PYTHON=$(abspath $(BIN)/python) cargo test --release -q
+
+test-python: install
+	$(BIN)/pytest tests
+
+lint: $(DEPS)
+	$(BIN)/ruff check server client/banditd_client tests loadtest proto
+	cargo fmt --all --check
+	PYO3_PYTHON=$(abspath $(BIN)/python) cargo clippy --release -q --all-targets -- -D warnings
+
+fmt: $(DEPS)
+	$(BIN)/ruff check --fix server client/banditd_client tests loadtest proto
+	cargo fmt --all
+
+proto: $(DEPS)
+	$(BIN)/python proto/generate.py
+
+demo: install
+	$(BIN)/python loadtest/demo.py --target localhost:$(PORT)
+
+bench: install
+	$(BIN)/python loadtest/bench_core.py
+
+clean:
+	rm -rf $(VENV) target build

@@ -1,0 +1,3 @@
+"""banditd: a low-latency multi-armed bandit decision server."""
+
+__version__ = "0.1.0"

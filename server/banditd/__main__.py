@@ -1,0 +1,3 @@
+from banditd.cli import main
+
+raise SystemExit(main())

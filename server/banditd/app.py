@@ -1,0 +1,83 @@
+"""Assembles and runs the server: store, writer, engine, gRPC with health and reflection."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from concurrent import futures
+
+import grpc
+from banditd_client.v1 import banditd_pb2 as pb
+from banditd_client.v1 import banditd_pb2_grpc as pb_grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from banditd.config import ServerConfig
+from banditd.engine import Engine
+from banditd.service import BanditdService
+from banditd.store import Store
+from banditd.writer import Writer
+
+log = logging.getLogger("banditd")
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Banditd"].full_name
+
+
+class Server:
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.store = Store(config.data_dir)
+        self.writer = Writer(self.store, max_batch=config.max_batch, queue_limit=config.queue_limit)
+        self.engine = Engine(self.store, self.writer, seed=config.seed)
+        self.health = health.HealthServicer()
+        self.grpc = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=config.threads, thread_name_prefix="banditd-rpc"),
+            maximum_concurrent_rpcs=config.max_concurrent_rpcs,
+            options=[("grpc.so_reuseport", 1)],
+        )
+        pb_grpc.add_BanditdServicer_to_server(BanditdService(self.engine), self.grpc)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc
+        )
+        self.port = self.grpc.add_insecure_port(f"{config.host}:{config.port}")
+        if self.port == 0:
+            raise RuntimeError(f"could not bind {config.host}:{config.port}")
+        self._stopped = threading.Event()
+
+    def start(self) -> None:
+        self.engine.load()
+        self.writer.start()
+        self.grpc.start()
+        for name in ("", SERVICE_NAME):
+            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("serving", extra={"fields": {"port": self.port, **self.config.as_dict()}})
+
+    def stop(self, grace: float = 5.0) -> None:
+        """Stops taking calls, lets running ones finish, commits queued writes, closes."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        self.health.enter_graceful_shutdown()
+        self.grpc.stop(grace).wait()
+        self.writer.close()
+        self.store.close()
+        log.info("stopped")
+
+    def wait(self) -> None:
+        self._stopped.wait()
+
+
+def serve(config: ServerConfig) -> None:
+    server = Server(config)
+    server.start()
+    done = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        log.info("signal %d: shutting down", signum)
+        done.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    done.wait()
+    server.stop()

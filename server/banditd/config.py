@@ -1,0 +1,67 @@
+"""Server configuration: flags with BANDITD_* environment equivalents."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import asdict, dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "0.0.0.0"
+    port: int = 50051
+    data_dir: str = "./data/banditd"
+    threads: int = 16
+    max_concurrent_rpcs: int = 2000
+    max_batch: int = 20000
+    queue_limit: int = 200000
+    seed: int | None = None
+    log_level: str = "info"
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _env(name: str, default: Any, cast: type = str) -> Any:
+    raw = os.environ.get(f"BANDITD_{name.upper()}")
+    return default if raw is None or raw == "" else cast(raw)
+
+
+def add_serve_args(p: argparse.ArgumentParser) -> None:
+    d = ServerConfig()
+    p.add_argument("--host", default=_env("host", d.host), help="address to bind (BANDITD_HOST)")
+    p.add_argument("--port", type=int, default=_env("port", d.port, int), help="port (BANDITD_PORT)")
+    p.add_argument("--data-dir", default=_env("data_dir", d.data_dir), help="LMDB dir (BANDITD_DATA_DIR)")
+    p.add_argument("--threads", type=int, default=_env("threads", d.threads, int), help="RPC threads (BANDITD_THREADS)")
+    p.add_argument(
+        "--max-concurrent-rpcs",
+        type=int,
+        default=_env("max_concurrent_rpcs", d.max_concurrent_rpcs, int),
+        help="calls beyond this get RESOURCE_EXHAUSTED at once (BANDITD_MAX_CONCURRENT_RPCS)",
+    )
+    p.add_argument(
+        "--max-batch", type=int, default=_env("max_batch", d.max_batch, int),
+        help="writes per group commit (BANDITD_MAX_BATCH)",
+    )
+    p.add_argument(
+        "--queue-limit", type=int, default=_env("queue_limit", d.queue_limit, int),
+        help="pending writes before RESOURCE_EXHAUSTED (BANDITD_QUEUE_LIMIT)",
+    )
+    p.add_argument("--seed", type=int, default=_env("seed", None, int), help="RNG seed (BANDITD_SEED)")
+    p.add_argument("--log-level", default=_env("log_level", d.log_level), help="log level (BANDITD_LOG_LEVEL)")
+
+
+def from_args(ns: argparse.Namespace) -> ServerConfig:
+    return ServerConfig(
+        host=ns.host,
+        port=ns.port,
+        data_dir=ns.data_dir,
+        threads=ns.threads,
+        max_concurrent_rpcs=ns.max_concurrent_rpcs,
+        max_batch=ns.max_batch,
+        queue_limit=ns.queue_limit,
+        seed=ns.seed,
+        log_level=ns.log_level,
+    )

@@ -1,0 +1,337 @@
+"""The decision engine: experiments, decisions and rewards, independent of gRPC."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import threading
+import zlib
+from dataclasses import dataclass, replace
+from typing import Any
+
+from banditd import _core
+from banditd.errors import (
+    AlreadyExists,
+    ArmNotFound,
+    BanditdError,
+    DecisionNotFound,
+    ExperimentAlreadyExists,
+    ExperimentNotFound,
+    ExperimentPaused,
+    FailedPrecondition,
+    InvalidArgument,
+    OutsideAttributionWindow,
+)
+from banditd.experiment import ArmSpec, ExperimentRuntime, ExperimentSpec, now_ms
+from banditd.ops import (
+    ACCEPTED,
+    DecisionRecord,
+    LogDecision,
+    PutExperiment,
+    RecordRewards,
+    ResolvedReward,
+)
+from banditd.store import SEP, Store, key
+from banditd.validation import check_id, check_reward_value
+from banditd.writer import Writer
+
+log = logging.getLogger("banditd.engine")
+REJECTED = "rejected"
+
+
+@dataclass(slots=True)
+class RewardInput:
+    decision_id: str
+    value: float
+    event_id: str = ""
+    arm_id: str = ""
+
+
+@dataclass(slots=True)
+class RewardResult:
+    status: str  # accepted | duplicate | rejected
+    error: BanditdError | None = None
+
+
+@dataclass(slots=True)
+class DecisionResult:
+    record: DecisionRecord
+    scores: tuple[float, ...]
+    sticky_hit: bool
+
+
+@dataclass(slots=True)
+class ArmStatsRow:
+    arm_id: str
+    group: str
+    active: bool
+    pulls: int
+    rewards: int
+    reward_sum: float
+    mean: float
+    low: float
+    high: float
+    recent_share: float
+
+
+def new_decision_id() -> str:
+    """Time-ordered (ms, hex) then random: sorts by age, which keeps expiry scans cheap."""
+    return f"{now_ms():011x}{os.urandom(6).hex()}"
+
+
+class Engine:
+    def __init__(self, store: Store, writer: Writer, seed: int | None = None) -> None:
+        self.store = store
+        self.writer = writer
+        self.seed = seed
+        self._runtimes: dict[str, ExperimentRuntime] = {}
+        self._pending: dict[str, DecisionRecord] = {}
+        self._admin_lock = threading.Lock()
+
+    # Lifecycle.
+    def _seed_for(self, experiment_id: str) -> int | None:
+        if self.seed is None:
+            return None
+        return zlib.crc32(experiment_id.encode(), self.seed & 0xFFFFFFFF)
+
+    def load(self) -> None:
+        """Rebuilds every experiment and its posterior from the store."""
+        for _, raw in self.store.items(self.store.experiments):
+            spec = ExperimentSpec.from_json(raw)
+            self._runtimes[spec.id] = ExperimentRuntime(spec, self._seed_for(spec.id))
+        for k, (pulls, rewards, s, s2) in self.store.items(self.store.arms):
+            exp_id, arm_id = (p.decode() for p in k.split(SEP, 1))
+            rt = self._runtimes.get(exp_id)
+            if rt is not None:
+                rt.restore_totals(arm_id, int(pulls), int(rewards), float(s), float(s2))
+        log.info("loaded %d experiments", len(self._runtimes))
+
+    def runtime(self, experiment_id: str) -> ExperimentRuntime | None:
+        return self._runtimes.get(experiment_id)
+
+    def _require(self, experiment_id: str) -> ExperimentRuntime:
+        rt = self._runtimes.get(experiment_id)
+        if rt is None:
+            check_id("experiment id", experiment_id)
+            raise ExperimentNotFound(f"experiment {experiment_id!r} does not exist")
+        return rt
+
+    # Experiments.
+    def create_experiment(self, spec: ExperimentSpec, timeout: float | None = None) -> ExperimentSpec:
+        spec.validate()
+        spec = replace(spec, created_ms=now_ms(), version=1, state="running")
+        runtime = ExperimentRuntime(spec, self._seed_for(spec.id))  # validates policy params
+        with self._admin_lock:
+            if spec.id in self._runtimes:
+                raise ExperimentAlreadyExists(
+                    f"experiment {spec.id!r} already exists; use UpdateExperiment to change it"
+                )
+
+            def register(_: ExperimentSpec) -> None:
+                self._runtimes[spec.id] = runtime
+
+            return self.writer.submit_and_wait(PutExperiment(spec, True, register), timeout)
+
+    def get_experiment(self, experiment_id: str) -> ExperimentSpec:
+        return self._require(experiment_id).spec
+
+    def list_experiments(self) -> list[ExperimentSpec]:
+        return [rt.spec for rt in sorted(self._runtimes.values(), key=lambda r: r.spec.id)]
+
+    def update_experiment(
+        self,
+        experiment_id: str,
+        add_arms: list[ArmSpec],
+        retire_arm_ids: list[str],
+        state: str | None,
+        timeout: float | None = None,
+    ) -> ExperimentSpec:
+        with self._admin_lock:
+            rt = self._require(experiment_id)
+            old = rt.spec
+            arms = [replace(a) for a in old.arms]
+            by_id = {a.id: a for a in arms}
+            for arm in add_arms:
+                check_id("arm id", arm.id)
+                if arm.id in by_id:
+                    raise AlreadyExists(
+                        f"arm {arm.id!r} already exists in experiment {experiment_id!r}"
+                    )
+                new_arm = ArmSpec(arm.id, arm.group, arm.prior, True)
+                arms.append(new_arm)
+                by_id[arm.id] = new_arm
+            for arm_id in retire_arm_ids:
+                if arm_id not in by_id:
+                    raise ArmNotFound(f"experiment {experiment_id!r} has no arm {arm_id!r}")
+                by_id[arm_id].active = False
+            if not any(a.active for a in arms):
+                raise FailedPrecondition(
+                    f"retiring {retire_arm_ids} would leave experiment {experiment_id!r} "
+                    "with no active arm"
+                )
+            new = replace(old, arms=arms, state=state or old.state, version=old.version + 1)
+            new.validate()
+            self._check_priors(new, add_arms)
+            return self.writer.submit_and_wait(PutExperiment(new, False, rt.apply_spec_change), timeout)
+
+    def _check_priors(self, spec: ExperimentSpec, arms: list[ArmSpec]) -> None:
+        probe = _core.Bandit(spec.reward_type, "uniform")
+        try:
+            for arm in arms:
+                a, b = spec.arm_prior(arm)
+                probe.add_arms([a], [b])
+        except _core.CoreError as exc:
+            raise InvalidArgument(f"arm prior: {exc}") from None
+
+    # Decisions.
+    def decide(
+        self, experiment_id: str, unit_id: str, k: int, context: dict[str, str] | None = None
+    ) -> DecisionResult:
+        rt = self._require(experiment_id)
+        spec = rt.spec
+        if spec.state == "paused":
+            raise ExperimentPaused(
+                f"experiment {experiment_id!r} is paused; resume it to get decisions"
+            )
+        k = k or 1
+        if unit_id:
+            check_id("unit id", unit_id)
+        elif spec.sticky:
+            raise InvalidArgument(f"experiment {experiment_id!r} is sticky: unit_id is required")
+        if spec.sticky:
+            held = self._assignment(rt, unit_id)
+            if held is not None and len(held) == k and all(self._is_active(rt, a) for a in held):
+                means = rt.bandit.means()
+                scores = tuple(means[rt.index[a]] for a in held)
+                return self._record(rt, unit_id, held, (1.0,) * k, scores, True, context)
+        try:
+            arms, scores, props = rt.bandit.choose(k)
+        except _core.CoreError as exc:
+            raise InvalidArgument(f"experiment {experiment_id!r}: {exc}") from None
+        chosen = tuple(rt.arm_ids[i] for i in arms)
+        if spec.sticky:
+            rt.assignments[unit_id] = chosen
+        return self._record(rt, unit_id, chosen, tuple(props), tuple(scores), False, context)
+
+    def _is_active(self, rt: ExperimentRuntime, arm_id: str) -> bool:
+        idx = rt.index.get(arm_id)
+        return idx is not None and rt.spec.arms[idx].active
+
+    def _assignment(self, rt: ExperimentRuntime, unit_id: str) -> tuple[str, ...] | None:
+        held = rt.assignments.get(unit_id)
+        if held is None:
+            stored = self.store.get(self.store.assignments, key(rt.spec.id, unit_id))
+            if stored is not None:
+                held = tuple(stored)
+                rt.assignments[unit_id] = held
+        return held
+
+    def _record(
+        self,
+        rt: ExperimentRuntime,
+        unit_id: str,
+        arms: tuple[str, ...],
+        props: tuple[float, ...],
+        scores: tuple[float, ...],
+        sticky_hit: bool,
+        context: dict[str, str] | None,
+    ) -> DecisionResult:
+        record = DecisionRecord(
+            new_decision_id(), rt.spec.id, arms, props, unit_id, now_ms(), rt.bandit.version, context
+        )
+        for a in arms:
+            idx = rt.index[a]
+            rt.pulls[idx] += 1
+            rt.recent.append(idx)
+        self._pending[record.decision_id] = record
+        self.writer.submit(LogDecision(record, rt.spec.sticky and not sticky_hit, self._committed))
+        return DecisionResult(record, scores, sticky_hit)
+
+    def _committed(self, decision_id: str) -> None:
+        self._pending.pop(decision_id, None)
+
+    def _lookup_decision(self, decision_id: str) -> DecisionRecord:
+        rec = self._pending.get(decision_id)
+        if rec is not None:
+            return rec
+        raw = self.store.get(self.store.decisions, decision_id.encode())
+        if raw is None:
+            raise DecisionNotFound(
+                f"decision {decision_id!r} is unknown: it was never issued by this server or has expired"
+            )
+        return DecisionRecord.from_json(decision_id, raw)
+
+    # Rewards.
+    def _resolve(self, index: int, r: RewardInput, now: int) -> ResolvedReward:
+        check_id("decision id", r.decision_id)
+        if not math.isfinite(r.value):
+            raise InvalidArgument(f"reward value {r.value} is not a finite number")
+        rec = self._lookup_decision(r.decision_id)
+        rt = self._require(rec.experiment_id)
+        arm = r.arm_id or rec.arms[0]
+        if arm not in rec.arms:
+            raise ArmNotFound(
+                f"decision {r.decision_id!r} chose {list(rec.arms)}, not arm {arm!r}"
+            )
+        window_ms = rt.spec.window_seconds * 1000
+        if window_ms and now - rec.ts_ms > window_ms:
+            raise OutsideAttributionWindow(
+                f"reward for decision {r.decision_id!r} arrived {(now - rec.ts_ms) / 1000:.0f}s "
+                f"after it, outside the {rt.spec.window_seconds}s attribution window"
+            )
+        check_reward_value(r.value, rt.binary)
+        event_key = r.event_id or f"{r.decision_id}/{arm}"
+        return ResolvedReward(index, rec.experiment_id, arm, r.value, event_key)
+
+    def reward_batch(self, rewards: list[RewardInput], timeout: float | None = None) -> list[RewardResult]:
+        """Validates, durably records and applies a batch; returns one result per input."""
+        results: list[RewardResult] = [RewardResult(REJECTED)] * len(rewards)
+        resolved: list[ResolvedReward] = []
+        now = now_ms()
+        for i, r in enumerate(rewards):
+            try:
+                resolved.append(self._resolve(i, r, now))
+            except BanditdError as exc:
+                results[i] = RewardResult(REJECTED, exc)
+        if resolved:
+            outcome = self.writer.submit_and_wait(RecordRewards(resolved, self.runtime), timeout)
+            for rr, status in zip(resolved, outcome, strict=True):
+                results[rr.index] = RewardResult(status)
+        return results
+
+    def reward(self, r: RewardInput, timeout: float | None = None) -> bool:
+        result = self.reward_batch([r], timeout)[0]
+        if result.error is not None:
+            raise result.error
+        return result.status == ACCEPTED
+
+    # Statistics.
+    def arm_stats(self, experiment_id: str) -> list[ArmStatsRow]:
+        rt = self._require(experiment_id)
+        means = rt.bandit.means()
+        lows, highs = rt.bandit.intervals(0.95)
+        shares = rt.recent_shares()
+        return [
+            ArmStatsRow(
+                arm_id=arm.id,
+                group=arm.group,
+                active=arm.active,
+                pulls=rt.pulls[i],
+                rewards=rt.rewards[i],
+                reward_sum=rt.reward_sum[i],
+                mean=means[i],
+                low=lows[i],
+                high=highs[i],
+                recent_share=shares[i],
+            )
+            for i, arm in enumerate(rt.spec.arms)
+        ]
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "experiments": len(self._runtimes),
+            "pending_decisions": len(self._pending),
+            "writer_queue": self.writer.pending,
+            "commits": self.writer.commits,
+        }

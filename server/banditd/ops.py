@@ -1,0 +1,160 @@
+"""The durable write operations: each runs in a group-commit transaction (see writer.py)."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from banditd.errors import ExperimentAlreadyExists, ExperimentNotFound
+from banditd.experiment import ExperimentRuntime, ExperimentSpec
+from banditd.store import key
+from banditd.writer import Batch, WriteOp
+
+
+class PutExperiment(WriteOp):
+    """Creates (create=True) or replaces an experiment definition."""
+
+    def __init__(
+        self, spec: ExperimentSpec, create: bool, on_commit: Callable[[ExperimentSpec], None]
+    ) -> None:
+        self.spec = spec
+        self.create = create
+        self.on_commit = on_commit
+
+    def write(self, batch: Batch) -> ExperimentSpec:
+        k = self.spec.id.encode()
+        exists = batch.txn.get(k, db=batch.store.experiments) is not None
+        if self.create and exists:
+            raise ExperimentAlreadyExists(
+                f"experiment {self.spec.id!r} already exists; use UpdateExperiment to change it"
+            )
+        if not self.create and not exists:
+            raise ExperimentNotFound(f"experiment {self.spec.id!r} does not exist")
+        batch.txn.put(k, orjson.dumps(self.spec.to_json()), db=batch.store.experiments)
+        return self.spec
+
+    def after_commit(self, result: ExperimentSpec) -> None:
+        self.on_commit(result)
+
+
+@dataclass(slots=True)
+class DecisionRecord:
+    decision_id: str
+    experiment_id: str
+    arms: tuple[str, ...]
+    propensities: tuple[float, ...]
+    unit_id: str
+    ts_ms: int
+    model_version: int
+    context: dict[str, str] | None = None
+
+    def to_json(self) -> bytes:
+        d: dict[str, Any] = {
+            "e": self.experiment_id,
+            "a": self.arms,
+            "p": self.propensities,
+            "u": self.unit_id,
+            "t": self.ts_ms,
+            "v": self.model_version,
+        }
+        if self.context:
+            d["c"] = self.context
+        return orjson.dumps(d)
+
+    @classmethod
+    def from_json(cls, decision_id: str, raw: dict[str, Any]) -> DecisionRecord:
+        return cls(
+            decision_id,
+            raw["e"],
+            tuple(raw["a"]),
+            tuple(raw["p"]),
+            raw["u"],
+            raw["t"],
+            raw["v"],
+            raw.get("c"),
+        )
+
+
+class LogDecision(WriteOp):
+    """Stores a decision (and a sticky assignment); the response never waits for it."""
+
+    def __init__(self, record: DecisionRecord, sticky: bool, on_commit: Callable[[str], None]) -> None:
+        self.record = record
+        self.sticky = sticky
+        self.on_commit = on_commit
+
+    def write(self, batch: Batch) -> None:
+        r = self.record
+        batch.txn.put(r.decision_id.encode(), r.to_json(), db=batch.store.decisions)
+        if self.sticky and r.unit_id:
+            batch.txn.put(
+                key(r.experiment_id, r.unit_id), orjson.dumps(r.arms), db=batch.store.assignments
+            )
+        for arm in r.arms:
+            batch.arm_deltas[key(r.experiment_id, arm)][0] += 1
+
+    def after_commit(self, result: None) -> None:
+        self.on_commit(self.record.decision_id)
+
+
+@dataclass(slots=True)
+class ResolvedReward:
+    """A reward that passed validation: its decision and arm are known."""
+
+    index: int
+    experiment_id: str
+    arm_id: str
+    value: float
+    event_key: str
+
+
+ACCEPTED, DUPLICATE = "accepted", "duplicate"
+
+
+class RecordRewards(WriteOp):
+    """Counts each reward event once, durably; then applies the batch to the posteriors."""
+
+    def __init__(
+        self,
+        rewards: list[ResolvedReward],
+        runtimes: Callable[[str], ExperimentRuntime | None],
+    ) -> None:
+        self.rewards = rewards
+        self.runtimes = runtimes
+
+    def write(self, batch: Batch) -> list[str]:
+        txn, events = batch.txn, batch.store.events
+        outcome = []
+        for r in self.rewards:
+            if not txn.put(key(r.experiment_id, r.event_key), b"1", db=events, overwrite=False):
+                outcome.append(DUPLICATE)
+                continue
+            delta = batch.arm_deltas[key(r.experiment_id, r.arm_id)]
+            delta[1] += 1
+            delta[2] += r.value
+            delta[3] += r.value * r.value
+            outcome.append(ACCEPTED)
+        return outcome
+
+    def after_commit(self, outcome: list[str]) -> None:
+        per_experiment: dict[str, tuple[list[int], list[float]]] = defaultdict(lambda: ([], []))
+        for r, status in zip(self.rewards, outcome, strict=True):
+            if status != ACCEPTED:
+                continue
+            rt = self.runtimes(r.experiment_id)
+            if rt is None:
+                continue
+            idx = rt.index[r.arm_id]
+            rt.rewards[idx] += 1
+            rt.reward_sum[idx] += r.value
+            arms, values = per_experiment[r.experiment_id]
+            arms.append(idx)
+            values.append(r.value)
+        for exp_id, (arms, values) in per_experiment.items():
+            rt = self.runtimes(exp_id)
+            if rt is not None:
+                rt.bandit.apply_rewards(arms, values)

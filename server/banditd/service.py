@@ -1,0 +1,184 @@
+"""gRPC servicer: translates protobuf messages to engine calls and back."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import grpc
+from banditd_client.v1 import banditd_pb2 as pb
+from banditd_client.v1 import banditd_pb2_grpc as pb_grpc
+
+from banditd.engine import Engine, RewardInput
+from banditd.errors import map_all_errors
+from banditd.experiment import DEFAULT_WINDOW_SECONDS, POLICY_PARAMS, ArmSpec, ExperimentSpec
+
+REWARD_TYPE_NAMES = {pb.REWARD_TYPE_UNSPECIFIED: "binary", pb.BINARY: "binary", pb.CONTINUOUS: "continuous"}
+REWARD_TYPE_ENUM = {"binary": pb.BINARY, "continuous": pb.CONTINUOUS}
+STATE_NAMES = {pb.STATE_UNSPECIFIED: None, pb.RUNNING: "running", pb.PAUSED: "paused"}
+STATE_ENUM = {"running": pb.RUNNING, "paused": pb.PAUSED}
+STREAM_CHUNK = 4096
+MAX_REPORTED_REJECTIONS = 100
+
+
+def _prior(msg: pb.Arm | pb.Experiment, reward_type: str) -> tuple[float, float] | None:
+    if not msg.HasField("prior"):
+        return None
+    p = msg.prior
+    return (p.alpha, p.beta) if reward_type == "binary" else (p.mean, p.strength)
+
+
+def _arm_from_proto(arm: pb.Arm, reward_type: str) -> ArmSpec:
+    return ArmSpec(id=arm.id, group=arm.group, prior=_prior(arm, reward_type))
+
+
+def spec_from_proto(exp: pb.Experiment) -> ExperimentSpec:
+    reward_type = REWARD_TYPE_NAMES.get(exp.reward_type, "binary")
+    params = {name: getattr(exp.policy, name) for name in POLICY_PARAMS if getattr(exp.policy, name)}
+    return ExperimentSpec(
+        id=exp.id,
+        arms=[_arm_from_proto(a, reward_type) for a in exp.arms],
+        policy=exp.policy.name or "thompson",
+        params=params,
+        reward_type=reward_type,
+        sticky=exp.sticky,
+        window_seconds=exp.attribution_window_seconds or DEFAULT_WINDOW_SECONDS,
+        prior=_prior(exp, reward_type),
+    )
+
+
+def _prior_proto(prior: tuple[float, float] | None) -> pb.Prior | None:
+    if prior is None:
+        return None
+    return pb.Prior(alpha=prior[0], beta=prior[1], mean=prior[0], strength=prior[1])
+
+
+def spec_to_proto(spec: ExperimentSpec) -> pb.Experiment:
+    return pb.Experiment(
+        id=spec.id,
+        arms=[
+            pb.Arm(id=a.id, group=a.group, prior=_prior_proto(a.prior), active=a.active)
+            for a in spec.arms
+        ],
+        policy=pb.Policy(name=spec.policy, **spec.params),
+        reward_type=REWARD_TYPE_ENUM[spec.reward_type],
+        sticky=spec.sticky,
+        attribution_window_seconds=spec.window_seconds,
+        prior=_prior_proto(spec.prior),
+        state=STATE_ENUM[spec.state],
+        created_unix_ms=spec.created_ms,
+        version=spec.version,
+    )
+
+
+def _timeout(context: grpc.ServicerContext) -> float | None:
+    remaining = context.time_remaining()
+    return remaining if remaining is not None and remaining > 0 else None
+
+
+@map_all_errors
+class BanditdService(pb_grpc.BanditdServicer):
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def CreateExperiment(self, request: pb.CreateExperimentRequest, context: grpc.ServicerContext) -> pb.Experiment:
+        spec = self.engine.create_experiment(spec_from_proto(request.experiment), _timeout(context))
+        return spec_to_proto(spec)
+
+    def GetExperiment(self, request: pb.GetExperimentRequest, context: grpc.ServicerContext) -> pb.Experiment:
+        return spec_to_proto(self.engine.get_experiment(request.experiment_id))
+
+    def ListExperiments(
+        self, request: pb.ListExperimentsRequest, context: grpc.ServicerContext
+    ) -> pb.ListExperimentsResponse:
+        return pb.ListExperimentsResponse(
+            experiments=[spec_to_proto(s) for s in self.engine.list_experiments()]
+        )
+
+    def UpdateExperiment(self, request: pb.UpdateExperimentRequest, context: grpc.ServicerContext) -> pb.Experiment:
+        reward_type = self.engine.get_experiment(request.experiment_id).reward_type
+        spec = self.engine.update_experiment(
+            request.experiment_id,
+            [_arm_from_proto(a, reward_type) for a in request.add_arms],
+            list(request.retire_arm_ids),
+            STATE_NAMES.get(request.set_state),
+            _timeout(context),
+        )
+        return spec_to_proto(spec)
+
+    def Decide(self, request: pb.DecideRequest, context: grpc.ServicerContext) -> pb.DecideResponse:
+        result = self.engine.decide(
+            request.experiment_id, request.unit_id, request.k, dict(request.context) or None
+        )
+        rec = result.record
+        return pb.DecideResponse(
+            decision_id=rec.decision_id,
+            arms=[
+                pb.ChosenArm(arm_id=a, score=s, propensity=p)
+                for a, s, p in zip(rec.arms, result.scores, rec.propensities, strict=True)
+            ],
+            sticky_hit=result.sticky_hit,
+        )
+
+    def Reward(self, request: pb.RewardRequest, context: grpc.ServicerContext) -> pb.RewardResponse:
+        accepted = self.engine.reward(
+            RewardInput(request.decision_id, request.value, request.event_id, request.arm_id),
+            _timeout(context),
+        )
+        return pb.RewardResponse(accepted=accepted)
+
+    def RewardStream(
+        self, request_iterator: Iterator[pb.RewardRequest], context: grpc.ServicerContext
+    ) -> pb.RewardStreamResponse:
+        resp = pb.RewardStreamResponse()
+        index = 0
+        chunk: list[RewardInput] = []
+
+        def flush() -> None:
+            nonlocal index
+            for offset, result in enumerate(self.engine.reward_batch(chunk, _timeout(context))):
+                if result.status == "accepted":
+                    resp.accepted += 1
+                elif result.status == "duplicate":
+                    resp.duplicate += 1
+                else:
+                    resp.rejected += 1
+                    if len(resp.rejections) < MAX_REPORTED_REJECTIONS and result.error is not None:
+                        resp.rejections.add(
+                            index=index + offset,
+                            decision_id=chunk[offset].decision_id,
+                            code=result.error.code.name,
+                            reason=result.error.message,
+                        )
+            index += len(chunk)
+            chunk.clear()
+
+        for r in request_iterator:
+            chunk.append(RewardInput(r.decision_id, r.value, r.event_id, r.arm_id))
+            if len(chunk) >= STREAM_CHUNK:
+                flush()
+        if chunk:
+            flush()
+        return resp
+
+    def GetArmStats(self, request: pb.GetArmStatsRequest, context: grpc.ServicerContext) -> pb.GetArmStatsResponse:
+        rows = self.engine.arm_stats(request.experiment_id)
+        return pb.GetArmStatsResponse(
+            experiment_id=request.experiment_id,
+            arms=[
+                pb.ArmStats(
+                    arm_id=r.arm_id,
+                    pulls=r.pulls,
+                    rewards=r.rewards,
+                    reward_sum=r.reward_sum,
+                    mean=r.mean,
+                    low=r.low,
+                    high=r.high,
+                    recent_share=r.recent_share,
+                    active=r.active,
+                    group=r.group,
+                )
+                for r in rows
+            ],
+            total_decisions=sum(r.pulls for r in rows),
+            total_rewards=sum(r.rewards for r in rows),
+        )

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import grpc
 import pytest
-from banditd_client import Client
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from banditd_client import Client
 
 
 def free_port() -> int:

@@ -8,8 +8,6 @@ import threading
 from concurrent import futures
 
 import grpc
-from banditd_client.v1 import banditd_pb2 as pb
-from banditd_client.v1 import banditd_pb2_grpc as pb_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -18,6 +16,8 @@ from banditd.engine import Engine
 from banditd.service import BanditdService
 from banditd.store import Store
 from banditd.writer import Writer
+from banditd_client.v1 import banditd_pb2 as pb
+from banditd_client.v1 import banditd_pb2_grpc as pb_grpc
 
 log = logging.getLogger("banditd")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Banditd"].full_name

@@ -10,6 +10,8 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import grpc
+
+from banditd import _core
 from banditd_client.errors import (
     ERROR_TRAILER,
     AlreadyExists,
@@ -27,8 +29,6 @@ from banditd_client.errors import (
     ResourceExhausted,
     Unavailable,
 )
-
-from banditd import _core
 
 __all__ = [
     "AlreadyExists",

@@ -5,12 +5,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import grpc
-from banditd_client.v1 import banditd_pb2 as pb
-from banditd_client.v1 import banditd_pb2_grpc as pb_grpc
 
 from banditd.engine import Engine, RewardInput
 from banditd.errors import map_all_errors
 from banditd.experiment import DEFAULT_WINDOW_SECONDS, POLICY_PARAMS, ArmSpec, ExperimentSpec
+from banditd_client.v1 import banditd_pb2 as pb
+from banditd_client.v1 import banditd_pb2_grpc as pb_grpc
 
 REWARD_TYPE_NAMES = {pb.REWARD_TYPE_UNSPECIFIED: "binary", pb.BINARY: "binary", pb.CONTINUOUS: "continuous"}
 REWARD_TYPE_ENUM = {"binary": pb.BINARY, "continuous": pb.CONTINUOUS}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 
 import pytest
+
 from banditd_client import Client
 
 ARMS = ["a", "b", "c", "d", "e"]

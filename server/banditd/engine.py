@@ -282,7 +282,7 @@ class Engine:
             )
         check_reward_value(r.value, rt.binary)
         event_key = r.event_id or f"{r.decision_id}/{arm}"
-        return ResolvedReward(index, rec.experiment_id, arm, r.value, event_key)
+        return ResolvedReward(index, r.decision_id, rec.experiment_id, arm, r.value, event_key, now)
 
     def reward_batch(self, rewards: list[RewardInput], timeout: float | None = None) -> list[RewardResult]:
         """Validates, durably records and applies a batch; returns one result per input."""

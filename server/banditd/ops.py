@@ -106,10 +106,12 @@ class ResolvedReward:
     """A reward that passed validation: its decision and arm are known."""
 
     index: int
+    decision_id: str
     experiment_id: str
     arm_id: str
     value: float
     event_key: str
+    ts_ms: int
 
 
 ACCEPTED, DUPLICATE = "accepted", "duplicate"
@@ -130,7 +132,9 @@ class RecordRewards(WriteOp):
         txn, events = batch.txn, batch.store.events
         outcome = []
         for r in self.rewards:
-            if not txn.put(key(r.experiment_id, r.event_key), b"1", db=events, overwrite=False):
+            # The event record doubles as the reward log: decision, arm, value, time.
+            record = orjson.dumps((r.decision_id, r.arm_id, r.value, r.ts_ms))
+            if not txn.put(key(r.experiment_id, r.event_key), record, db=events, overwrite=False):
                 outcome.append(DUPLICATE)
                 continue
             delta = batch.arm_deltas[key(r.experiment_id, r.arm_id)]

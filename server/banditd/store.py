@@ -1,8 +1,14 @@
 """LMDB persistence: one environment, named databases, orjson values.
 
-Databases: meta (schema version), experiments (definition per id), arms (durable totals
-per experiment and arm), decisions (one record per decision id), events (reward event ids
-already counted), assignments (sticky unit -> arms). Writes happen only on the writer
+Databases and their records (keys join ids with NUL; values are orjson):
+- meta: b"schema_version" -> version number
+- experiments: experiment id -> ExperimentSpec.to_json()
+- arms: experiment\0arm -> [pulls, rewards, reward_sum, reward_sumsq] (durable totals)
+- decisions: decision id -> {"e": experiment, "a": [arms], "p": [propensities], "u": unit,
+  "t": unix ms, "v": model version, "c": context (optional)}
+- events: experiment\0event key -> [decision id, arm, value, unix ms]: each reward event
+  counted once; doubles as the reward log
+- assignments: experiment\0unit -> [arms] (sticky experiments) Writes happen only on the writer
 thread (write transactions must stay on the thread that opened them); reads from any thread.
 """
 

@@ -8,8 +8,9 @@ Databases and their records (keys join ids with NUL; values are orjson):
   "t": unix ms, "v": model version, "c": context (optional)}
 - events: experiment\0event key -> [decision id, arm, value, unix ms]: each reward event
   counted once; doubles as the reward log
-- assignments: experiment\0unit -> [arms] (sticky experiments) Writes happen only on the writer
-thread (write transactions must stay on the thread that opened them); reads from any thread.
+- assignments: experiment\0unit -> [arms] (sticky experiments)
+
+Writes happen only on the writer thread (write transactions must stay on the thread that opened them); reads from any thread.
 """
 
 from __future__ import annotations

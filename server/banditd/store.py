@@ -10,7 +10,8 @@ Databases and their records (keys join ids with NUL; values are orjson):
   counted once; doubles as the reward log
 - assignments: experiment\0unit -> [arms] (sticky experiments)
 
-Writes happen only on the writer thread (write transactions must stay on the thread that opened them); reads from any thread.
+Writes happen only on the writer thread (write transactions must stay on the thread that
+opened them); reads from any thread.
 """
 
 from __future__ import annotations

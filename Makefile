@@ -9,7 +9,7 @@ RUST_SRC := $(shell find core_rs/src -name '*.rs') core_rs/Cargo.toml Cargo.toml
 PORT ?= 50051
 DATA_DIR ?= ./data/banditd
 
-.PHONY: install serve test test-rust test-python lint fmt proto demo bench clean
+.PHONY: install serve test test-rust test-python lint fmt proto demo bench bench-server loadtest simulate clean
 
 install: $(CORE)
 
@@ -54,6 +54,19 @@ demo: install
 
 bench: install
 	$(BIN)/python loadtest/bench_core.py
+
+# Precise closed/open-loop load generator vs a numpy reference server and a no-op baseline.
+bench-server: install
+	$(BIN)/python loadtest/bench_server.py
+
+# Locust, headless, against a server it starts itself (HOST=... to point it elsewhere).
+LOADTEST_ARGS ?=
+loadtest: install
+	$(BIN)/python loadtest/run_locust.py $(if $(HOST),--host $(HOST),) $(LOADTEST_ARGS)
+
+# Every simulation world, in process, with tables and PNG plots under reports/.
+simulate: install
+	$(BIN)/banditd simulate all --report-dir reports/simulate
 
 clean:
 	rm -rf $(VENV) target build

@@ -491,9 +491,9 @@ impl Bandit {
                 // Smoothed so that no active arm gets probability 0 (IPS divides by it);
                 // the total stays k.
                 let prior = 0.5 * uniform_share;
-                for arm in 0..self.len() {
-                    if self.active[arm] {
-                        p[arm] = (p[arm] + prior) / (draws as f64 + 0.5);
+                for (x, &active) in p.iter_mut().zip(&self.active) {
+                    if active {
+                        *x = (*x + prior) / (draws as f64 + 0.5);
                     }
                 }
             }

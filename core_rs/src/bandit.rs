@@ -1,20 +1,51 @@
 //! Per-experiment posterior state in contiguous arrays, and the policies that choose arms.
 //!
 //! Sufficient statistics per arm: a (possibly discounted) count `n`, reward sum and sum of
-//! squares. For Bernoulli rewards the posterior is Beta(α₀ + sum, β₀ + n − sum); for Gaussian
-//! rewards it is Normal–Inverse-Gamma with prior mean m₀ and strength κ₀.
+//! squares. For Bernoulli rewards the posterior is Beta(α + sum, β + n − sum); for Gaussian
+//! rewards it is Normal–Inverse-Gamma with prior mean m₀ and strength κ₀. The prior (α, β)
+//! or (m₀, κ₀) is the arm's own, or its group's pooled estimate (see `groups`).
 
 use rand::seq::index::sample as sample_indices;
 use rand::Rng;
 
 use crate::error::CoreError;
+use crate::groups;
+use crate::kernel::{Isa, KernelRng};
 use crate::policy::{Policy, RewardModel};
 use crate::sampling;
+use crate::scores::{kl_ucb_index, ScoreArrays};
 use crate::special::beta_quantile;
+use crate::thompson::ThompsonIndex;
 
 /// Inverse-Gamma prior of the Gaussian model's variance (weak: one pseudo-observation).
 const NIG_SHAPE0: f64 = 1.0;
 const NIG_SCALE0: f64 = 1.0;
+/// `auto` uses the pruned Thompson draw from this many active arms on (below it the full
+/// vector draw is already a few microseconds).
+const PRUNE_FROM_ARMS: usize = 2_048;
+
+/// Which Thompson draw to use for Bernoulli rewards.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ThompsonPath {
+    /// Pruned for large experiments once `maintain` has ordered the arms, else full.
+    Auto,
+    Full,
+    /// Pruned always (orders the arms inline when needed).
+    Pruned,
+}
+
+impl ThompsonPath {
+    pub fn parse(s: &str) -> Result<Self, CoreError> {
+        match s {
+            "auto" | "" => Ok(ThompsonPath::Auto),
+            "full" => Ok(ThompsonPath::Full),
+            "pruned" => Ok(ThompsonPath::Pruned),
+            other => Err(CoreError::invalid(format!(
+                "unknown thompson path {other:?}; expected auto, full or pruned"
+            ))),
+        }
+    }
+}
 
 #[derive(Clone, Debug)]
 pub struct Bandit {
@@ -22,10 +53,16 @@ pub struct Bandit {
     pub policy: Policy,
     /// Discount per observed reward (1 = stationary).
     pub discount: f64,
-    /// Bernoulli: α₀; Gaussian: prior mean m₀.
+    /// The arm's own prior. Bernoulli: α; Gaussian: prior mean m₀.
     pub prior_a: Vec<f64>,
-    /// Bernoulli: β₀; Gaussian: prior strength κ₀.
+    /// Bernoulli: β; Gaussian: prior strength κ₀.
     pub prior_b: Vec<f64>,
+    /// The prior in use: own, or the group's pooled one.
+    pub eff_a: Vec<f64>,
+    pub eff_b: Vec<f64>,
+    /// Group of each arm (−1: none) and the pooled prior's strength in pseudo-observations.
+    pub groups: Vec<i64>,
+    pub group_strength: f64,
     pub n: Vec<f64>,
     pub sum: Vec<f64>,
     pub sumsq: Vec<f64>,
@@ -36,6 +73,19 @@ pub struct Bandit {
     pub decisions: u64,
     /// Rewards observed since creation (undiscounted), for UCB's t.
     pub observations: f64,
+    pub isa: Isa,
+    pub path: ThompsonPath,
+    /// Largest chance that the pruned Thompson draw differs from the full one.
+    pub prune_epsilon: f64,
+    thompson: ThompsonIndex,
+    scores: ScoreArrays,
+    scores_built: bool,
+    /// KL-UCB exploration budget the cached indices were computed with.
+    kl_budget: f64,
+    /// Active arms without any observation (UCB tries them first).
+    untried: Vec<usize>,
+    /// Number of active arms (kept with `active`, off the hot path).
+    active_count: usize,
 }
 
 /// One chosen arm.
@@ -53,6 +103,11 @@ impl Bandit {
                 "half_life must be a finite number >= 0, got {half_life}"
             )));
         }
+        if matches!(policy, Policy::KlUcb { .. }) && model != RewardModel::Bernoulli {
+            return Err(CoreError::invalid(
+                "kl_ucb needs binary rewards; use ucb1 or thompson for continuous rewards",
+            ));
+        }
         let discount = if half_life > 0.0 {
             0.5f64.powf(1.0 / half_life)
         } else {
@@ -64,6 +119,10 @@ impl Bandit {
             discount,
             prior_a: Vec::new(),
             prior_b: Vec::new(),
+            eff_a: Vec::new(),
+            eff_b: Vec::new(),
+            groups: Vec::new(),
+            group_strength: 0.0,
             n: Vec::new(),
             sum: Vec::new(),
             sumsq: Vec::new(),
@@ -71,7 +130,27 @@ impl Bandit {
             version: 0,
             decisions: 0,
             observations: 0.0,
+            isa: Isa::detect(),
+            path: ThompsonPath::Auto,
+            prune_epsilon: 1e-9,
+            thompson: ThompsonIndex::default(),
+            scores: ScoreArrays::default(),
+            scores_built: false,
+            kl_budget: 0.0,
+            untried: Vec::new(),
+            active_count: 0,
         })
+    }
+
+    pub fn set_prune_epsilon(&mut self, epsilon: f64) -> Result<(), CoreError> {
+        if !(epsilon > 0.0 && epsilon < 1.0) {
+            return Err(CoreError::invalid(format!(
+                "prune_epsilon must be in (0, 1), got {epsilon}"
+            )));
+        }
+        self.prune_epsilon = epsilon;
+        self.thompson.invalidate();
+        Ok(())
     }
 
     pub fn len(&self) -> usize {
@@ -83,7 +162,7 @@ impl Bandit {
     }
 
     pub fn n_active(&self) -> usize {
-        self.active.iter().filter(|a| **a).count()
+        self.active_count
     }
 
     fn check_prior(&self, a: f64, b: f64) -> Result<(), CoreError> {
@@ -107,6 +186,23 @@ impl Bandit {
         Ok(())
     }
 
+    /// Everything derived from the arm set or the priors is stale.
+    fn structure_changed(&mut self) {
+        self.active_count = self.active.iter().filter(|a| **a).count();
+        self.refresh_group_priors();
+        self.thompson.invalidate();
+        self.scores_built = false;
+        self.version += 1;
+    }
+
+    fn refresh_group_priors(&mut self) {
+        self.eff_a.clone_from(&self.prior_a);
+        self.eff_b.clone_from(&self.prior_b);
+        if !self.groups.is_empty() {
+            groups::pool(self);
+        }
+    }
+
     /// Appends arms with their priors; all or nothing.
     pub fn add_arms(&mut self, prior_a: &[f64], prior_b: &[f64]) -> Result<(), CoreError> {
         if prior_a.len() != prior_b.len() {
@@ -122,7 +218,10 @@ impl Bandit {
         self.sum.resize(self.sum.len() + k, 0.0);
         self.sumsq.resize(self.sumsq.len() + k, 0.0);
         self.active.resize(self.active.len() + k, true);
-        self.version += 1;
+        if !self.groups.is_empty() {
+            self.groups.resize(self.len(), -1);
+        }
+        self.structure_changed();
         Ok(())
     }
 
@@ -139,7 +238,7 @@ impl Bandit {
     pub fn set_active(&mut self, arm: usize, active: bool) -> Result<(), CoreError> {
         self.check_arm(arm)?;
         self.active[arm] = active;
-        self.version += 1;
+        self.structure_changed();
         Ok(())
     }
 
@@ -148,7 +247,32 @@ impl Bandit {
         self.check_prior(a, b)?;
         self.prior_a[arm] = a;
         self.prior_b[arm] = b;
-        self.version += 1;
+        self.structure_changed();
+        Ok(())
+    }
+
+    /// Arms sharing a group (index >= 0) start from the group's pooled estimate with
+    /// `strength` pseudo-observations instead of their own prior (empirical Bayes).
+    pub fn set_groups(&mut self, groups: &[i64], strength: f64) -> Result<(), CoreError> {
+        if groups.len() != self.len() {
+            return Err(CoreError::invalid(format!(
+                "{} group ids for {} arms",
+                groups.len(),
+                self.len()
+            )));
+        }
+        if !(strength.is_finite() && strength > 0.0) {
+            return Err(CoreError::invalid(format!(
+                "group prior strength must be a finite number > 0, got {strength}"
+            )));
+        }
+        self.groups = if groups.iter().any(|&g| g >= 0) {
+            groups.to_vec()
+        } else {
+            Vec::new()
+        };
+        self.group_strength = strength;
+        self.structure_changed();
         Ok(())
     }
 
@@ -166,7 +290,7 @@ impl Bandit {
         self.n[arm] = n;
         self.sum[arm] = sum;
         self.sumsq[arm] = sumsq;
-        self.version += 1;
+        self.structure_changed();
         Ok(())
     }
 
@@ -198,6 +322,7 @@ impl Bandit {
         if arms.is_empty() {
             return Ok(());
         }
+        let global = self.discount < 1.0 || !self.groups.is_empty();
         if self.discount < 1.0 {
             // Each observed reward ages every statistic by one step of the half-life.
             let f = self.discount.powi(arms.len() as i32);
@@ -217,7 +342,37 @@ impl Bandit {
         }
         self.observations += arms.len() as f64;
         self.version += 1;
+        if global {
+            // Every arm's posterior (discount) or prior (group pooling) moved.
+            self.refresh_group_priors();
+            self.thompson.invalidate();
+            self.scores_built = false;
+            return Ok(());
+        }
+        for (&arm, &v) in arms.iter().zip(values) {
+            self.arm_changed(arm, v > 0.0);
+        }
+        if matches!(self.policy, Policy::KlUcb { .. })
+            && self.kl_budget_now() > self.kl_budget * 1.01
+        {
+            self.scores_built = false;
+        }
         Ok(())
+    }
+
+    /// Keeps the derived arrays of one arm current after its statistics changed.
+    fn arm_changed(&mut self, arm: usize, may_rise: bool) {
+        if self.uses_kernel() && self.thompson.is_built() {
+            let (a, b) = self.sharpened(arm);
+            self.thompson.update_arm(arm, a, b, may_rise);
+        }
+        if self.scores_built && self.active[arm] {
+            if let Some(pos) = self.untried.iter().position(|&u| u == arm) {
+                self.untried.swap_remove(pos);
+            }
+            let (base, spread) = self.score_terms(arm);
+            self.scores.set(arm, base, spread);
+        }
     }
 
     /// Posterior mean of an arm's reward (for Bernoulli rewards a probability in [0, 1]).
@@ -225,13 +380,12 @@ impl Bandit {
     pub fn mean(&self, arm: usize) -> f64 {
         match self.model {
             RewardModel::Bernoulli => {
-                let a = self.prior_a[arm] + self.sum[arm];
-                let b = self.prior_b[arm] + (self.n[arm] - self.sum[arm]).max(0.0);
+                let (a, b) = self.beta_params(arm);
                 (a / (a + b)).clamp(0.0, 1.0)
             }
             RewardModel::Gaussian => {
-                let k0 = self.prior_b[arm];
-                (k0 * self.prior_a[arm] + self.sum[arm]) / (k0 + self.n[arm])
+                let k0 = self.eff_b[arm];
+                (k0 * self.eff_a[arm] + self.sum[arm]) / (k0 + self.n[arm])
             }
         }
     }
@@ -239,14 +393,30 @@ impl Bandit {
     /// Beta posterior parameters (Bernoulli model).
     #[inline]
     pub fn beta_params(&self, arm: usize) -> (f64, f64) {
-        let a = self.prior_a[arm] + self.sum[arm];
-        let b = self.prior_b[arm] + (self.n[arm] - self.sum[arm]).max(0.0);
+        let a = self.eff_a[arm] + self.sum[arm];
+        let b = self.eff_b[arm] + (self.n[arm] - self.sum[arm]).max(0.0);
         (a, b)
+    }
+
+    fn exploitation(&self) -> f64 {
+        match self.policy {
+            Policy::Thompson { exploitation } => exploitation,
+            _ => 1.0,
+        }
+    }
+
+    /// Beta shapes the Thompson draw samples: the posterior sharpened by `exploitation`
+    /// (both shapes scaled: same mean, variance divided by about `exploitation`).
+    #[inline]
+    fn sharpened(&self, arm: usize) -> (f64, f64) {
+        let (a, b) = self.beta_params(arm);
+        let e = self.exploitation();
+        (a * e, b * e)
     }
 
     /// NIG posterior (mean, κ, shape, scale) for the Gaussian model.
     fn nig_params(&self, arm: usize) -> (f64, f64, f64, f64) {
-        let (m0, k0) = (self.prior_a[arm], self.prior_b[arm]);
+        let (m0, k0) = (self.eff_a[arm], self.eff_b[arm]);
         let n = self.n[arm];
         let kn = k0 + n;
         let mn = (k0 * m0 + self.sum[arm]) / kn;
@@ -274,6 +444,160 @@ impl Bandit {
                 (mn - z * sd, mn + z * sd)
             }
         }
+    }
+
+    /// True when Bernoulli Thompson runs on the vector kernel.
+    fn uses_kernel(&self) -> bool {
+        self.model == RewardModel::Bernoulli && matches!(self.policy, Policy::Thompson { .. })
+    }
+
+    /// Orders arms for the pruned Thompson draw and refreshes stale bounds; off the hot
+    /// path (the server calls it after applying a batch of rewards).
+    pub fn maintain(&mut self) {
+        if !self.uses_kernel() || self.path == ThompsonPath::Full {
+            return;
+        }
+        if self.path == ThompsonPath::Auto && self.n_active() < PRUNE_FROM_ARMS {
+            return;
+        }
+        let mut index = std::mem::take(&mut self.thompson);
+        let this = &*self;
+        index.maintain(|arm| this.sharpened(arm), &this.active, this.prune_epsilon);
+        self.thompson = index;
+    }
+
+    /// Arms the last pruned Thompson draw sampled (0 if it used the full draw).
+    pub fn last_drawn(&self) -> usize {
+        self.thompson.last_drawn
+    }
+
+    fn ensure_kernel(&mut self) {
+        if !self.thompson.is_built() {
+            let mut index = std::mem::take(&mut self.thompson);
+            let this = &*self;
+            index.rebuild(|arm| this.sharpened(arm), &this.active);
+            self.thompson = index;
+        }
+    }
+
+    fn kernel_choice(&mut self, rng: &mut KernelRng, k: usize) -> Vec<Choice> {
+        self.ensure_kernel();
+        let pruned = match self.path {
+            ThompsonPath::Full => false,
+            ThompsonPath::Pruned => {
+                if !self.thompson.is_ordered() {
+                    self.maintain();
+                }
+                true
+            }
+            ThompsonPath::Auto => self.thompson.is_ordered(),
+        };
+        let picks = if pruned {
+            self.thompson.choose_pruned(self.isa, rng, k)
+        } else {
+            self.thompson.last_drawn = 0;
+            self.thompson.choose_full(self.isa, rng, k)
+        };
+        picks
+            .into_iter()
+            .map(|(arm, value)| Choice { arm, value })
+            .collect()
+    }
+
+    fn ucb_k(&self) -> f32 {
+        match self.policy {
+            Policy::Ucb1 { c } => (c * (2.0 * self.observations.max(1.0).ln()).sqrt()) as f32,
+            _ => 0.0,
+        }
+    }
+
+    fn kl_budget_now(&self) -> f64 {
+        let t = self.observations.max(1.0);
+        let c = match self.policy {
+            Policy::KlUcb { c } => c,
+            _ => 0.0,
+        };
+        t.ln() + c * t.ln().max(1.0).ln()
+    }
+
+    /// (base, spread) of an arm's index; see `scores`.
+    fn score_terms(&self, arm: usize) -> (f32, f32) {
+        let n = self.n[arm];
+        match self.policy {
+            Policy::KlUcb { .. } => {
+                let p = if n > 0.0 { self.sum[arm] / n } else { 0.0 };
+                (kl_ucb_index(p, n, self.kl_budget) as f32, 0.0)
+            }
+            _ => (
+                self.mean(arm) as f32,
+                if n > 0.0 {
+                    (1.0 / n.sqrt()) as f32
+                } else {
+                    0.0
+                },
+            ),
+        }
+    }
+
+    fn ensure_scores(&mut self) {
+        if self.scores_built {
+            return;
+        }
+        self.kl_budget = self.kl_budget_now();
+        let mut scores = ScoreArrays::with_len(self.len());
+        self.untried.clear();
+        for arm in 0..self.len() {
+            if !self.active[arm] {
+                continue;
+            }
+            if self.n[arm] <= 0.0 {
+                self.untried.push(arm);
+            }
+            let (base, spread) = self.score_terms(arm);
+            scores.set(arm, base, spread);
+        }
+        self.scores = scores;
+        self.scores_built = true;
+    }
+
+    /// UCB1 and KL-UCB: untried arms first (uniformly), then the largest index.
+    fn index_choice(&mut self, rng: &mut KernelRng, k: usize) -> Vec<Choice> {
+        self.ensure_scores();
+        let kk = self.ucb_k();
+        let mut out: Vec<Choice> = Vec::with_capacity(k);
+        if !self.untried.is_empty() {
+            let take = k.min(self.untried.len());
+            for i in sample_indices(&mut rng.scalar, self.untried.len(), take) {
+                out.push(Choice {
+                    arm: self.untried[i],
+                    value: f64::INFINITY,
+                });
+            }
+        }
+        if out.len() == k {
+            return out;
+        }
+        if k == 1 {
+            let arm = self.scores.argmax(self.isa, kk);
+            return vec![Choice {
+                arm,
+                value: self.scores.score(arm, kk) as f64,
+            }];
+        }
+        let taken: Vec<usize> = out.iter().map(|c| c.arm).collect();
+        let rest = self.top_k(
+            k - out.len(),
+            |arm, _| {
+                if taken.contains(&arm) {
+                    f64::NEG_INFINITY
+                } else {
+                    self.scores.score(arm, kk) as f64
+                }
+            },
+            &mut rng.scalar,
+        );
+        out.extend(rest);
+        out
     }
 
     /// One posterior draw of an arm's mean, sharpened by `exploitation`.
@@ -305,20 +629,16 @@ impl Bandit {
     }
 
     /// Chooses `k` distinct active arms, best first.
-    pub fn choose<R: Rng + ?Sized>(
-        &mut self,
-        rng: &mut R,
-        k: usize,
-    ) -> Result<Vec<Choice>, CoreError> {
+    pub fn choose(&mut self, rng: &mut KernelRng, k: usize) -> Result<Vec<Choice>, CoreError> {
         let out = self.choose_readonly(rng, k)?;
         self.decisions += 1;
         Ok(out)
     }
 
     /// The choice without counting it as a decision (used by propensity estimates).
-    pub fn choose_readonly<R: Rng + ?Sized>(
-        &self,
-        rng: &mut R,
+    pub fn choose_readonly(
+        &mut self,
+        rng: &mut KernelRng,
         k: usize,
     ) -> Result<Vec<Choice>, CoreError> {
         let n_active = self.n_active();
@@ -331,36 +651,32 @@ impl Bandit {
             )));
         }
         match self.policy {
-            Policy::Uniform => Ok(self.uniform_choice(rng, k)),
+            Policy::Uniform => Ok(self.uniform_choice(&mut rng.scalar, k)),
             Policy::EpsilonGreedy { epsilon, decay } => {
-                if rng.random::<f64>() < self.epsilon_now(epsilon, decay) {
-                    Ok(self.uniform_choice(rng, k))
+                let r = &mut rng.scalar;
+                if r.random::<f64>() < self.epsilon_now(epsilon, decay) {
+                    Ok(self.uniform_choice(r, k))
                 } else {
-                    Ok(self.top_k(k, |arm, rng| self.mean(arm) + tie_break(rng), rng))
+                    Ok(self.top_k(k, |arm, rng| self.mean(arm) + tie_break(rng), r))
                 }
             }
-            Policy::Greedy => Ok(self.top_k(k, |arm, rng| self.mean(arm) + tie_break(rng), rng)),
-            Policy::Thompson { exploitation } => Ok(self.top_k(
+            Policy::Greedy => Ok(self.top_k(
                 k,
-                |arm, rng| self.thompson_draw(rng, arm, exploitation),
-                rng,
+                |arm, rng| self.mean(arm) + tie_break(rng),
+                &mut rng.scalar,
             )),
-            Policy::Ucb1 { c } => {
-                let log_t = (self.observations.max(1.0)).ln();
-                Ok(self.top_k(
-                    k,
-                    |arm, rng| {
-                        let n = self.n[arm];
-                        if n <= 0.0 {
-                            // Untried arms first, in random order.
-                            1e300 + rng.random::<f64>() * 1e299
-                        } else {
-                            self.mean(arm) + c * (2.0 * log_t / n).sqrt()
-                        }
-                    },
-                    rng,
-                ))
+            Policy::Thompson { exploitation } => {
+                if self.uses_kernel() {
+                    Ok(self.kernel_choice(rng, k))
+                } else {
+                    Ok(self.top_k(
+                        k,
+                        |arm, rng| self.thompson_draw(rng, arm, exploitation),
+                        &mut rng.scalar,
+                    ))
+                }
             }
+            Policy::Ucb1 { .. } | Policy::KlUcb { .. } => Ok(self.index_choice(rng, k)),
             Policy::Softmax { temperature } => {
                 // Gumbel-top-k: adding Gumbel noise and keeping the k largest samples the
                 // softmax without replacement.
@@ -370,7 +686,7 @@ impl Bandit {
                         let u = sampling::uniform_open0(rng);
                         self.mean(arm) / temperature - (-u.ln()).ln()
                     },
-                    rng,
+                    &mut rng.scalar,
                 ))
             }
         }
@@ -388,10 +704,10 @@ impl Bandit {
     }
 
     /// The k active arms with the largest `value`, best first.
-    fn top_k<R: Rng + ?Sized, F: Fn(usize, &mut R) -> f64>(
+    fn top_k<R: Rng + ?Sized, F: FnMut(usize, &mut R) -> f64>(
         &self,
         k: usize,
-        value: F,
+        mut value: F,
         rng: &mut R,
     ) -> Vec<Choice> {
         if k == 1 {
@@ -429,9 +745,9 @@ impl Bandit {
     /// Probability that each arm is among the k chosen, for this state.
     /// Closed form where one exists; Monte Carlo with `draws` samples otherwise
     /// (standard error ≤ 0.5 / sqrt(draws)).
-    pub fn inclusion_probabilities<R: Rng + ?Sized>(
-        &self,
-        rng: &mut R,
+    pub fn inclusion_probabilities(
+        &mut self,
+        rng: &mut KernelRng,
         k: usize,
         draws: usize,
     ) -> Result<Vec<f64>, CoreError> {
@@ -454,7 +770,7 @@ impl Bandit {
                     Policy::EpsilonGreedy { epsilon, decay } => self.epsilon_now(epsilon, decay),
                     _ => 0.0,
                 };
-                let greedy = self.top_k(k, |arm, _| self.mean(arm), rng);
+                let greedy = self.top_k(k, |arm, _| self.mean(arm), &mut rng.scalar);
                 for arm in self.active_indices() {
                     p[arm] = eps * uniform_share;
                 }
@@ -462,9 +778,18 @@ impl Bandit {
                     p[c.arm] += 1.0 - eps;
                 }
             }
-            Policy::Ucb1 { .. } => {
-                for c in self.choose_readonly(rng, k)? {
-                    p[c.arm] = 1.0;
+            Policy::Ucb1 { .. } | Policy::KlUcb { .. } => {
+                self.ensure_scores();
+                let untried = self.untried.clone();
+                if k <= untried.len() {
+                    // Uniform among the untried arms.
+                    for &arm in &untried {
+                        p[arm] = k as f64 / untried.len() as f64;
+                    }
+                } else {
+                    for c in self.index_choice(rng, k) {
+                        p[c.arm] = 1.0;
+                    }
                 }
             }
             Policy::Softmax { temperature } if k == 1 => {
@@ -511,8 +836,6 @@ fn tie_break<R: Rng + ?Sized>(rng: &mut R) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rand::SeedableRng;
-    use rand_xoshiro::Xoshiro256PlusPlus;
 
     fn thompson(n: usize) -> Bandit {
         let mut b = Bandit::new(
@@ -527,13 +850,13 @@ mod tests {
 
     #[test]
     fn thompson_moves_traffic_to_the_best_arm() {
-        let mut rng = Xoshiro256PlusPlus::seed_from_u64(1);
+        let mut rng = KernelRng::seed_from_u64(1);
         let mut b = thompson(5);
         let rates = [0.05, 0.05, 0.10, 0.05, 0.05];
         let mut best_late = 0;
         for t in 0..10_000 {
             let arm = b.choose(&mut rng, 1).unwrap()[0].arm;
-            let r = if rng.random::<f64>() < rates[arm] {
+            let r = if rng.scalar.random::<f64>() < rates[arm] {
                 1.0
             } else {
                 0.0
@@ -551,7 +874,7 @@ mod tests {
 
     #[test]
     fn k_distinct_arms_and_errors() {
-        let mut rng = Xoshiro256PlusPlus::seed_from_u64(2);
+        let mut rng = KernelRng::seed_from_u64(2);
         let mut b = thompson(4);
         let c = b.choose(&mut rng, 3).unwrap();
         let mut arms: Vec<usize> = c.iter().map(|c| c.arm).collect();
@@ -564,7 +887,7 @@ mod tests {
 
     #[test]
     fn retired_arms_are_never_chosen() {
-        let mut rng = Xoshiro256PlusPlus::seed_from_u64(3);
+        let mut rng = KernelRng::seed_from_u64(3);
         let mut b = thompson(3);
         b.set_active(1, false).unwrap();
         for _ in 0..1000 {
@@ -586,7 +909,7 @@ mod tests {
 
     #[test]
     fn policies_produce_valid_inclusion_probabilities() {
-        let mut rng = Xoshiro256PlusPlus::seed_from_u64(4);
+        let mut rng = KernelRng::seed_from_u64(4);
         for policy in [
             Policy::Thompson { exploitation: 1.0 },
             Policy::Ucb1 { c: 1.0 },

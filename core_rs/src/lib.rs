@@ -3,23 +3,27 @@
 //! Every method validates its input and returns a `CoreError` (a `ValueError`) with the
 //! cause instead of panicking; long work runs with the GIL released.
 
+#[cfg(target_arch = "x86_64")]
+mod avx512;
 pub mod bandit;
 pub mod error;
+pub mod groups;
+pub mod kernel;
 pub mod policy;
 pub mod sampling;
+pub mod scores;
 pub mod special;
+pub mod thompson;
 
 use std::sync::{Mutex, MutexGuard};
 
+use bandit::{Bandit, ThompsonPath};
+use error::CoreError as RsError;
+use kernel::{Isa, KernelRng};
+use policy::{Policy, RewardModel};
 use pyo3::create_exception;
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
-use rand::SeedableRng;
-use rand_xoshiro::Xoshiro256PlusPlus;
-
-use bandit::Bandit;
-use error::CoreError as RsError;
-use policy::{Policy, RewardModel};
 
 create_exception!(
     _core,
@@ -49,7 +53,7 @@ struct PropensityCache {
 
 struct State {
     bandit: Bandit,
-    rng: Xoshiro256PlusPlus,
+    rng: KernelRng,
     cache: Vec<PropensityCache>,
 }
 
@@ -63,21 +67,23 @@ impl State {
         self.cache.push(entry);
     }
 
-    /// Inclusion probabilities for slates of k, fresh when affordable, else the last estimate.
-    fn propensities(&mut self, k: usize) -> Result<Vec<f64>, RsError> {
+    /// Inclusion probabilities of `arms` in slates of k, fresh when affordable, else the
+    /// last estimate.
+    fn propensities(&mut self, k: usize, arms: &[usize]) -> Result<Vec<f64>, RsError> {
         let version = self.bandit.version;
+        let n_arms = self.bandit.len();
+        let pick = |p: &[f64]| arms.iter().map(|&a| p[a]).collect::<Vec<f64>>();
         if let Some(c) = self.cached(k) {
-            if c.version == version && c.p.len() == self.bandit.len() {
-                return Ok(c.p.clone());
+            if c.version == version && c.p.len() == n_arms {
+                return Ok(pick(&c.p));
             }
         }
         let n_active = self.bandit.n_active().max(1);
         let affordable = n_active * PROPENSITY_DRAWS <= INLINE_PROPENSITY_WORK;
-        let have_any = self
-            .cached(k)
-            .is_some_and(|c| c.p.len() == self.bandit.len());
-        if !affordable && have_any {
-            return Ok(self.cached(k).map(|c| c.p.clone()).unwrap_or_default());
+        if !affordable {
+            if let Some(c) = self.cached(k).filter(|c| c.p.len() == n_arms) {
+                return Ok(pick(&c.p));
+            }
         }
         let draws = if affordable {
             PROPENSITY_DRAWS
@@ -87,13 +93,14 @@ impl State {
         let p = self
             .bandit
             .inclusion_probabilities(&mut self.rng, k, draws)?;
+        let out = pick(&p);
         self.store(PropensityCache {
             version,
             k,
             draws,
-            p: p.clone(),
+            p,
         });
-        Ok(p)
+        Ok(out)
     }
 }
 
@@ -113,11 +120,14 @@ impl PyBandit {
 
 #[pymethods]
 impl PyBandit {
-    /// reward_type: "binary" | "continuous"; policy: thompson | ucb1 | epsilon_greedy |
-    /// softmax | greedy | uniform. Zero-valued parameters take their defaults.
+    /// reward_type: "binary" | "continuous"; policy: thompson | ucb1 | kl_ucb |
+    /// epsilon_greedy | softmax | greedy | uniform. Zero-valued parameters take their
+    /// defaults. thompson_path: auto | full | pruned; isa: auto | avx512 | scalar;
+    /// prune_epsilon bounds the chance that the pruned draw differs from the full one.
     #[new]
     #[pyo3(signature = (reward_type="binary", policy="thompson", *, exploitation=0.0,
-        epsilon=0.0, epsilon_decay=0.0, temperature=0.0, ucb_c=0.0, half_life=0.0, seed=None))]
+        epsilon=0.0, epsilon_decay=0.0, temperature=0.0, ucb_c=0.0, half_life=0.0, seed=None,
+        thompson_path="auto", isa="auto", prune_epsilon=1e-9))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         reward_type: &str,
@@ -129,6 +139,9 @@ impl PyBandit {
         ucb_c: f64,
         half_life: f64,
         seed: Option<u64>,
+        thompson_path: &str,
+        isa: &str,
+        prune_epsilon: f64,
     ) -> PyResult<Self> {
         let model = match reward_type {
             "binary" | "" => RewardModel::Bernoulli,
@@ -148,11 +161,11 @@ impl PyBandit {
             temperature,
             ucb_c,
         )?;
-        let bandit = Bandit::new(model, policy, half_life)?;
-        let rng = match seed {
-            Some(s) => Xoshiro256PlusPlus::seed_from_u64(s),
-            None => Xoshiro256PlusPlus::from_os_rng(),
-        };
+        let mut bandit = Bandit::new(model, policy, half_life)?;
+        bandit.path = ThompsonPath::parse(thompson_path)?;
+        bandit.isa = Isa::checked(isa).map_err(RsError::invalid)?;
+        bandit.set_prune_epsilon(prune_epsilon)?;
+        let rng = KernelRng::seed_from_u64(seed.unwrap_or_else(rand::random));
         Ok(PyBandit {
             state: Mutex::new(State {
                 bandit,
@@ -175,6 +188,39 @@ impl PyBandit {
         Ok(self.lock()?.bandit.set_prior(arm, prior_a, prior_b)?)
     }
 
+    /// Group index per arm (−1: none); grouped arms use their group's pooled prior with
+    /// `strength` pseudo-observations.
+    #[pyo3(signature = (groups, strength=20.0))]
+    fn set_groups(&self, groups: Vec<i64>, strength: f64) -> PyResult<()> {
+        Ok(self.lock()?.bandit.set_groups(&groups, strength)?)
+    }
+
+    /// Orders arms and refreshes stale bounds for the pruned Thompson draw (GIL released).
+    fn maintain(&self, py: Python<'_>) -> PyResult<()> {
+        let mut guard = self.lock()?;
+        let state = &mut *guard;
+        py.detach(|| state.bandit.maintain());
+        Ok(())
+    }
+
+    /// Arms sampled by the last pruned Thompson draw (0 after a full draw).
+    #[getter]
+    fn last_drawn(&self) -> PyResult<usize> {
+        Ok(self.lock()?.bandit.last_drawn())
+    }
+
+    /// Instruction set of the Thompson kernel: "avx512" or "scalar".
+    #[getter]
+    fn isa(&self) -> PyResult<&'static str> {
+        Ok(self.lock()?.bandit.isa.name())
+    }
+
+    /// Priors in use (own or group-pooled): (a, b).
+    fn effective_priors(&self) -> PyResult<(Vec<f64>, Vec<f64>)> {
+        let s = self.lock()?;
+        Ok((s.bandit.eff_a.clone(), s.bandit.eff_b.clone()))
+    }
+
     /// Restores an arm's sufficient statistics: count, reward sum, sum of squares.
     fn set_stats(&self, arm: usize, n: f64, sum: f64, sumsq: f64) -> PyResult<()> {
         Ok(self.lock()?.bandit.set_stats(arm, n, sum, sumsq)?)
@@ -189,10 +235,9 @@ impl PyBandit {
         let state = &mut *guard;
         let result = py.detach(|| -> Result<_, RsError> {
             let chosen = state.bandit.choose(&mut state.rng, k)?;
-            let p = state.propensities(k)?;
             let arms: Vec<usize> = chosen.iter().map(|c| c.arm).collect();
+            let props = state.propensities(k, &arms)?;
             let scores = arms.iter().map(|&a| state.bandit.mean(a)).collect();
-            let props = arms.iter().map(|&a| p[a]).collect();
             Ok((arms, scores, props))
         })?;
         Ok(result)

@@ -16,6 +16,8 @@ pub enum Policy {
     Thompson { exploitation: f64 },
     /// UCB1 index: mean + c · sqrt(2 ln t / n).
     Ucb1 { c: f64 },
+    /// KL-UCB (Bernoulli): the largest q with n · KL(mean, q) <= ln t + c · ln ln t.
+    KlUcb { c: f64 },
     /// With probability ε a uniformly random arm, else the best mean. With `decay` > 0,
     /// ε_t = ε · decay / (decay + t).
     EpsilonGreedy { epsilon: f64, decay: f64 },
@@ -55,6 +57,14 @@ impl Policy {
             "ucb1" => Ok(Policy::Ucb1 {
                 c: positive_finite("ucb_c", or_default(ucb_c, 1.0))?,
             }),
+            "kl_ucb" => {
+                if !(ucb_c.is_finite() && ucb_c >= 0.0) {
+                    return Err(CoreError::invalid(format!(
+                        "ucb_c must be >= 0 for kl_ucb, got {ucb_c}"
+                    )));
+                }
+                Ok(Policy::KlUcb { c: ucb_c })
+            }
             "epsilon_greedy" => {
                 let epsilon = or_default(epsilon, 0.1);
                 if !(0.0..=1.0).contains(&epsilon) {
@@ -78,8 +88,8 @@ impl Policy {
             "greedy" => Ok(Policy::Greedy),
             "uniform" => Ok(Policy::Uniform),
             other => Err(CoreError::invalid(format!(
-                "unknown policy {other:?}; expected one of thompson, ucb1, epsilon_greedy, \
-                 softmax, greedy, uniform"
+                "unknown policy {other:?}; expected one of thompson, ucb1, kl_ucb, \
+                 epsilon_greedy, softmax, greedy, uniform"
             ))),
         }
     }

@@ -90,8 +90,62 @@ pub fn beta_cdf(x: f64, a: f64, b: f64) -> f64 {
     }
 }
 
-/// Quantile of Beta(a, b): the x with P(Beta <= x) = p, by bisection on the CDF
-/// (monotone, so always converges; 60 halvings reach f64 resolution).
+/// ln P(Beta(a, b) <= x), accurate deep in the lower tail (no cancellation).
+fn ln_lower_tail(x: f64, a: f64, b: f64) -> f64 {
+    let ln_front = ln_gamma(a + b) - ln_gamma(a) - ln_gamma(b) + a * x.ln() + b * (1.0 - x).ln();
+    if x < (a + 1.0) / (a + b + 2.0) {
+        ln_front + (beta_cf(a, b, x) / a).ln()
+    } else {
+        (1.0 - (ln_front.exp() * beta_cf(b, a, 1.0 - x) / b))
+            .max(1e-300)
+            .ln()
+    }
+}
+
+/// The x with P(Beta(a, b) <= x) = q for q <= 1/2, never above the exact value by more than
+/// rounding: safeguarded Newton in ln x on ln CDF (which is close to linear there), with a
+/// bisection bracket so it always converges.
+fn lower_quantile(q: f64, a: f64, b: f64) -> f64 {
+    let target = q.ln();
+    let (mut lo, mut hi) = (0.0f64, 1.0f64);
+    let mean = a / (a + b);
+    let sd = (a * b / ((a + b).powi(2) * (a + b + 1.0))).sqrt();
+    let z = (-2.0 * q.ln()).sqrt();
+    let mut x = (mean - z * sd).clamp(mean * 1e-3, mean).max(1e-300);
+    for _ in 0..100 {
+        let g = ln_lower_tail(x, a, b) - target;
+        if g.abs() < 1e-12 {
+            break;
+        }
+        if g < 0.0 {
+            lo = x;
+        } else {
+            hi = x;
+        }
+        // d ln F / d ln x = x · pdf(x) / F(x)
+        let ln_pdf = ln_gamma(a + b) - ln_gamma(a) - ln_gamma(b)
+            + (a - 1.0) * x.ln()
+            + (b - 1.0) * (1.0 - x).ln();
+        let slope = (ln_pdf + x.ln() - (g + target)).exp();
+        let mut next = if slope.is_finite() && slope > 0.0 {
+            x * (-g / slope).clamp(-30.0, 30.0).exp()
+        } else {
+            f64::NAN
+        };
+        if !(next > lo && next < hi) {
+            next = if lo > 0.0 { 0.5 * (lo + hi) } else { 0.5 * hi };
+        }
+        if (next - x).abs() <= 1e-15 * x {
+            x = next;
+            break;
+        }
+        x = next;
+    }
+    x
+}
+
+/// Quantile of Beta(a, b): the x with P(Beta <= x) = p. Tails are solved on the side where
+/// they are small, so p = 1 − 1e-14 is as accurate as p = 1e-14.
 pub fn beta_quantile(p: f64, a: f64, b: f64) -> f64 {
     if p <= 0.0 {
         return 0.0;
@@ -99,16 +153,21 @@ pub fn beta_quantile(p: f64, a: f64, b: f64) -> f64 {
     if p >= 1.0 {
         return 1.0;
     }
-    let (mut lo, mut hi) = (0.0f64, 1.0f64);
-    for _ in 0..60 {
-        let mid = 0.5 * (lo + hi);
-        if beta_cdf(mid, a, b) < p {
-            lo = mid;
-        } else {
-            hi = mid;
-        }
+    if p <= 0.5 {
+        lower_quantile(p, a, b)
+    } else {
+        1.0 - lower_quantile(1.0 - p, b, a)
     }
-    0.5 * (lo + hi)
+}
+
+/// A value U with P(Beta(a, b) > U) <= tail, for pruning: the exact upper quantile nudged up
+/// past the solver's tolerance.
+pub fn beta_upper_bound(tail: f64, a: f64, b: f64) -> f64 {
+    if tail <= 0.0 {
+        return 1.0;
+    }
+    let x = lower_quantile(tail.min(0.5), b, a);
+    (1.0 - x * (1.0 - 1e-9)).min(1.0)
 }
 
 #[cfg(test)]
@@ -140,6 +199,35 @@ mod tests {
             for &p in &[0.025, 0.5, 0.975, 1.0 - 1e-9] {
                 let q = beta_quantile(p, a, b);
                 assert!((beta_cdf(q, a, b) - p).abs() < 1e-9, "a={a} b={b} p={p}");
+            }
+        }
+    }
+
+    #[test]
+    fn upper_bound_is_safe_deep_in_the_tail() {
+        for &(a, b) in &[
+            (1.0, 5000.0),
+            (3.0, 97.0),
+            (300.0, 9700.0),
+            (0.5, 0.5),
+            (50.0, 2.0),
+        ] {
+            for &tail in &[1e-3, 1e-9, 1e-14] {
+                let u = beta_upper_bound(tail, a, b);
+                // P(X > u) = I_{1-u}(b, a), computed on the small side.
+                let sf = if u >= 1.0 {
+                    0.0
+                } else {
+                    ln_lower_tail(1.0 - u, b, a).exp()
+                };
+                assert!(
+                    sf <= tail * (1.0 + 1e-6),
+                    "a={a} b={b} tail={tail}: P(X>{u})={sf}"
+                );
+                assert!(
+                    sf >= tail * 0.99 || u >= 1.0,
+                    "bound too loose: a={a} b={b} tail={tail} sf={sf}"
+                );
             }
         }
     }

@@ -1,0 +1,335 @@
+//! AVX-512 Thompson kernel: 16 Beta draws per step in f32.
+//!
+//! Per block of 16 arms: four xoshiro256++ steps over 8 u64 lanes (two independent streams)
+//! give 4 × 16 uniforms; Box–Muller turns two of them into the two normals the Gamma draws
+//! need (polynomial log, sin and cos; the quadrant comes from random sign bits); the tight
+//! Marsaglia–Tsang squeeze accepts almost every lane without a log. Lanes it does not
+//! accept are finished exactly in scalar (`kernel::finish_gamma`) on the same proposal.
+//! One broadcast threshold (the k-th best draw so far) keeps selection off the fast path.
+#![cfg(target_arch = "x86_64")]
+
+use std::arch::x86_64::*;
+
+use crate::kernel::{beta_from_gammas, finish_gamma, BetaArrays, KernelRng, TopK, LANES, SMALL_D};
+
+struct Stream {
+    s0: __m512i,
+    s1: __m512i,
+    s2: __m512i,
+    s3: __m512i,
+}
+
+impl Stream {
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn load(words: &[[u64; 8]; 4]) -> Stream {
+        Stream {
+            s0: _mm512_loadu_si512(words[0].as_ptr() as *const _),
+            s1: _mm512_loadu_si512(words[1].as_ptr() as *const _),
+            s2: _mm512_loadu_si512(words[2].as_ptr() as *const _),
+            s3: _mm512_loadu_si512(words[3].as_ptr() as *const _),
+        }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn store(&self, words: &mut [[u64; 8]; 4]) {
+        _mm512_storeu_si512(words[0].as_mut_ptr() as *mut _, self.s0);
+        _mm512_storeu_si512(words[1].as_mut_ptr() as *mut _, self.s1);
+        _mm512_storeu_si512(words[2].as_mut_ptr() as *mut _, self.s2);
+        _mm512_storeu_si512(words[3].as_mut_ptr() as *mut _, self.s3);
+    }
+
+    /// One xoshiro256++ step on every lane: 8 × 64 random bits.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn next(&mut self) -> __m512i {
+        let result = _mm512_add_epi64(
+            _mm512_rol_epi64::<23>(_mm512_add_epi64(self.s0, self.s3)),
+            self.s0,
+        );
+        let t = _mm512_slli_epi64::<17>(self.s1);
+        self.s2 = _mm512_xor_si512(self.s2, self.s0);
+        self.s3 = _mm512_xor_si512(self.s3, self.s1);
+        self.s1 = _mm512_xor_si512(self.s1, self.s2);
+        self.s0 = _mm512_xor_si512(self.s0, self.s3);
+        self.s2 = _mm512_xor_si512(self.s2, t);
+        self.s3 = _mm512_rol_epi64::<45>(self.s3);
+        result
+    }
+}
+
+/// 16 uniforms in (0, 1] from the top 24 bits of each 32-bit lane.
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn uniform01(bits: __m512i) -> __m512 {
+    let top = _mm512_add_epi32(_mm512_srli_epi32::<8>(bits), _mm512_set1_epi32(1));
+    _mm512_mul_ps(_mm512_cvtepi32_ps(top), _mm512_set1_ps(1.0 / 16_777_216.0))
+}
+
+/// Natural log for x in (0, 1] (Cephes logf polynomial; relative error ~1e-7).
+#[allow(clippy::excessive_precision)] // Cephes' published coefficients
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn ln(x: __m512) -> __m512 {
+    let mut e = _mm512_getexp_ps(x);
+    let mut m = _mm512_getmant_ps::<_MM_MANT_NORM_1_2, _MM_MANT_SIGN_SRC>(x);
+    // Centre the mantissa on 1: m in [sqrt(1/2), sqrt(2)).
+    let big = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(m, _mm512_set1_ps(std::f32::consts::SQRT_2));
+    m = _mm512_mask_mul_ps(m, big, m, _mm512_set1_ps(0.5));
+    e = _mm512_mask_add_ps(e, big, e, _mm512_set1_ps(1.0));
+    let f = _mm512_sub_ps(m, _mm512_set1_ps(1.0));
+    // P(f) = Σ c_i f^i by Estrin's scheme: short dependency chains.
+    let c = |v: f32| _mm512_set1_ps(v);
+    let f2 = _mm512_mul_ps(f, f);
+    let f4 = _mm512_mul_ps(f2, f2);
+    let f8 = _mm512_mul_ps(f4, f4);
+    let q01 = _mm512_fmadd_ps(c(-2.499_999_4e-1), f, c(3.333_333_1e-1));
+    let q23 = _mm512_fmadd_ps(c(-1.666_805_8e-1), f, c(2.000_071_5e-1));
+    let q45 = _mm512_fmadd_ps(c(-1.242_014_1e-1), f, c(1.424_932_3e-1));
+    let q67 = _mm512_fmadd_ps(c(-1.151_461_1e-1), f, c(1.167_699_9e-1));
+    let q03 = _mm512_fmadd_ps(q23, f2, q01);
+    let q47 = _mm512_fmadd_ps(q67, f2, q45);
+    let p = _mm512_fmadd_ps(c(7.037_683_6e-2), f8, _mm512_fmadd_ps(q47, f4, q03));
+    let f3 = _mm512_mul_ps(f2, f);
+    // ln m = f − f²/2 + f³·P(f)
+    let lnm = _mm512_fmadd_ps(f3, p, _mm512_fmadd_ps(f2, _mm512_set1_ps(-0.5), f));
+    _mm512_fmadd_ps(e, _mm512_set1_ps(std::f32::consts::LN_2), lnm)
+}
+
+/// (cos φ, sin φ) for φ in [0, π/2] by Taylor series (absolute error < 6e-8).
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn cos_sin(phi: __m512) -> (__m512, __m512) {
+    let c = |v: f32| _mm512_set1_ps(v);
+    let p2 = _mm512_mul_ps(phi, phi);
+    let p4 = _mm512_mul_ps(p2, p2);
+    let p8 = _mm512_mul_ps(p4, p4);
+    let s01 = _mm512_fmadd_ps(c(-1.0 / 6.0), p2, c(1.0));
+    let s23 = _mm512_fmadd_ps(c(-1.0 / 5_040.0), p2, c(1.0 / 120.0));
+    let s45 = _mm512_fmadd_ps(c(-1.0 / 39_916_800.0), p2, c(1.0 / 362_880.0));
+    let s = _mm512_fmadd_ps(s45, p8, _mm512_fmadd_ps(s23, p4, s01));
+    let c01 = _mm512_fmadd_ps(c(-0.5), p2, c(1.0));
+    let c23 = _mm512_fmadd_ps(c(-1.0 / 720.0), p2, c(1.0 / 24.0));
+    let c45 = _mm512_fmadd_ps(c(-1.0 / 3_628_800.0), p2, c(1.0 / 40_320.0));
+    let c46 = _mm512_fmadd_ps(c(1.0 / 479_001_600.0), p4, c45);
+    let co = _mm512_fmadd_ps(c46, p8, _mm512_fmadd_ps(c23, p4, c01));
+    (co, _mm512_mul_ps(s, phi))
+}
+
+/// sqrt(y) for y >= 0 from the 14-bit reciprocal square root and one Newton step (relative
+/// error ~1e-7, no long-latency square root on the fast path).
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn sqrt(y: __m512) -> __m512 {
+    let y = _mm512_max_ps(y, _mm512_set1_ps(1e-30));
+    let r = _mm512_rsqrt14_ps(y);
+    let yr2 = _mm512_mul_ps(_mm512_mul_ps(y, r), r);
+    let r = _mm512_mul_ps(
+        r,
+        _mm512_fnmadd_ps(_mm512_set1_ps(0.5), yr2, _mm512_set1_ps(1.5)),
+    );
+    _mm512_mul_ps(y, r)
+}
+
+/// Flips the sign of each lane whose bit 0 of `bits` is set.
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn random_sign(x: __m512, bits: __m512i) -> __m512 {
+    let sign = _mm512_slli_epi32::<31>(bits);
+    _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(x), sign))
+}
+
+/// Squeeze acceptance of a Marsaglia–Tsang proposal: (1 − u)·108·d·min(1, t) > x⁴.
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn squeeze(d: __m512, t: __m512, x: __m512, u: __m512) -> __mmask16 {
+    let x2 = _mm512_mul_ps(x, x);
+    let x4 = _mm512_mul_ps(x2, x2);
+    let one = _mm512_set1_ps(1.0);
+    let lhs = _mm512_mul_ps(
+        _mm512_mul_ps(_mm512_sub_ps(one, u), _mm512_set1_ps(108.0)),
+        _mm512_mul_ps(d, _mm512_min_ps(t, one)),
+    );
+    _mm512_cmp_ps_mask::<_CMP_GT_OQ>(lhs, x4)
+}
+
+/// Positions whose proposals pass 1 buffers before pass 2 accepts and selects.
+const GROUP: usize = 16 * LANES;
+
+/// Proposals of one group: the normals and acceptance uniforms of both Gamma draws.
+struct Proposals {
+    xa: [f32; GROUP],
+    xb: [f32; GROUP],
+    ua: [f32; GROUP],
+    ub: [f32; GROUP],
+}
+
+/// Draws positions start..end (start a multiple of LANES) and offers them to `top` as
+/// `pos + offset`, except positions flagged in `skip`.
+///
+/// Two passes per group of 256 positions: (1) random numbers and normals, (2) acceptance and
+/// selection. Each pass has short, independent iterations, so the out-of-order core overlaps
+/// them instead of waiting on one long dependency chain per block.
+///
+/// # Safety
+/// The CPU must support AVX-512F.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn draw_range(
+    arrays: &BetaArrays,
+    start: usize,
+    end: usize,
+    rng: &mut KernelRng,
+    top: &mut TopK,
+    skip: Option<&[bool]>,
+    offset: u32,
+) {
+    let mut r0 = Stream::load(&rng.lanes[0]);
+    let mut r1 = Stream::load(&rng.lanes[1]);
+    let mut threshold = _mm512_set1_ps(top.threshold().max(-1.0));
+    let half_pi = _mm512_set1_ps(std::f32::consts::FRAC_PI_2);
+    let small = _mm512_set1_ps(SMALL_D);
+    let one = _mm512_set1_ps(1.0);
+    let mut buf = Proposals {
+        xa: [0.0; GROUP],
+        xb: [0.0; GROUP],
+        ua: [0.0; GROUP],
+        ub: [0.0; GROUP],
+    };
+    let mut group_start = start;
+    while group_start < end {
+        let group_len = (end - group_start).min(GROUP);
+        let blocks = group_len.div_ceil(LANES);
+        // Pass 1: proposals.
+        for j in 0..blocks {
+            let o = j * LANES;
+            let bits1 = r0.next();
+            let bits2 = r1.next();
+            let bits_a = r0.next();
+            let bits_b = r1.next();
+            // Box–Muller: two independent normals per lane.
+            let radius = sqrt(_mm512_mul_ps(_mm512_set1_ps(-2.0), ln(uniform01(bits1))));
+            let (co, si) = cos_sin(_mm512_mul_ps(uniform01(bits2), half_pi));
+            _mm512_storeu_ps(
+                buf.xa.as_mut_ptr().add(o),
+                random_sign(_mm512_mul_ps(radius, co), bits1),
+            );
+            _mm512_storeu_ps(
+                buf.xb.as_mut_ptr().add(o),
+                random_sign(_mm512_mul_ps(radius, si), bits2),
+            );
+            _mm512_storeu_ps(buf.ua.as_mut_ptr().add(o), uniform01(bits_a));
+            _mm512_storeu_ps(buf.ub.as_mut_ptr().add(o), uniform01(bits_b));
+        }
+        // Pass 2: Marsaglia–Tsang acceptance and selection.
+        for j in 0..blocks {
+            let o = j * LANES;
+            let pos = group_start + o;
+            let live: __mmask16 = if end - pos >= LANES {
+                0xFFFF
+            } else {
+                (1u16 << (end - pos)) - 1
+            };
+            let da = _mm512_loadu_ps(arrays.da.as_ptr().add(pos));
+            let ca = _mm512_loadu_ps(arrays.ca.as_ptr().add(pos));
+            let db = _mm512_loadu_ps(arrays.db.as_ptr().add(pos));
+            let cb = _mm512_loadu_ps(arrays.cb.as_ptr().add(pos));
+            let xa = _mm512_loadu_ps(buf.xa.as_ptr().add(o));
+            let xb = _mm512_loadu_ps(buf.xb.as_ptr().add(o));
+            let ua = _mm512_loadu_ps(buf.ua.as_ptr().add(o));
+            let ub = _mm512_loadu_ps(buf.ub.as_ptr().add(o));
+            let ta = _mm512_fmadd_ps(ca, xa, one);
+            let tb = _mm512_fmadd_ps(cb, xb, one);
+            let ga = _mm512_mul_ps(da, _mm512_mul_ps(_mm512_mul_ps(ta, ta), ta));
+            let gb = _mm512_mul_ps(db, _mm512_mul_ps(_mm512_mul_ps(tb, tb), tb));
+            let ok_a = squeeze(da, ta, xa, ua) & _mm512_cmp_ps_mask::<_CMP_GE_OQ>(da, small);
+            let ok_b = squeeze(db, tb, xb, ub) & _mm512_cmp_ps_mask::<_CMP_GE_OQ>(db, small);
+            let ok = ok_a & ok_b;
+            // X / (X + Y) > θ  ⇔  X · (1 − θ) > θ · Y: no division on the fast path.
+            let better = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(
+                _mm512_mul_ps(ga, _mm512_sub_ps(one, threshold)),
+                _mm512_mul_ps(threshold, gb),
+            ) & ok
+                & live;
+            let fail = !ok & live;
+            if (better | fail) == 0 {
+                continue;
+            }
+            let mut gas = [0f32; LANES];
+            let mut gbs = [0f32; LANES];
+            _mm512_storeu_ps(gas.as_mut_ptr(), ga);
+            _mm512_storeu_ps(gbs.as_mut_ptr(), gb);
+            for lane in 0..LANES {
+                let bit = 1u16 << lane;
+                let p = pos + lane;
+                if (better | fail) & bit == 0 || skip.is_some_and(|s| s[p]) {
+                    continue;
+                }
+                let (x, y) = if fail & bit != 0 {
+                    let (i, s) = (o + lane, &mut rng.scalar);
+                    let x = if ok_a & bit != 0 {
+                        gas[lane] as f64
+                    } else {
+                        finish_gamma(arrays.da[p], arrays.ca[p], buf.xa[i], buf.ua[i], s)
+                    };
+                    let y = if ok_b & bit != 0 {
+                        gbs[lane] as f64
+                    } else {
+                        finish_gamma(arrays.db[p], arrays.cb[p], buf.xb[i], buf.ub[i], s)
+                    };
+                    (x, y)
+                } else {
+                    (gas[lane] as f64, gbs[lane] as f64)
+                };
+                top.offer(beta_from_gammas(x, y), p as u32 + offset);
+            }
+            threshold = _mm512_set1_ps(top.threshold().max(-1.0));
+        }
+        group_start += group_len;
+    }
+    r0.store(&mut rng.lanes[0]);
+    r1.store(&mut rng.lanes[1]);
+}
+
+/// Index of the largest m[i] + k·r[i] over the first `len` entries (arrays padded to LANES
+/// with −∞ in `m`); the first index wins ties.
+///
+/// # Safety
+/// The CPU must support AVX-512F; `m` and `r` hold at least `len` rounded up to LANES.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn argmax_fma(m: &[f32], r: &[f32], k: f32, len: usize) -> usize {
+    let kk = _mm512_set1_ps(k);
+    let mut best = _mm512_set1_ps(f32::NEG_INFINITY);
+    let mut best_idx = _mm512_set1_epi32(0);
+    let mut idx = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    let step = _mm512_set1_epi32(LANES as i32);
+    let mut pos = 0;
+    while pos < len {
+        let v = _mm512_fmadd_ps(
+            kk,
+            _mm512_loadu_ps(r.as_ptr().add(pos)),
+            _mm512_loadu_ps(m.as_ptr().add(pos)),
+        );
+        let gt = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(v, best);
+        best = _mm512_mask_blend_ps(gt, best, v);
+        best_idx = _mm512_mask_blend_epi32(gt, best_idx, idx);
+        idx = _mm512_add_epi32(idx, step);
+        pos += LANES;
+    }
+    let mut values = [0f32; LANES];
+    let mut indices = [0i32; LANES];
+    _mm512_storeu_ps(values.as_mut_ptr(), best);
+    _mm512_storeu_si512(indices.as_mut_ptr() as *mut _, best_idx);
+    let mut out = (f32::NEG_INFINITY, usize::MAX);
+    for lane in 0..LANES {
+        let i = indices[lane] as usize;
+        if values[lane] > out.0 || (values[lane] == out.0 && i < out.1) {
+            out = (values[lane], i);
+        }
+    }
+    if out.1 == usize::MAX {
+        0
+    } else {
+        out.1
+    }
+}

@@ -15,7 +15,7 @@ pub mod scores;
 pub mod special;
 pub mod thompson;
 
-use std::sync::{Mutex, MutexGuard};
+use std::sync::Mutex;
 
 use bandit::{Bandit, ThompsonPath};
 use error::CoreError as RsError;
@@ -111,10 +111,24 @@ struct PyBandit {
 }
 
 impl PyBandit {
-    fn lock(&self) -> PyResult<MutexGuard<'_, State>> {
-        self.state.lock().map_err(|_| {
-            PyRuntimeError::new_err("bandit state lock poisoned by an earlier failure")
-        })
+    /// Runs `f` on the state with the GIL released, taking the lock only after releasing it:
+    /// a thread that held the GIL while waiting for the lock could deadlock with the lock's
+    /// holder waiting for the GIL.
+    fn with<T: Send>(
+        &self,
+        py: Python<'_>,
+        f: impl FnOnce(&mut State) -> Result<T, RsError> + Send,
+    ) -> PyResult<T> {
+        let out = py.detach(|| match self.state.lock() {
+            Ok(mut guard) => Ok(f(&mut guard)),
+            Err(_) => Err(()),
+        });
+        match out {
+            Ok(result) => Ok(result?),
+            Err(()) => Err(PyRuntimeError::new_err(
+                "bandit state lock poisoned by an earlier failure",
+            )),
+        }
     }
 }
 
@@ -176,54 +190,53 @@ impl PyBandit {
     }
 
     /// Appends arms with priors (binary: alpha, beta; continuous: mean, strength).
-    fn add_arms(&self, prior_a: Vec<f64>, prior_b: Vec<f64>) -> PyResult<()> {
-        Ok(self.lock()?.bandit.add_arms(&prior_a, &prior_b)?)
+    fn add_arms(&self, py: Python<'_>, prior_a: Vec<f64>, prior_b: Vec<f64>) -> PyResult<()> {
+        self.with(py, |s| s.bandit.add_arms(&prior_a, &prior_b))
     }
 
-    fn set_active(&self, arm: usize, active: bool) -> PyResult<()> {
-        Ok(self.lock()?.bandit.set_active(arm, active)?)
+    fn set_active(&self, py: Python<'_>, arm: usize, active: bool) -> PyResult<()> {
+        self.with(py, |s| s.bandit.set_active(arm, active))
     }
 
-    fn set_prior(&self, arm: usize, prior_a: f64, prior_b: f64) -> PyResult<()> {
-        Ok(self.lock()?.bandit.set_prior(arm, prior_a, prior_b)?)
+    fn set_prior(&self, py: Python<'_>, arm: usize, prior_a: f64, prior_b: f64) -> PyResult<()> {
+        self.with(py, |s| s.bandit.set_prior(arm, prior_a, prior_b))
     }
 
     /// Group index per arm (−1: none); grouped arms use their group's pooled prior with
     /// `strength` pseudo-observations.
     #[pyo3(signature = (groups, strength=20.0))]
-    fn set_groups(&self, groups: Vec<i64>, strength: f64) -> PyResult<()> {
-        Ok(self.lock()?.bandit.set_groups(&groups, strength)?)
+    fn set_groups(&self, py: Python<'_>, groups: Vec<i64>, strength: f64) -> PyResult<()> {
+        self.with(py, |s| s.bandit.set_groups(&groups, strength))
     }
 
     /// Orders arms and refreshes stale bounds for the pruned Thompson draw (GIL released).
     fn maintain(&self, py: Python<'_>) -> PyResult<()> {
-        let mut guard = self.lock()?;
-        let state = &mut *guard;
-        py.detach(|| state.bandit.maintain());
-        Ok(())
+        self.with(py, |s| {
+            s.bandit.maintain();
+            Ok(())
+        })
     }
 
     /// Arms sampled by the last pruned Thompson draw (0 after a full draw).
     #[getter]
-    fn last_drawn(&self) -> PyResult<usize> {
-        Ok(self.lock()?.bandit.last_drawn())
+    fn last_drawn(&self, py: Python<'_>) -> PyResult<usize> {
+        self.with(py, |s| Ok(s.bandit.last_drawn()))
     }
 
     /// Instruction set of the Thompson kernel: "avx512" or "scalar".
     #[getter]
-    fn isa(&self) -> PyResult<&'static str> {
-        Ok(self.lock()?.bandit.isa.name())
+    fn isa(&self, py: Python<'_>) -> PyResult<&'static str> {
+        self.with(py, |s| Ok(s.bandit.isa.name()))
     }
 
     /// Priors in use (own or group-pooled): (a, b).
-    fn effective_priors(&self) -> PyResult<(Vec<f64>, Vec<f64>)> {
-        let s = self.lock()?;
-        Ok((s.bandit.eff_a.clone(), s.bandit.eff_b.clone()))
+    fn effective_priors(&self, py: Python<'_>) -> PyResult<(Vec<f64>, Vec<f64>)> {
+        self.with(py, |s| Ok((s.bandit.eff_a.clone(), s.bandit.eff_b.clone())))
     }
 
     /// Restores an arm's sufficient statistics: count, reward sum, sum of squares.
-    fn set_stats(&self, arm: usize, n: f64, sum: f64, sumsq: f64) -> PyResult<()> {
-        Ok(self.lock()?.bandit.set_stats(arm, n, sum, sumsq)?)
+    fn set_stats(&self, py: Python<'_>, arm: usize, n: f64, sum: f64, sumsq: f64) -> PyResult<()> {
+        self.with(py, |s| s.bandit.set_stats(arm, n, sum, sumsq))
     }
 
     /// Chooses k distinct arms. Returns (arms, scores, propensities): scores are posterior
@@ -231,62 +244,56 @@ impl PyBandit {
     /// the slate under the current posterior.
     #[pyo3(signature = (k=1))]
     fn choose(&self, py: Python<'_>, k: usize) -> PyResult<(Vec<usize>, Vec<f64>, Vec<f64>)> {
-        let mut guard = self.lock()?;
-        let state = &mut *guard;
-        let result = py.detach(|| -> Result<_, RsError> {
+        self.with(py, |state| {
             let chosen = state.bandit.choose(&mut state.rng, k)?;
             let arms: Vec<usize> = chosen.iter().map(|c| c.arm).collect();
             let props = state.propensities(k, &arms)?;
             let scores = arms.iter().map(|&a| state.bandit.mean(a)).collect();
             Ok((arms, scores, props))
-        })?;
-        Ok(result)
+        })
     }
 
     /// Checks a batch without applying it.
-    fn validate_rewards(&self, arms: Vec<usize>, values: Vec<f64>) -> PyResult<()> {
-        Ok(self.lock()?.bandit.validate_rewards(&arms, &values)?)
+    fn validate_rewards(&self, py: Python<'_>, arms: Vec<usize>, values: Vec<f64>) -> PyResult<()> {
+        self.with(py, |s| s.bandit.validate_rewards(&arms, &values))
     }
 
     /// Applies a batch of rewards, all or nothing.
     fn apply_rewards(&self, py: Python<'_>, arms: Vec<usize>, values: Vec<f64>) -> PyResult<()> {
-        let mut guard = self.lock()?;
-        let state = &mut *guard;
-        py.detach(|| state.bandit.apply_rewards(&arms, &values))?;
-        Ok(())
+        self.with(py, |s| s.bandit.apply_rewards(&arms, &values))
     }
 
     /// Fresh Monte Carlo inclusion probabilities for slates of k (GIL released).
     #[pyo3(signature = (k=1, draws=PROPENSITY_DRAWS))]
     fn refresh_propensities(&self, py: Python<'_>, k: usize, draws: usize) -> PyResult<Vec<f64>> {
-        let mut guard = self.lock()?;
-        let state = &mut *guard;
-        let version = state.bandit.version;
-        let p = py.detach(|| {
-            state
+        self.with(py, |state| {
+            let version = state.bandit.version;
+            let p = state
                 .bandit
-                .inclusion_probabilities(&mut state.rng, k, draws)
-        })?;
-        state.store(PropensityCache {
-            version,
-            k,
-            draws,
-            p: p.clone(),
-        });
-        Ok(p)
+                .inclusion_probabilities(&mut state.rng, k, draws)?;
+            state.store(PropensityCache {
+                version,
+                k,
+                draws,
+                p: p.clone(),
+            });
+            Ok(p)
+        })
     }
 
     /// True when the cached propensities for k lag the posterior.
     #[pyo3(signature = (k=1))]
-    fn propensities_stale(&self, k: usize) -> PyResult<bool> {
-        let s = self.lock()?;
-        Ok(s.cached(k)
-            .is_none_or(|c| c.version != s.bandit.version || c.draws < PROPENSITY_DRAWS))
+    fn propensities_stale(&self, py: Python<'_>, k: usize) -> PyResult<bool> {
+        self.with(py, |s| {
+            Ok(s.cached(k)
+                .is_none_or(|c| c.version != s.bandit.version || c.draws < PROPENSITY_DRAWS))
+        })
     }
 
-    fn means(&self) -> PyResult<Vec<f64>> {
-        let s = self.lock()?;
-        Ok((0..s.bandit.len()).map(|a| s.bandit.mean(a)).collect())
+    fn means(&self, py: Python<'_>) -> PyResult<Vec<f64>> {
+        self.with(py, |s| {
+            Ok((0..s.bandit.len()).map(|a| s.bandit.mean(a)).collect())
+        })
     }
 
     /// Central credible intervals at `level` for every arm: (lows, highs).
@@ -295,38 +302,41 @@ impl PyBandit {
         if !(level > 0.0 && level < 1.0) {
             return Err(RsError::invalid(format!("level must be in (0, 1), got {level}")).into());
         }
-        let s = self.lock()?;
-        let b = &s.bandit;
-        Ok(py.detach(|| (0..b.len()).map(|a| b.interval(a, level)).unzip()))
+        self.with(py, |s| {
+            let b = &s.bandit;
+            Ok((0..b.len()).map(|a| b.interval(a, level)).unzip())
+        })
     }
 
     /// Sufficient statistics per arm: (n, sum, sumsq).
-    fn stats(&self) -> PyResult<(Vec<f64>, Vec<f64>, Vec<f64>)> {
-        let s = self.lock()?;
-        Ok((
-            s.bandit.n.clone(),
-            s.bandit.sum.clone(),
-            s.bandit.sumsq.clone(),
-        ))
+    fn stats(&self, py: Python<'_>) -> PyResult<(Vec<f64>, Vec<f64>, Vec<f64>)> {
+        self.with(py, |s| {
+            Ok((
+                s.bandit.n.clone(),
+                s.bandit.sum.clone(),
+                s.bandit.sumsq.clone(),
+            ))
+        })
     }
 
-    fn priors(&self) -> PyResult<(Vec<f64>, Vec<f64>)> {
-        let s = self.lock()?;
-        Ok((s.bandit.prior_a.clone(), s.bandit.prior_b.clone()))
+    fn priors(&self, py: Python<'_>) -> PyResult<(Vec<f64>, Vec<f64>)> {
+        self.with(py, |s| {
+            Ok((s.bandit.prior_a.clone(), s.bandit.prior_b.clone()))
+        })
     }
 
-    fn active(&self) -> PyResult<Vec<bool>> {
-        Ok(self.lock()?.bandit.active.clone())
-    }
-
-    #[getter]
-    fn version(&self) -> PyResult<u64> {
-        Ok(self.lock()?.bandit.version)
+    fn active(&self, py: Python<'_>) -> PyResult<Vec<bool>> {
+        self.with(py, |s| Ok(s.bandit.active.clone()))
     }
 
     #[getter]
-    fn n_arms(&self) -> PyResult<usize> {
-        Ok(self.lock()?.bandit.len())
+    fn version(&self, py: Python<'_>) -> PyResult<u64> {
+        self.with(py, |s| Ok(s.bandit.version))
+    }
+
+    #[getter]
+    fn n_arms(&self, py: Python<'_>) -> PyResult<usize> {
+        self.with(py, |s| Ok(s.bandit.len()))
     }
 }
 

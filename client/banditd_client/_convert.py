@@ -19,7 +19,16 @@ from banditd_client.v1 import banditd_pb2 as pb
 ArmSpec = str | ArmInfo | Mapping[str, Any]
 RewardItem = tuple[str, float] | tuple[str, float, str] | Mapping[str, Any]
 
-POLICY_PARAMS = ("exploitation", "epsilon", "epsilon_decay", "temperature", "ucb_c", "half_life")
+POLICY_PARAMS = (
+    "exploitation",
+    "epsilon",
+    "epsilon_decay",
+    "temperature",
+    "ucb_c",
+    "half_life",
+    "group_prior_strength",
+    "prune_epsilon",
+)
 REWARD_TYPES = {"binary": pb.BINARY, "continuous": pb.CONTINUOUS}
 STATE_NAMES = {pb.RUNNING: "running", pb.PAUSED: "paused", pb.STATE_UNSPECIFIED: "running"}
 

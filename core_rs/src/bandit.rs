@@ -188,7 +188,7 @@ impl Bandit {
 
     /// Everything derived from the arm set or the priors is stale.
     fn structure_changed(&mut self) {
-        self.active_count = self.active.iter().filter(|a| **a).count();
+        self.active_count = self.active.iter().filter(|a| **a).count(); // ~µs per 100k arms
         self.refresh_group_priors();
         self.thompson.invalidate();
         self.scores_built = false;
@@ -278,18 +278,38 @@ impl Bandit {
 
     /// Restores an arm's sufficient statistics (from the store, on start).
     pub fn set_stats(&mut self, arm: usize, n: f64, sum: f64, sumsq: f64) -> Result<(), CoreError> {
-        self.check_arm(arm)?;
-        if !(n.is_finite() && sum.is_finite() && sumsq.is_finite() && n >= 0.0) {
-            return Err(CoreError::invalid("statistics must be finite with n >= 0"));
+        self.set_stats_many(&[arm], &[n], &[sum], &[sumsq])
+    }
+
+    /// Restores many arms' statistics at once (one refresh of the derived arrays); all or
+    /// nothing.
+    pub fn set_stats_many(
+        &mut self,
+        arms: &[usize],
+        n: &[f64],
+        sum: &[f64],
+        sumsq: &[f64],
+    ) -> Result<(), CoreError> {
+        if n.len() != arms.len() || sum.len() != arms.len() || sumsq.len() != arms.len() {
+            return Err(CoreError::invalid("statistics arrays differ in length"));
         }
-        if self.model == RewardModel::Bernoulli && !(sum >= 0.0 && sum <= n * (1.0 + 1e-9)) {
-            return Err(CoreError::invalid(format!(
-                "Bernoulli statistics need 0 <= sum <= n, got sum={sum}, n={n}"
-            )));
+        for i in 0..arms.len() {
+            self.check_arm(arms[i])?;
+            let (n, sum, sumsq) = (n[i], sum[i], sumsq[i]);
+            if !(n.is_finite() && sum.is_finite() && sumsq.is_finite() && n >= 0.0) {
+                return Err(CoreError::invalid("statistics must be finite with n >= 0"));
+            }
+            if self.model == RewardModel::Bernoulli && !(sum >= 0.0 && sum <= n * (1.0 + 1e-9)) {
+                return Err(CoreError::invalid(format!(
+                    "Bernoulli statistics need 0 <= sum <= n, got sum={sum}, n={n}"
+                )));
+            }
         }
-        self.n[arm] = n;
-        self.sum[arm] = sum;
-        self.sumsq[arm] = sumsq;
+        for (i, &arm) in arms.iter().enumerate() {
+            self.n[arm] = n[i];
+            self.sum[arm] = sum[i];
+            self.sumsq[arm] = sumsq[i];
+        }
         self.structure_changed();
         Ok(())
     }

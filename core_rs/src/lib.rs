@@ -234,6 +234,18 @@ impl PyBandit {
         self.with(py, |s| Ok((s.bandit.eff_a.clone(), s.bandit.eff_b.clone())))
     }
 
+    /// Restores many arms' statistics at once: arm indices, counts, sums, sums of squares.
+    fn set_stats_many(
+        &self,
+        py: Python<'_>,
+        arms: Vec<usize>,
+        n: Vec<f64>,
+        sum: Vec<f64>,
+        sumsq: Vec<f64>,
+    ) -> PyResult<()> {
+        self.with(py, |s| s.bandit.set_stats_many(&arms, &n, &sum, &sumsq))
+    }
+
     /// Restores an arm's sufficient statistics: count, reward sum, sum of squares.
     fn set_stats(&self, py: Python<'_>, arm: usize, n: f64, sum: f64, sumsq: f64) -> PyResult<()> {
         self.with(py, |s| s.bandit.set_stats(arm, n, sum, sumsq))

@@ -7,6 +7,7 @@ import math
 import os
 import threading
 import zlib
+from collections import defaultdict
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -100,11 +101,14 @@ class Engine:
         for _, raw in self.store.items(self.store.experiments):
             spec = ExperimentSpec.from_json(raw)
             self._runtimes[spec.id] = ExperimentRuntime(spec, self._seed_for(spec.id))
+        totals: dict[str, dict[str, tuple[int, int, float, float]]] = defaultdict(dict)
         for k, (pulls, rewards, s, s2) in self.store.items(self.store.arms):
             exp_id, arm_id = (p.decode() for p in k.split(SEP, 1))
+            totals[exp_id][arm_id] = (int(pulls), int(rewards), float(s), float(s2))
+        for exp_id, arms in totals.items():
             rt = self._runtimes.get(exp_id)
             if rt is not None:
-                rt.restore_totals(arm_id, int(pulls), int(rewards), float(s), float(s2))
+                rt.restore_totals(arms)
         log.info("loaded %d experiments", len(self._runtimes))
 
     def runtime(self, experiment_id: str) -> ExperimentRuntime | None:

@@ -12,11 +12,22 @@ from banditd import _core
 from banditd.errors import InvalidArgument
 from banditd.validation import check_id
 
-POLICIES = ("thompson", "ucb1", "epsilon_greedy", "softmax", "greedy", "uniform")
-POLICY_PARAMS = ("exploitation", "epsilon", "epsilon_decay", "temperature", "ucb_c", "half_life")
+POLICIES = ("thompson", "ucb1", "kl_ucb", "epsilon_greedy", "softmax", "greedy", "uniform")
+POLICY_PARAMS = (
+    "exploitation",
+    "epsilon",
+    "epsilon_decay",
+    "temperature",
+    "ucb_c",
+    "half_life",
+    "group_prior_strength",
+    "prune_epsilon",
+)
 DEFAULT_WINDOW_SECONDS = 7 * 24 * 3600
 DEFAULT_PRIORS = {"binary": (1.0, 1.0), "continuous": (0.0, 1.0)}
 RECENT_DECISIONS = 1000
+# Core parameters that are not the core constructor's (applied after construction).
+GROUP_STRENGTH_DEFAULT = 20.0
 
 
 @dataclass
@@ -105,6 +116,18 @@ class ExperimentRuntime:
             self.reward_sum.append(0.0)
             if not arm.active:
                 self.bandit.set_active(self.index[arm.id], False)
+        self._sync_groups()
+
+    def _sync_groups(self) -> None:
+        """Arms that name a group share its pooled prior (see core `set_groups`)."""
+        names = sorted({a.group for a in self.spec.arms if a.group})
+        if not names:
+            return
+        number = {name: i for i, name in enumerate(names)}
+        by_id = {a.id: a.group for a in self.spec.arms}
+        groups = [number[by_id[arm_id]] if by_id.get(arm_id) else -1 for arm_id in self.arm_ids]
+        strength = float(self.spec.params.get("group_prior_strength") or GROUP_STRENGTH_DEFAULT)
+        self.bandit.set_groups(groups, strength)
 
     def apply_spec_change(self, new: ExperimentSpec) -> None:
         """Brings the runtime in line with an updated definition (arms added or retired)."""
@@ -115,15 +138,27 @@ class ExperimentRuntime:
                 idx = self.index[arm.id]
                 self.bandit.set_active(idx, arm.active)
             self.spec = new
+            self._sync_groups()
 
-    def restore_totals(self, arm_id: str, pulls: int, rewards: int, s: float, s2: float) -> None:
-        idx = self.index.get(arm_id)
-        if idx is None:
-            return
-        self.pulls[idx] = pulls
-        self.rewards[idx] = rewards
-        self.reward_sum[idx] = s
-        self.bandit.set_stats(idx, float(rewards), s, s2)
+    def restore_totals(self, totals: dict[str, tuple[int, int, float, float]]) -> None:
+        """Restores durable per-arm totals (pulls, rewards, sum, sum of squares) in one call."""
+        arms: list[int] = []
+        n: list[float] = []
+        sums: list[float] = []
+        sumsq: list[float] = []
+        for arm_id, (pulls, rewards, s, s2) in totals.items():
+            idx = self.index.get(arm_id)
+            if idx is None:
+                continue
+            self.pulls[idx] = pulls
+            self.rewards[idx] = rewards
+            self.reward_sum[idx] = s
+            arms.append(idx)
+            n.append(float(rewards))
+            sums.append(s)
+            sumsq.append(s2)
+        self.bandit.set_stats_many(arms, n, sums, sumsq)
+        self.bandit.maintain()
 
     def recent_shares(self) -> list[float]:
         counts = Counter(self.recent)
@@ -132,7 +167,12 @@ class ExperimentRuntime:
 
 
 def _new_bandit(spec: ExperimentSpec, seed: int | None) -> _core.Bandit:
-    params = {k: float(v) for k, v in spec.params.items() if k in POLICY_PARAMS}
+    params = {k: float(v) for k, v in spec.params.items() if k in POLICY_PARAMS and k != "group_prior_strength"}
+    if not params.get("prune_epsilon"):
+        params.pop("prune_epsilon", None)
+    strength = spec.params.get("group_prior_strength", 0.0)
+    if not (strength >= 0.0 and strength < float("inf")):
+        raise InvalidArgument(f"group_prior_strength must be a finite number >= 0, got {strength}")
     try:
         return _core.Bandit(spec.reward_type, spec.policy, seed=seed, **params)
     except _core.CoreError as exc:

@@ -162,3 +162,5 @@ class RecordRewards(WriteOp):
             rt = self.runtimes(exp_id)
             if rt is not None:
                 rt.bandit.apply_rewards(arms, values)
+                # Refreshes pruned-Thompson bounds of the arms just rewarded (large experiments only).
+                rt.bandit.maintain()

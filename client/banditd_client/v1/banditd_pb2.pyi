@@ -51,7 +51,7 @@ class Arm(_message.Message):
     def __init__(self, id: _Optional[str] = ..., group: _Optional[str] = ..., prior: _Optional[_Union[Prior, _Mapping]] = ..., active: _Optional[bool] = ...) -> None: ...
 
 class Policy(_message.Message):
-    __slots__ = ("name", "exploitation", "epsilon", "epsilon_decay", "temperature", "ucb_c", "half_life")
+    __slots__ = ("name", "exploitation", "epsilon", "epsilon_decay", "temperature", "ucb_c", "half_life", "group_prior_strength", "prune_epsilon")
     NAME_FIELD_NUMBER: _ClassVar[int]
     EXPLOITATION_FIELD_NUMBER: _ClassVar[int]
     EPSILON_FIELD_NUMBER: _ClassVar[int]
@@ -59,6 +59,8 @@ class Policy(_message.Message):
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     UCB_C_FIELD_NUMBER: _ClassVar[int]
     HALF_LIFE_FIELD_NUMBER: _ClassVar[int]
+    GROUP_PRIOR_STRENGTH_FIELD_NUMBER: _ClassVar[int]
+    PRUNE_EPSILON_FIELD_NUMBER: _ClassVar[int]
     name: str
     exploitation: float
     epsilon: float
@@ -66,7 +68,9 @@ class Policy(_message.Message):
     temperature: float
     ucb_c: float
     half_life: float
-    def __init__(self, name: _Optional[str] = ..., exploitation: _Optional[float] = ..., epsilon: _Optional[float] = ..., epsilon_decay: _Optional[float] = ..., temperature: _Optional[float] = ..., ucb_c: _Optional[float] = ..., half_life: _Optional[float] = ...) -> None: ...
+    group_prior_strength: float
+    prune_epsilon: float
+    def __init__(self, name: _Optional[str] = ..., exploitation: _Optional[float] = ..., epsilon: _Optional[float] = ..., epsilon_decay: _Optional[float] = ..., temperature: _Optional[float] = ..., ucb_c: _Optional[float] = ..., half_life: _Optional[float] = ..., group_prior_strength: _Optional[float] = ..., prune_epsilon: _Optional[float] = ...) -> None: ...
 
 class Experiment(_message.Message):
     __slots__ = ("id", "arms", "policy", "reward_type", "sticky", "attribution_window_seconds", "prior", "state", "created_unix_ms", "version")

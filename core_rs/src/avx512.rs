@@ -259,10 +259,13 @@ pub unsafe fn draw_range(
             let mut gbs = [0f32; LANES];
             _mm512_storeu_ps(gas.as_mut_ptr(), ga);
             _mm512_storeu_ps(gbs.as_mut_ptr(), gb);
-            for lane in 0..LANES {
+            let mut pending = better | fail;
+            while pending != 0 {
+                let lane = pending.trailing_zeros() as usize;
                 let bit = 1u16 << lane;
+                pending &= pending - 1;
                 let p = pos + lane;
-                if (better | fail) & bit == 0 || skip.is_some_and(|s| s[p]) {
+                if skip.is_some_and(|s| s[p]) {
                     continue;
                 }
                 let (x, y) = if fail & bit != 0 {

@@ -86,6 +86,14 @@ pub struct Bandit {
     untried: Vec<usize>,
     /// Number of active arms (kept with `active`, off the hot path).
     active_count: usize,
+    /// UCB1 / KL-UCB are deterministic given the state: (version, k bits, arm) of the last
+    /// top-1 answer, reused until a reward or a change moves the state.
+    index_memo: Option<(u64, u32, usize)>,
+    /// Share of arms the pruned draw sampled lately; `auto` falls back to the full draw
+    /// when pruning does not pay (nearly equal arms).
+    pruned_share: f64,
+    /// Scratch marks for `apply_rewards` (all zero between calls).
+    touched: Vec<u8>,
 }
 
 /// One chosen arm.
@@ -139,6 +147,9 @@ impl Bandit {
             kl_budget: 0.0,
             untried: Vec::new(),
             active_count: 0,
+            index_memo: None,
+            pruned_share: 0.0,
+            touched: Vec::new(),
         })
     }
 
@@ -369,9 +380,21 @@ impl Bandit {
             self.scores_built = false;
             return Ok(());
         }
+        // Each touched arm once; `may_rise` if any of its rewards was positive.
+        let mut mark = std::mem::take(&mut self.touched);
+        mark.resize(self.len(), 0);
+        let mut touched = Vec::new();
         for (&arm, &v) in arms.iter().zip(values) {
-            self.arm_changed(arm, v > 0.0);
+            if mark[arm] == 0 {
+                touched.push(arm);
+            }
+            mark[arm] |= 1 | (u8::from(v > 0.0) << 1);
         }
+        for &arm in &touched {
+            self.arm_changed(arm, mark[arm] & 2 != 0);
+            mark[arm] = 0;
+        }
+        self.touched = mark;
         if matches!(self.policy, Policy::KlUcb { .. })
             && self.kl_budget_now() > self.kl_budget * 1.01
         {
@@ -387,9 +410,7 @@ impl Bandit {
             self.thompson.update_arm(arm, a, b, may_rise);
         }
         if self.scores_built && self.active[arm] {
-            if let Some(pos) = self.untried.iter().position(|&u| u == arm) {
-                self.untried.swap_remove(pos);
-            }
+            // `untried` is pruned lazily, before its next use.
             let (base, spread) = self.score_terms(arm);
             self.scores.set(arm, base, spread);
         }
@@ -484,6 +505,7 @@ impl Bandit {
         let this = &*self;
         index.maintain(|arm| this.sharpened(arm), &this.active, this.prune_epsilon);
         self.thompson = index;
+        self.pruned_share = 0.0; // give pruning another chance with the new order
     }
 
     /// Arms the last pruned Thompson draw sampled (0 if it used the full draw).
@@ -510,10 +532,13 @@ impl Bandit {
                 }
                 true
             }
-            ThompsonPath::Auto => self.thompson.is_ordered(),
+            ThompsonPath::Auto => self.thompson.is_ordered() && self.pruned_share < 0.5,
         };
         let picks = if pruned {
-            self.thompson.choose_pruned(self.isa, rng, k)
+            let picks = self.thompson.choose_pruned(self.isa, rng, k);
+            let share = self.thompson.last_drawn as f64 / self.n_active().max(1) as f64;
+            self.pruned_share = 0.9 * self.pruned_share + 0.1 * share;
+            picks
         } else {
             self.thompson.last_drawn = 0;
             self.thompson.choose_full(self.isa, rng, k)
@@ -583,6 +608,10 @@ impl Bandit {
     /// UCB1 and KL-UCB: untried arms first (uniformly), then the largest index.
     fn index_choice(&mut self, rng: &mut KernelRng, k: usize) -> Vec<Choice> {
         self.ensure_scores();
+        if !self.untried.is_empty() {
+            let (n, active) = (&self.n, &self.active);
+            self.untried.retain(|&a| n[a] <= 0.0 && active[a]);
+        }
         let kk = self.ucb_k();
         let mut out: Vec<Choice> = Vec::with_capacity(k);
         if !self.untried.is_empty() {
@@ -598,7 +627,15 @@ impl Bandit {
             return out;
         }
         if k == 1 {
-            let arm = self.scores.argmax(self.isa, kk);
+            let key = (self.version, kk.to_bits());
+            let arm = match self.index_memo {
+                Some((v, kb, arm)) if (v, kb) == key => arm,
+                _ => {
+                    let arm = self.scores.argmax(self.isa, kk);
+                    self.index_memo = Some((key.0, key.1, arm));
+                    arm
+                }
+            };
             return vec![Choice {
                 arm,
                 value: self.scores.score(arm, kk) as f64,
@@ -800,6 +837,8 @@ impl Bandit {
             }
             Policy::Ucb1 { .. } | Policy::KlUcb { .. } => {
                 self.ensure_scores();
+                let (n, active) = (&self.n, &self.active);
+                self.untried.retain(|&a| n[a] <= 0.0 && active[a]);
                 let untried = self.untried.clone();
                 if k <= untried.len() {
                     // Uniform among the untried arms.

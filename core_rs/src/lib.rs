@@ -21,6 +21,7 @@ use bandit::{Bandit, ThompsonPath};
 use error::CoreError as RsError;
 use kernel::{Isa, KernelRng};
 use policy::{Policy, RewardModel};
+use pyo3::buffer::PyBuffer;
 use pyo3::create_exception;
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
@@ -270,8 +271,16 @@ impl PyBandit {
         self.with(py, |s| s.bandit.validate_rewards(&arms, &values))
     }
 
-    /// Applies a batch of rewards, all or nothing.
-    fn apply_rewards(&self, py: Python<'_>, arms: Vec<usize>, values: Vec<f64>) -> PyResult<()> {
+    /// Applies a batch of rewards, all or nothing. `arms` and `values` are sequences or, faster,
+    /// buffers (array.array("q") / ("d"), numpy int64 / float64 arrays).
+    fn apply_rewards(
+        &self,
+        py: Python<'_>,
+        arms: &Bound<'_, PyAny>,
+        values: &Bound<'_, PyAny>,
+    ) -> PyResult<()> {
+        let arms = indices_from(py, arms)?;
+        let values = floats_from(py, values)?;
         self.with(py, |s| s.bandit.apply_rewards(&arms, &values))
     }
 
@@ -350,6 +359,29 @@ impl PyBandit {
     fn n_arms(&self, py: Python<'_>) -> PyResult<usize> {
         self.with(py, |s| Ok(s.bandit.len()))
     }
+}
+
+/// Arm indices from a buffer of int64 or any sequence of ints.
+fn indices_from(py: Python<'_>, obj: &Bound<'_, PyAny>) -> PyResult<Vec<usize>> {
+    if let Ok(buf) = PyBuffer::<i64>::get(obj) {
+        let raw = buf.to_vec(py)?;
+        return raw
+            .into_iter()
+            .map(|i| {
+                usize::try_from(i)
+                    .map_err(|_| RsError::invalid(format!("arm index {i} is negative")).into())
+            })
+            .collect();
+    }
+    obj.extract()
+}
+
+/// Floats from a buffer of float64 or any sequence of numbers.
+fn floats_from(py: Python<'_>, obj: &Bound<'_, PyAny>) -> PyResult<Vec<f64>> {
+    if let Ok(buf) = PyBuffer::<f64>::get(obj) {
+        return buf.to_vec(py);
+    }
+    obj.extract()
 }
 
 /// Exact quantile of Beta(a, b) (for intervals and the pruned Thompson bounds).

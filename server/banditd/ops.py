@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from array import array
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -145,7 +146,8 @@ class RecordRewards(WriteOp):
         return outcome
 
     def after_commit(self, outcome: list[str]) -> None:
-        per_experiment: dict[str, tuple[list[int], list[float]]] = defaultdict(lambda: ([], []))
+        # Typed arrays reach the core as buffers (a memcpy instead of converting each item).
+        per_experiment: dict[str, tuple[array[int], array[float]]] = defaultdict(lambda: (array("q"), array("d")))
         for r, status in zip(self.rewards, outcome, strict=True):
             if status != ACCEPTED:
                 continue

@@ -1,0 +1,214 @@
+"""Decision-core benchmark (`make bench`): banditd._core from Python, as the server calls it.
+
+Prints medians over many runs, each as a ratio against numpy measured in the same run:
+Thompson top-1 (full vector draw, scalar fallback, pruned draw), top-10, UCB1, KL-UCB and
+applying a batch of 10,000 rewards, for 10 / 1,000 / 10,000 / 100,000 arms in three worlds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+from banditd import _core
+
+ARMS = (10, 1_000, 10_000, 100_000)
+WORLDS = ("spread", "ctr3", "equal")
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def world(name: str, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Beta posterior shapes (a, b) per arm."""
+    if name == "spread":
+        return rng.uniform(1, 500, n), rng.uniform(1, 5000, n)
+    if name == "ctr3":
+        pulls = rng.integers(100, 10_001, n).astype(float)
+        rates = np.clip(rng.normal(0.03, 0.008, n), 0.002, 0.2)
+        clicks = rng.binomial(pulls.astype(int), rates).astype(float)
+        return 1 + clicks, 1 + pulls - clicks
+    # near-equal: every arm at ~3% with 1,000 pulls and almost the same count of clicks
+    return 31 + rng.uniform(0, 1, n), 971 + rng.uniform(0, 1, n)
+
+
+def median_us(fn: Callable[[], object], budget_s: float, min_runs: int = 7, max_runs: int = 2000) -> float:
+    fn()  # warm up
+    times: list[float] = []
+    deadline = time.perf_counter() + budget_s
+    while len(times) < min_runs or (len(times) < max_runs and time.perf_counter() < deadline):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times) * 1e6
+
+
+def bandit(a: np.ndarray, b: np.ndarray, **kw: object) -> _core.Bandit:
+    bd = _core.Bandit("binary", kw.pop("policy", "thompson"), seed=1, **kw)  # type: ignore[arg-type]
+    # Priors carry the posterior shapes directly (no rewards needed to set a state).
+    bd.add_arms(a.tolist(), b.tolist())
+    return bd
+
+
+def thompson_rows(n: int, wname: str, budget: float, rng: np.random.Generator) -> list[tuple[str, float, float, str]]:
+    a, b = world(wname, n, rng)
+    nrng = np.random.default_rng(2)
+    ref = median_us(lambda: int(nrng.beta(a, b).argmax()), budget)
+    rows = [("numpy beta().argmax()", ref, 1.0, "")]
+    full = bandit(a, b, thompson_path="full")
+    rows.append(("thompson full " + full.isa, median_us(lambda: full.choose(1), budget), 0.0, ""))
+    if n <= 10_000:
+        scalar = bandit(a, b, thompson_path="full", isa="scalar")
+        rows.append(("thompson full scalar", median_us(lambda: scalar.choose(1), budget), 0.0, ""))
+    pruned = bandit(a, b, thompson_path="pruned")
+    t0 = time.perf_counter()
+    pruned.maintain()
+    build_ms = (time.perf_counter() - t0) * 1e3
+    drawn: list[int] = []
+
+    def pruned_choose() -> None:
+        pruned.choose(1)
+        drawn.append(pruned.last_drawn)
+
+    rows.append(
+        (
+            "thompson pruned",
+            median_us(pruned_choose, budget),
+            0.0,
+            f"drew {int(statistics.median(drawn))} of {n} arms; ordering {build_ms:.1f} ms",
+        )
+    )
+    top10 = min(10, n)
+    t1 = rows[1][1]
+    t10 = median_us(lambda: full.choose(top10), budget)
+    rows.append((f"thompson full top-{top10}", t10, 0.0, f"top-{top10}/top-1 = {t10 / t1:.2f}x"))
+    return [(name, us, ref / us, note) for name, us, _, note in rows]
+
+
+def ucb_rows(n: int, budget: float, rng: np.random.Generator) -> list[tuple[str, float, float, str]]:
+    a, b = world("ctr3", n, rng)
+    pulls = a + b - 2
+    means = a / (a + b)
+    t = float(pulls.sum())
+    ref = median_us(lambda: int((means + np.sqrt(2 * np.log(t) / pulls)).argmax()), budget)
+    ucb = bandit(np.ones(n), np.ones(n), policy="ucb1")
+    ucb.set_stats_many(list(range(n)), pulls.tolist(), (a - 1).tolist(), (a - 1).tolist())
+    kl = bandit(np.ones(n), np.ones(n), policy="kl_ucb")
+    kl.set_stats_many(list(range(n)), pulls.tolist(), (a - 1).tolist(), (a - 1).tolist())
+    rows = [("numpy UCB1 index + argmax", ref, 1.0, "")]
+    rows.append(("ucb1 (state unchanged: memoised)", median_us(lambda: ucb.choose(1), budget), 0.0, ""))
+    arm0 = [0]
+    one_reward = median_us(lambda: ucb.apply_rewards(arm0, [0.0]), budget)
+    after = median_us(lambda: (ucb.apply_rewards(arm0, [0.0]), ucb.choose(1)), budget) - one_reward
+    rows.append(("ucb1 (after a reward: recomputed)", after, 0.0, "apply time subtracted"))
+    rows.append(("kl_ucb (cached indices)", median_us(lambda: kl.choose(1), budget), 0.0, ""))
+    return [(name, us, ref / us, note) for name, us, _, note in rows]
+
+
+def apply_rows(n: int, budget: float, rng: np.random.Generator) -> list[tuple[str, float, float, str]]:
+    arms = rng.integers(0, n, 10_000)
+    values = (rng.random(10_000) < 0.03).astype(float)
+    arm_list, value_list = arms.tolist(), values.tolist()
+    arm_buf, value_buf = arms.astype(np.int64), values.astype(np.float64)
+    bd = bandit(np.ones(n), np.ones(n))
+    counts = np.zeros(n)
+    sums = np.zeros(n)
+
+    def numpy_apply() -> None:
+        np.add.at(counts, arms, 1.0)
+        np.add.at(sums, arms, values)
+
+    ref = median_us(numpy_apply, budget)
+    bd.choose(1)  # the Thompson arrays exist, so applying keeps them current too
+    ours = median_us(lambda: bd.apply_rewards(arm_buf, value_buf), budget)
+    lists = median_us(lambda: bd.apply_rewards(arm_list, value_list), budget)
+    return [
+        ("numpy add.at x2 (10,000 rewards)", ref, 1.0, ""),
+        ("apply_rewards (10,000 rewards, buffers)", ours, ref / ours, "int64/float64 arrays, as the server passes"),
+        ("apply_rewards (10,000 rewards, lists)", lists, ref / lists, "incl. converting 2 Python lists"),
+    ]
+
+
+def optional_rows(n: int, budget: float) -> list[tuple[str, float, float, str]]:
+    """MABWiser and Vowpal Wabbit, for reference, when they are installed."""
+    rows: list[tuple[str, float, float, str]] = []
+    try:
+        from mabwiser.mab import MAB, LearningPolicy  # type: ignore[import-not-found]
+
+        arms = list(range(n))
+        mab = MAB(arms, LearningPolicy.ThompsonSampling())
+        mab.fit([0, 1] * 5, [0, 1] * 5)
+        rows.append(("MABWiser ThompsonSampling.predict", median_us(mab.predict, budget), 0.0, ""))
+    except ImportError:
+        rows.append(("MABWiser", float("nan"), float("nan"), "not installed"))
+    try:
+        import vowpalwabbit  # type: ignore[import-not-found]  # noqa: F401
+
+        rows.append(("Vowpal Wabbit", float("nan"), float("nan"), "installed; not measured"))
+    except ImportError:
+        rows.append(("Vowpal Wabbit cb_explore_adf", float("nan"), float("nan"), "not installed"))
+    return rows
+
+
+def print_table(title: str, rows: list[tuple[str, float, float, str]]) -> None:
+    print(f"\n{title}")
+    print(f"| {'what':40} | {'median µs':>10} | {'vs numpy':>9} | note")
+    print(f"|{'-' * 42}|{'-' * 12}|{'-' * 11}|------")
+    for name, us, ratio, note in rows:
+        print(f"| {name:40} | {us:10.2f} | {ratio:8.1f}x | {note}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--budget", type=float, default=1.0, help="seconds of timing per row")
+    ap.add_argument("--arms", type=int, nargs="*", default=list(ARMS))
+    ap.add_argument("--worlds", nargs="*", default=list(WORLDS))
+    args = ap.parse_args()
+    rng = np.random.default_rng(7)
+    probe = _core.Bandit("binary", "thompson")
+    print(f"CPU: {cpu_model()}; kernel instruction set: {probe.isa}; numpy {np.__version__}")
+    summary: list[str] = []
+    for n in args.arms:
+        for w in args.worlds:
+            rows = thompson_rows(n, w, args.budget, rng)
+            print_table(f"Thompson top-1, {n:,} arms, world '{w}'", rows)
+            by = {r[0]: r for r in rows}
+            full = by.get("thompson full " + probe.isa)
+            if full and n >= 1_000 and w == "spread":
+                summary.append(f"full Thompson {n:,} arms: {full[2]:.1f}x numpy (target >= 25x)")
+            pruned = by.get("thompson pruned")
+            if pruned and n == 100_000 and w == "ctr3":
+                summary.append(f"pruned Thompson 100,000 arms, 3% world: {pruned[1]:.1f} µs (target <= 50 µs)")
+            top = [r for r in rows if "top-" in r[0]]
+            if top and n >= 1_000 and w == "spread":
+                summary.append(f"{n:,} arms: {top[0][3]} (target <= 1.3x)")
+        rows = ucb_rows(n, args.budget, rng)
+        print_table(f"Index policies, {n:,} arms", rows)
+        if n == 10_000:
+            summary.append(f"UCB1 10,000 arms: {rows[1][2]:.1f}x numpy (target >= 20x)")
+        rows = apply_rows(n, args.budget, rng)
+        print_table(f"Applying rewards, {n:,} arms", rows)
+        if n == 10_000:
+            summary.append(f"apply 10,000 rewards: {rows[1][1]:.0f} µs (target <= 200 µs)")
+        if n in (1_000, 10_000):
+            print_table(f"Other libraries, {n:,} arms", optional_rows(n, args.budget))
+    print("\nTargets")
+    for line in summary:
+        print(" -", line)
+
+
+if __name__ == "__main__":
+    main()

@@ -827,12 +827,29 @@ impl Bandit {
                     Policy::EpsilonGreedy { epsilon, decay } => self.epsilon_now(epsilon, decay),
                     _ => 0.0,
                 };
-                let greedy = self.top_k(k, |arm, _| self.mean(arm), &mut rng.scalar);
-                for arm in self.active_indices() {
-                    p[arm] = eps * uniform_share;
-                }
-                for c in greedy {
-                    p[c.arm] += 1.0 - eps;
+                // The greedy slate breaks ties at random: arms tied at the k-th best mean
+                // share the remaining slots.
+                let active = self.active_indices();
+                let mut means: Vec<f64> = active.iter().map(|&a| self.mean(a)).collect();
+                means.sort_unstable_by(|x, y| y.total_cmp(x));
+                let kth = means[k - 1];
+                let tol = 1e-12;
+                let above = active.iter().filter(|&&a| self.mean(a) > kth + tol).count();
+                let tied = active
+                    .iter()
+                    .filter(|&&a| (self.mean(a) - kth).abs() <= tol)
+                    .count();
+                let tied_share = (k - above) as f64 / tied.max(1) as f64;
+                for &arm in &active {
+                    let m = self.mean(arm);
+                    let greedy = if m > kth + tol {
+                        1.0
+                    } else if (m - kth).abs() <= tol {
+                        tied_share
+                    } else {
+                        0.0
+                    };
+                    p[arm] = eps * uniform_share + (1.0 - eps) * greedy;
                 }
             }
             Policy::Ucb1 { .. } | Policy::KlUcb { .. } => {

@@ -271,12 +271,12 @@ pub fn draw_range_scalar(
 }
 
 #[cfg(test)]
-mod tests {
+pub mod tests {
     use super::*;
     use rand_distr::{Beta, Distribution};
 
     /// Chi-square statistic of homogeneity between two count vectors over the same bins.
-    fn chi2_two_sample(x: &[u64], y: &[u64]) -> (f64, usize) {
+    pub fn chi2_two_sample(x: &[u64], y: &[u64]) -> (f64, usize) {
         let (nx, ny) = (x.iter().sum::<u64>() as f64, y.iter().sum::<u64>() as f64);
         let (kx, ky) = ((ny / nx).sqrt(), (nx / ny).sqrt());
         let mut stat = 0.0;
@@ -293,7 +293,7 @@ mod tests {
     }
 
     /// Upper 0.1% point of chi-square with `df` degrees of freedom (Wilson–Hilferty).
-    fn chi2_critical(df: usize) -> f64 {
+    pub fn chi2_critical(df: usize) -> f64 {
         let k = df as f64;
         let z = 3.090_232; // standard normal 0.999 quantile
         k * (1.0 - 2.0 / (9.0 * k) + z * (2.0 / (9.0 * k)).sqrt()).powi(3)
@@ -334,7 +334,7 @@ mod tests {
         counts
     }
 
-    fn isas() -> Vec<Isa> {
+    pub fn isas() -> Vec<Isa> {
         let mut v = vec![Isa::Scalar];
         if Isa::detect() == Isa::Avx512 {
             v.push(Isa::Avx512);

@@ -230,3 +230,102 @@ impl ThompsonIndex {
         self.to_arms(top)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernel::tests::{chi2_critical, chi2_two_sample, isas};
+    use crate::sampling;
+
+    /// 10 contenders with small shapes (wide posteriors, the slow path runs often) and 118
+    /// long-tail arms whose bounds let the pruned draw skip them.
+    fn shapes() -> Vec<(f64, f64)> {
+        (0..128)
+            .map(|i| {
+                if i % 13 == 0 {
+                    (1.0 + (i % 3) as f64, 10.0 + (i % 11) as f64)
+                } else {
+                    (1.0 + (i % 3) as f64, 3000.0 + 17.0 * i as f64)
+                }
+            })
+            .collect()
+    }
+
+    fn reference(shapes: &[(f64, f64)], n: usize) -> Vec<u64> {
+        let mut rng = KernelRng::seed_from_u64(1234).scalar;
+        let mut counts = vec![0u64; shapes.len()];
+        for _ in 0..n {
+            let mut best = (f64::NEG_INFINITY, 0);
+            for (i, &(a, b)) in shapes.iter().enumerate() {
+                let v = sampling::beta(&mut rng, a, b);
+                if v > best.0 {
+                    best = (v, i);
+                }
+            }
+            counts[best.1] += 1;
+        }
+        counts
+    }
+
+    fn pruned_counts(
+        index: &mut ThompsonIndex,
+        isa: Isa,
+        n: usize,
+        arms: usize,
+    ) -> (Vec<u64>, f64) {
+        let mut rng = KernelRng::seed_from_u64(99);
+        let mut counts = vec![0u64; arms];
+        let mut drawn = 0usize;
+        for _ in 0..n {
+            let pick = index.choose_pruned(isa, &mut rng, 1);
+            counts[pick[0].0] += 1;
+            drawn += index.last_drawn;
+        }
+        (counts, drawn as f64 / n as f64)
+    }
+
+    fn assert_same(got: &[u64], want: &[u64], label: &str) {
+        let (stat, df) = chi2_two_sample(got, want);
+        assert!(
+            stat < chi2_critical(df),
+            "{label}: chi2 {stat:.1} > {:.1} (df {df})",
+            chi2_critical(df)
+        );
+    }
+
+    /// The pruned draw picks each arm as often as drawing every arm would (1,000,000
+    /// decisions, both instruction sets), while drawing far fewer arms; a dirty arm (its
+    /// bound stale after a success) is still drawn.
+    #[test]
+    fn pruned_draw_matches_reference_and_prunes() {
+        let n = 1_000_000;
+        let mut sh = shapes();
+        let active = vec![true; sh.len()];
+        let want = reference(&sh, n);
+        for isa in isas() {
+            let mut index = ThompsonIndex::default();
+            let s = sh.clone();
+            index.maintain(|a| s[a], &active, 1e-9);
+            let (got, drawn) = pruned_counts(&mut index, isa, n, sh.len());
+            assert_same(&got, &want, &format!("pruned {isa:?}"));
+            assert!(
+                drawn < 0.75 * sh.len() as f64,
+                "drew {drawn} of {} arms",
+                sh.len()
+            );
+        }
+        // A long-tail arm turns into a contender after maintain: it is dirty, so drawn anyway.
+        let star = 127;
+        sh[star] = (4.0, 20.0);
+        let want = reference(&sh, n);
+        for isa in isas() {
+            let mut index = ThompsonIndex::default();
+            let before = shapes();
+            index.maintain(|a| before[a], &active, 1e-9);
+            index.update_arm(star, sh[star].0, sh[star].1, true);
+            let (got, _) = pruned_counts(&mut index, isa, n, sh.len());
+            assert!(got[star] > 0, "dirty arm never chosen");
+            assert_same(&got, &want, &format!("pruned with a dirty arm {isa:?}"));
+        }
+    }
+}

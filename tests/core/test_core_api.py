@@ -1,0 +1,116 @@
+"""The Python surface of banditd._core: errors instead of panics, isolation, exploitation."""
+
+from __future__ import annotations
+
+import math
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from banditd import _core
+
+POLICIES = ["thompson", "ucb1", "kl_ucb", "epsilon_greedy", "softmax", "greedy", "uniform"]
+junk_float = st.one_of(
+    st.floats(allow_nan=True, allow_infinity=True), st.integers(-(2**70), 2**70), st.just(-0.0)
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    policy=st.sampled_from(POLICIES + ["nope", ""]),
+    prior_a=st.lists(junk_float, max_size=5),
+    prior_b=st.lists(junk_float, max_size=5),
+    arms=st.lists(st.integers(-5, 10), max_size=6),
+    values=st.lists(junk_float, max_size=6),
+    k=st.integers(-2, 8),
+    param=junk_float,
+)
+def test_any_input_gives_a_result_or_a_clear_error(policy, prior_a, prior_b, arms, values, k, param) -> None:
+    """No input makes the core panic: errors are ValueError (CoreError), TypeError or OverflowError."""
+    expected = (_core.CoreError, ValueError, TypeError, OverflowError)
+    try:
+        b = _core.Bandit("binary", policy, exploitation=param if policy == "thompson" else 0.0, seed=1)
+    except expected:
+        return
+    for call in (
+        lambda: b.add_arms(prior_a, prior_b),
+        lambda: b.apply_rewards(arms, values),
+        lambda: b.choose(k),
+        lambda: b.set_groups([0] * b.n_arms, param),
+        lambda: b.set_stats(0, param, 0.0, 0.0),
+        lambda: b.intervals(0.95),
+        lambda: b.maintain(),
+    ):
+        try:
+            call()
+        except expected as exc:
+            assert str(exc), "errors carry a message"
+    for m in b.means():
+        assert 0.0 <= m <= 1.0
+
+
+def test_invalid_input_leaves_state_unchanged() -> None:
+    b = _core.Bandit("binary", "thompson", seed=3)
+    b.add_arms([1.0, 1.0], [1.0, 1.0])
+    b.apply_rewards([0, 1], [1.0, 0.0])
+    before = (b.stats(), b.priors(), b.version)
+    for bad in (
+        lambda: b.apply_rewards([0, 1], [1.0, math.nan]),
+        lambda: b.apply_rewards([0, 9], [1.0, 1.0]),
+        lambda: b.add_arms([-1.0], [1.0]),
+        lambda: b.choose(0),
+        lambda: b.choose(3),
+    ):
+        try:
+            bad()
+        except _core.CoreError as exc:
+            assert str(exc)
+        else:
+            raise AssertionError("invalid input accepted")
+    assert (b.stats(), b.priors(), b.version) == before
+
+
+def test_updating_one_experiment_never_changes_another() -> None:
+    a = _core.Bandit("binary", "thompson", seed=1)
+    b = _core.Bandit("binary", "thompson", seed=1)
+    for x in (a, b):
+        x.add_arms([1.0] * 4, [1.0] * 4)
+    before = (b.stats(), b.means(), b.version)
+    a.apply_rewards([0, 1, 2, 3] * 10, [1.0, 0.0, 1.0, 0.0] * 10)
+    assert (b.stats(), b.means(), b.version) == before
+
+
+def test_exploitation_sharpens_thompson() -> None:
+    """Higher exploitation sends more traffic to the leader (same posterior)."""
+    shares = []
+    for exploitation in (1.0, 16.0):
+        b = _core.Bandit("binary", "thompson", exploitation=exploitation, seed=5)
+        b.add_arms([4.0, 3.0], [96.0, 97.0])
+        shares.append(sum(b.choose(1)[0][0] == 0 for _ in range(4000)) / 4000)
+    assert shares[1] > shares[0] + 0.1, shares
+
+
+def test_group_prior_lets_a_sparse_arm_borrow_strength() -> None:
+    """An untried arm in a group whose siblings convert at ~30% starts near 30%, not 50%."""
+    b = _core.Bandit("binary", "thompson", seed=1)
+    b.add_arms([1.0] * 4, [1.0] * 4)
+    b.set_groups([0, 0, 0, -1], 20.0)
+    b.apply_rewards([0] * 100 + [1] * 100, [1.0] * 30 + [0.0] * 70 + [1.0] * 30 + [0.0] * 70)
+    means = b.means()
+    assert abs(means[2] - 0.3) < 0.03, means
+    assert means[3] == 0.5  # ungrouped, untouched: its own Beta(1, 1)
+    pa, pb = b.effective_priors()
+    assert abs(pa[2] + pb[2] - 20.0) < 1e-9
+
+
+def test_pruned_and_full_paths_agree_on_a_clear_winner() -> None:
+    a = [1.0] * 5000
+    bb = [5000.0] * 5000
+    a[1234], bb[1234] = 500.0, 500.0
+    for path in ("full", "pruned"):
+        b = _core.Bandit("binary", "thompson", thompson_path=path, seed=2)
+        b.add_arms(a, bb)
+        b.maintain()
+        assert b.choose(1)[0] == [1234]
+        if path == "pruned":
+            assert 0 < b.last_drawn < 5000

@@ -17,9 +17,22 @@ from banditd_client.errors import (
     ResourceExhausted,
     Unavailable,
 )
-from banditd_client.types import ArmInfo, ArmStat, ChosenArm, Decision, ExperimentInfo, RewardCounts
+from banditd_client.types import (
+    Alarm,
+    ArmDiagnostics,
+    ArmInfo,
+    ArmStat,
+    ChosenArm,
+    Decision,
+    Diagnostics,
+    ExperimentInfo,
+    RewardCounts,
+)
 
 __all__ = [
+    "Alarm",
+    "ArmDiagnostics",
+    "Diagnostics",
     "AlreadyExists",
     "ArmInfo",
     "ArmNotFound",

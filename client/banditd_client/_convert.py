@@ -6,10 +6,13 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from banditd_client.types import (
+    Alarm,
+    ArmDiagnostics,
     ArmInfo,
     ArmStat,
     ChosenArm,
     Decision,
+    Diagnostics,
     ExperimentInfo,
     RewardCounts,
     RewardRejection,
@@ -176,4 +179,25 @@ def reward_counts(resp: pb.RewardStreamResponse) -> RewardCounts:
         rejections=tuple(
             RewardRejection(r.index, r.decision_id, r.code, r.reason) for r in resp.rejections
         ),
+    )
+
+
+def diagnostics(resp: pb.Diagnostics) -> Diagnostics:
+    scalars = {
+        f.name: getattr(resp, f.name)
+        for f in resp.DESCRIPTOR.fields
+        if f.name not in ("arms", "alarms", "score_histogram")
+    }
+    arms = tuple(
+        ArmDiagnostics(
+            arm=a.arm_id,
+            **{f.name: getattr(a, f.name) for f in a.DESCRIPTOR.fields if f.name != "arm_id"},
+        )
+        for a in resp.arms
+    )
+    return Diagnostics(
+        arms=arms,
+        alarms=tuple(Alarm(a.code, a.message) for a in resp.alarms),
+        score_histogram=tuple(resp.score_histogram),
+        **scalars,
     )

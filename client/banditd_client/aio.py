@@ -11,7 +11,7 @@ import grpc.aio
 from banditd_client import _convert as conv
 from banditd_client.client import DEFAULT_TIMEOUT, STREAM_TIMEOUT
 from banditd_client.errors import from_rpc_error
-from banditd_client.types import ArmStat, Decision, ExperimentInfo, RewardCounts
+from banditd_client.types import ArmStat, Decision, Diagnostics, ExperimentInfo, RewardCounts
 from banditd_client.v1 import banditd_pb2 as pb
 from banditd_client.v1 import banditd_pb2_grpc as pb_grpc
 
@@ -130,3 +130,10 @@ class AsyncClient:
     async def arm_stats(self, experiment_id: str, *, timeout: float | None = None) -> list[ArmStat]:
         req = pb.GetArmStatsRequest(experiment_id=experiment_id)
         return conv.arm_stats(await self._call(self._stub.GetArmStats, req, timeout))
+
+    async def diagnostics(
+        self, experiment_id: str, *, reward_silence_seconds: float = 0.0, timeout: float | None = None
+    ) -> Diagnostics:
+        """Learning-loop diagnostics: drift, rise share, traffic concentration, alarms."""
+        req = pb.GetDiagnosticsRequest(experiment_id=experiment_id, reward_silence_seconds=reward_silence_seconds)
+        return conv.diagnostics(await self._call(self._stub.GetDiagnostics, req, timeout))

@@ -9,7 +9,7 @@ import grpc
 
 from banditd_client import _convert as conv
 from banditd_client.errors import from_rpc_error
-from banditd_client.types import ArmStat, Decision, ExperimentInfo, RewardCounts
+from banditd_client.types import ArmStat, Decision, Diagnostics, ExperimentInfo, RewardCounts
 from banditd_client.v1 import banditd_pb2 as pb
 from banditd_client.v1 import banditd_pb2_grpc as pb_grpc
 
@@ -134,3 +134,10 @@ class Client:
     def arm_stats(self, experiment_id: str, *, timeout: float | None = None) -> list[ArmStat]:
         req = pb.GetArmStatsRequest(experiment_id=experiment_id)
         return conv.arm_stats(self._call(self._stub.GetArmStats, req, timeout))
+
+    def diagnostics(
+        self, experiment_id: str, *, reward_silence_seconds: float = 0.0, timeout: float | None = None
+    ) -> Diagnostics:
+        """Learning-loop diagnostics: drift, rise share, traffic concentration, alarms."""
+        req = pb.GetDiagnosticsRequest(experiment_id=experiment_id, reward_silence_seconds=reward_silence_seconds)
+        return conv.diagnostics(self._call(self._stub.GetDiagnostics, req, timeout))

@@ -81,3 +81,56 @@ class RewardCounts:
     duplicate: int
     rejected: int
     rejections: tuple[RewardRejection, ...] = field(default=())
+
+
+@dataclass(frozen=True, slots=True)
+class ArmDiagnostics:
+    arm: str
+    group: str
+    active: bool
+    pulls: int
+    rewards: int
+    reward_sum: float
+    mean: float
+    low: float
+    high: float
+    recent_share: float
+    drift_recent: float
+    drift_window: float
+    dominated: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Alarm:
+    code: str
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class Diagnostics:
+    """Is the experiment learning? See the GetDiagnostics RPC for each field."""
+
+    experiment_id: str
+    policy: str
+    arms: tuple[ArmDiagnostics, ...]
+    decisions: int
+    rewards: int
+    rise_checks: int
+    rise_ok: int
+    rise_share: float
+    fall_checks: int
+    fall_ok: int
+    score_histogram: tuple[int, ...]
+    scores_out_of_range: int
+    top_arm: str
+    top_share: float
+    uniform_share: float
+    traffic_entropy: float
+    exploration_share: float
+    reward_rate_per_second: float
+    seconds_since_last_reward: float
+    join_rate: float
+    recent_join_rate: float
+    dominated_arms: int
+    window_seconds: float
+    alarms: tuple[Alarm, ...]

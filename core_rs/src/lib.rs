@@ -311,6 +311,21 @@ impl PyBandit {
         })
     }
 
+    /// Posterior means of some arms.
+    fn means_of(&self, py: Python<'_>, arms: Vec<usize>) -> PyResult<Vec<f64>> {
+        self.with(py, |s| {
+            arms.iter()
+                .map(|&a| {
+                    if a < s.bandit.len() {
+                        Ok(s.bandit.mean(a))
+                    } else {
+                        Err(RsError::invalid(format!("arm index {a} out of range")))
+                    }
+                })
+                .collect()
+        })
+    }
+
     fn means(&self, py: Python<'_>) -> PyResult<Vec<f64>> {
         self.with(py, |s| {
             Ok((0..s.bandit.len()).map(|a| s.bandit.mean(a)).collect())

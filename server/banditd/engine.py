@@ -6,12 +6,14 @@ import logging
 import math
 import os
 import threading
+import time
 import zlib
 from collections import defaultdict
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-from banditd import _core
+from banditd import _core, diagnostics
+from banditd.diagnostics import ArmView
 from banditd.errors import (
     AlreadyExists,
     ArmNotFound,
@@ -248,6 +250,7 @@ class Engine:
             idx = rt.index[a]
             rt.pulls[idx] += 1
             rt.recent.append(idx)
+        rt.monitor.on_decision(record.ts_ms / 1000.0, len(arms))
         self._pending[record.decision_id] = record
         self.writer.submit(LogDecision(record, rt.spec.sticky and not sticky_hit, self._committed))
         return DecisionResult(record, scores, sticky_hit)
@@ -331,6 +334,20 @@ class Engine:
             )
             for i, arm in enumerate(rt.spec.arms)
         ]
+
+    def diagnostics(self, experiment_id: str, silence_s: float = 0.0) -> dict[str, Any]:
+        """Learning-loop diagnostics of one experiment (see `banditd.diagnostics`)."""
+        rt = self._require(experiment_id)
+        views = [ArmView(**asdict(row)) for row in self.arm_stats(experiment_id)]
+        return diagnostics.build(
+            rt.monitor,
+            views,
+            list(rt.recent),
+            rt.spec.policy,
+            rt.binary,
+            time.time(),
+            silence_s or diagnostics.DEFAULT_SILENCE_S,
+        )
 
     def status(self) -> dict[str, Any]:
         return {

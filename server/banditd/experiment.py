@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from banditd import _core
+from banditd.diagnostics import LearningMonitor
 from banditd.errors import InvalidArgument
 from banditd.validation import check_id
 
@@ -99,6 +100,7 @@ class ExperimentRuntime:
         self.reward_sum: list[float] = []
         self.recent: deque[int] = deque(maxlen=RECENT_DECISIONS)
         self.assignments: dict[str, tuple[str, ...]] = {}
+        self.monitor = LearningMonitor()
         self._add_arms(spec.arms)
 
     @property

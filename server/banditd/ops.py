@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from array import array
 from collections import defaultdict
 from collections.abc import Callable
@@ -160,9 +161,15 @@ class RecordRewards(WriteOp):
             arms, values = per_experiment[r.experiment_id]
             arms.append(idx)
             values.append(r.value)
+        now = time.time()
         for exp_id, (arms, values) in per_experiment.items():
             rt = self.runtimes(exp_id)
             if rt is not None:
+                touched = list(dict.fromkeys(arms))
+                before = dict(zip(touched, rt.bandit.means_of(touched), strict=True))
                 rt.bandit.apply_rewards(arms, values)
+                after = dict(zip(touched, rt.bandit.means_of(touched), strict=True))
+                snapshot = rt.bandit.means() if rt.monitor.snapshot_due(now, len(rt.arm_ids)) else None
+                rt.monitor.on_update(list(arms), list(values), before, after, now, snapshot)
                 # Refreshes pruned-Thompson bounds of the arms just rewarded (large experiments only).
                 rt.bandit.maintain()

@@ -160,6 +160,35 @@ class BanditdService(pb_grpc.BanditdServicer):
             flush()
         return resp
 
+    def GetDiagnostics(self, request: pb.GetDiagnosticsRequest, context: grpc.ServicerContext) -> pb.Diagnostics:
+        d = self.engine.diagnostics(request.experiment_id, request.reward_silence_seconds)
+        arms = [
+            pb.ArmDiagnostics(
+                arm_id=a.arm_id,
+                group=a.group,
+                active=a.active,
+                pulls=a.pulls,
+                rewards=a.rewards,
+                reward_sum=a.reward_sum,
+                mean=a.mean,
+                low=a.low,
+                high=a.high,
+                recent_share=a.recent_share,
+                drift_recent=d["drift_recent"][i],
+                drift_window=d["drift_window"][i],
+                dominated=d["dominated"][i],
+            )
+            for i, a in enumerate(d["arms"])
+        ]
+        per_arm = ("arms", "drift_recent", "drift_window", "dominated", "alarms")
+        scalars = {k: v for k, v in d.items() if k not in per_arm}
+        return pb.Diagnostics(
+            experiment_id=request.experiment_id,
+            arms=arms,
+            alarms=[pb.Alarm(code=c, message=m) for c, m in d["alarms"]],
+            **scalars,
+        )
+
     def GetArmStats(self, request: pb.GetArmStatsRequest, context: grpc.ServicerContext) -> pb.GetArmStatsResponse:
         rows = self.engine.arm_stats(request.experiment_id)
         return pb.GetArmStatsResponse(

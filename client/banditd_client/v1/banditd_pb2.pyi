@@ -241,6 +241,104 @@ class ArmStats(_message.Message):
     group: str
     def __init__(self, arm_id: _Optional[str] = ..., pulls: _Optional[int] = ..., rewards: _Optional[int] = ..., reward_sum: _Optional[float] = ..., mean: _Optional[float] = ..., low: _Optional[float] = ..., high: _Optional[float] = ..., recent_share: _Optional[float] = ..., active: _Optional[bool] = ..., group: _Optional[str] = ...) -> None: ...
 
+class GetDiagnosticsRequest(_message.Message):
+    __slots__ = ("experiment_id", "reward_silence_seconds")
+    EXPERIMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    REWARD_SILENCE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    experiment_id: str
+    reward_silence_seconds: float
+    def __init__(self, experiment_id: _Optional[str] = ..., reward_silence_seconds: _Optional[float] = ...) -> None: ...
+
+class ArmDiagnostics(_message.Message):
+    __slots__ = ("arm_id", "group", "active", "pulls", "rewards", "reward_sum", "mean", "low", "high", "recent_share", "drift_recent", "drift_window", "dominated")
+    ARM_ID_FIELD_NUMBER: _ClassVar[int]
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_FIELD_NUMBER: _ClassVar[int]
+    PULLS_FIELD_NUMBER: _ClassVar[int]
+    REWARDS_FIELD_NUMBER: _ClassVar[int]
+    REWARD_SUM_FIELD_NUMBER: _ClassVar[int]
+    MEAN_FIELD_NUMBER: _ClassVar[int]
+    LOW_FIELD_NUMBER: _ClassVar[int]
+    HIGH_FIELD_NUMBER: _ClassVar[int]
+    RECENT_SHARE_FIELD_NUMBER: _ClassVar[int]
+    DRIFT_RECENT_FIELD_NUMBER: _ClassVar[int]
+    DRIFT_WINDOW_FIELD_NUMBER: _ClassVar[int]
+    DOMINATED_FIELD_NUMBER: _ClassVar[int]
+    arm_id: str
+    group: str
+    active: bool
+    pulls: int
+    rewards: int
+    reward_sum: float
+    mean: float
+    low: float
+    high: float
+    recent_share: float
+    drift_recent: float
+    drift_window: float
+    dominated: bool
+    def __init__(self, arm_id: _Optional[str] = ..., group: _Optional[str] = ..., active: _Optional[bool] = ..., pulls: _Optional[int] = ..., rewards: _Optional[int] = ..., reward_sum: _Optional[float] = ..., mean: _Optional[float] = ..., low: _Optional[float] = ..., high: _Optional[float] = ..., recent_share: _Optional[float] = ..., drift_recent: _Optional[float] = ..., drift_window: _Optional[float] = ..., dominated: _Optional[bool] = ...) -> None: ...
+
+class Alarm(_message.Message):
+    __slots__ = ("code", "message")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    code: str
+    message: str
+    def __init__(self, code: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
+
+class Diagnostics(_message.Message):
+    __slots__ = ("experiment_id", "policy", "arms", "decisions", "rewards", "rise_checks", "rise_ok", "rise_share", "fall_checks", "fall_ok", "score_histogram", "scores_out_of_range", "top_arm", "top_share", "uniform_share", "traffic_entropy", "exploration_share", "reward_rate_per_second", "seconds_since_last_reward", "join_rate", "recent_join_rate", "dominated_arms", "window_seconds", "alarms")
+    EXPERIMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    ARMS_FIELD_NUMBER: _ClassVar[int]
+    DECISIONS_FIELD_NUMBER: _ClassVar[int]
+    REWARDS_FIELD_NUMBER: _ClassVar[int]
+    RISE_CHECKS_FIELD_NUMBER: _ClassVar[int]
+    RISE_OK_FIELD_NUMBER: _ClassVar[int]
+    RISE_SHARE_FIELD_NUMBER: _ClassVar[int]
+    FALL_CHECKS_FIELD_NUMBER: _ClassVar[int]
+    FALL_OK_FIELD_NUMBER: _ClassVar[int]
+    SCORE_HISTOGRAM_FIELD_NUMBER: _ClassVar[int]
+    SCORES_OUT_OF_RANGE_FIELD_NUMBER: _ClassVar[int]
+    TOP_ARM_FIELD_NUMBER: _ClassVar[int]
+    TOP_SHARE_FIELD_NUMBER: _ClassVar[int]
+    UNIFORM_SHARE_FIELD_NUMBER: _ClassVar[int]
+    TRAFFIC_ENTROPY_FIELD_NUMBER: _ClassVar[int]
+    EXPLORATION_SHARE_FIELD_NUMBER: _ClassVar[int]
+    REWARD_RATE_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_SINCE_LAST_REWARD_FIELD_NUMBER: _ClassVar[int]
+    JOIN_RATE_FIELD_NUMBER: _ClassVar[int]
+    RECENT_JOIN_RATE_FIELD_NUMBER: _ClassVar[int]
+    DOMINATED_ARMS_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    ALARMS_FIELD_NUMBER: _ClassVar[int]
+    experiment_id: str
+    policy: str
+    arms: _containers.RepeatedCompositeFieldContainer[ArmDiagnostics]
+    decisions: int
+    rewards: int
+    rise_checks: int
+    rise_ok: int
+    rise_share: float
+    fall_checks: int
+    fall_ok: int
+    score_histogram: _containers.RepeatedScalarFieldContainer[int]
+    scores_out_of_range: int
+    top_arm: str
+    top_share: float
+    uniform_share: float
+    traffic_entropy: float
+    exploration_share: float
+    reward_rate_per_second: float
+    seconds_since_last_reward: float
+    join_rate: float
+    recent_join_rate: float
+    dominated_arms: int
+    window_seconds: float
+    alarms: _containers.RepeatedCompositeFieldContainer[Alarm]
+    def __init__(self, experiment_id: _Optional[str] = ..., policy: _Optional[str] = ..., arms: _Optional[_Iterable[_Union[ArmDiagnostics, _Mapping]]] = ..., decisions: _Optional[int] = ..., rewards: _Optional[int] = ..., rise_checks: _Optional[int] = ..., rise_ok: _Optional[int] = ..., rise_share: _Optional[float] = ..., fall_checks: _Optional[int] = ..., fall_ok: _Optional[int] = ..., score_histogram: _Optional[_Iterable[int]] = ..., scores_out_of_range: _Optional[int] = ..., top_arm: _Optional[str] = ..., top_share: _Optional[float] = ..., uniform_share: _Optional[float] = ..., traffic_entropy: _Optional[float] = ..., exploration_share: _Optional[float] = ..., reward_rate_per_second: _Optional[float] = ..., seconds_since_last_reward: _Optional[float] = ..., join_rate: _Optional[float] = ..., recent_join_rate: _Optional[float] = ..., dominated_arms: _Optional[int] = ..., window_seconds: _Optional[float] = ..., alarms: _Optional[_Iterable[_Union[Alarm, _Mapping]]] = ...) -> None: ...
+
 class GetArmStatsResponse(_message.Message):
     __slots__ = ("experiment_id", "arms", "total_decisions", "total_rewards")
     EXPERIMENT_ID_FIELD_NUMBER: _ClassVar[int]

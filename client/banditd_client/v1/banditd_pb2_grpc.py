@@ -75,6 +75,11 @@ class BanditdStub:
                 request_serializer=banditd_dot_v1_dot_banditd__pb2.GetArmStatsRequest.SerializeToString,
                 response_deserializer=banditd_dot_v1_dot_banditd__pb2.GetArmStatsResponse.FromString,
                 _registered_method=True)
+        self.GetDiagnostics = channel.unary_unary(
+                '/banditd.v1.Banditd/GetDiagnostics',
+                request_serializer=banditd_dot_v1_dot_banditd__pb2.GetDiagnosticsRequest.SerializeToString,
+                response_deserializer=banditd_dot_v1_dot_banditd__pb2.Diagnostics.FromString,
+                _registered_method=True)
 
 
 class BanditdServicer:
@@ -128,6 +133,14 @@ class BanditdServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetDiagnostics(self, request, context):
+        """Is it learning? Per-arm drift, whether rewards move scores the right way, traffic
+        concentration, reward arrival, and alarms.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BanditdServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -170,6 +183,11 @@ def add_BanditdServicer_to_server(servicer, server):
                     servicer.GetArmStats,
                     request_deserializer=banditd_dot_v1_dot_banditd__pb2.GetArmStatsRequest.FromString,
                     response_serializer=banditd_dot_v1_dot_banditd__pb2.GetArmStatsResponse.SerializeToString,
+            ),
+            'GetDiagnostics': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetDiagnostics,
+                    request_deserializer=banditd_dot_v1_dot_banditd__pb2.GetDiagnosticsRequest.FromString,
+                    response_serializer=banditd_dot_v1_dot_banditd__pb2.Diagnostics.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -388,6 +406,33 @@ class Banditd:
             '/banditd.v1.Banditd/GetArmStats',
             banditd_dot_v1_dot_banditd__pb2.GetArmStatsRequest.SerializeToString,
             banditd_dot_v1_dot_banditd__pb2.GetArmStatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetDiagnostics(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/banditd.v1.Banditd/GetDiagnostics',
+            banditd_dot_v1_dot_banditd__pb2.GetDiagnosticsRequest.SerializeToString,
+            banditd_dot_v1_dot_banditd__pb2.Diagnostics.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,54 @@
+"""GetDiagnostics shows learning, and its absence, at a glance."""
+
+from __future__ import annotations
+
+import time
+
+from banditd_client import Client
+
+
+def test_diagnostics_show_a_learning_loop(client: Client) -> None:
+    client.create_experiment("learns", arms=["a", "b", "c"], policy="thompson")
+    rates = {"a": 0.8, "b": 0.1, "c": 0.1}
+    for i in range(600):
+        d = client.decide("learns", unit_id=f"u{i}")
+        client.reward(d.decision_id, 1.0 if (i * 31 % 100) < rates[d.arm] * 100 else 0.0)
+    diag = client.diagnostics("learns")
+    assert diag.decisions == 600 and diag.rewards == 600
+    assert diag.join_rate == 1.0
+    # Every arm rewarded with a 1 had a score at least as high after the update.
+    assert diag.rise_checks > 0 and diag.rise_ok == diag.rise_checks and diag.rise_share == 1.0
+    assert diag.fall_checks > 0 and diag.fall_ok == diag.fall_checks
+    assert diag.scores_out_of_range == 0 and sum(diag.score_histogram) == 3
+    assert diag.top_arm == "a" and diag.top_share > 2 * diag.uniform_share
+    assert diag.traffic_entropy < 0.9 and 0.0 <= diag.exploration_share < 0.5
+    assert diag.dominated_arms >= 1
+    arms = {a.arm: a for a in diag.arms}
+    assert arms["a"].mean > 0.6 and not arms["a"].dominated
+    assert diag.seconds_since_last_reward >= 0.0 and diag.reward_rate_per_second > 0
+    assert [a.code for a in diag.alarms] == []
+
+
+def test_diagnostics_raise_alarms_when_learning_stalls(client: Client) -> None:
+    # Uniform traffic with clearly different arms: not the bandit's fault, so no near-uniform alarm,
+    # but rewards that stop arriving are flagged.
+    client.create_experiment("stalls", arms=["a", "b"], policy="uniform")
+    for i in range(300):
+        d = client.decide("stalls", unit_id=f"u{i}")
+        if i < 150:
+            client.reward(d.decision_id, 1.0 if d.arm == "a" else 0.0)
+    time.sleep(1.2)
+    client.decide("stalls", unit_id="late")
+    diag = client.diagnostics("stalls", reward_silence_seconds=1.0)
+    codes = {a.code for a in diag.alarms}
+    assert "REWARDS_STOPPED" in codes
+    assert "NEAR_UNIFORM_TRAFFIC" not in codes
+    assert diag.recent_join_rate < 1.0
+
+
+def test_diagnostics_flag_no_rewards(client: Client) -> None:
+    client.create_experiment("silent", arms=["a", "b"], policy="thompson")
+    for i in range(1000):
+        client.decide("silent", unit_id=f"u{i}")
+    codes = {a.code for a in client.diagnostics("silent").alarms}
+    assert "NO_REWARDS" in codes

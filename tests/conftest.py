@@ -39,6 +39,7 @@ class ServerProcess:
         cmd = [
             sys.executable, "-m", "banditd", "serve",
             "--host", "127.0.0.1", "--port", str(self.port), "--data-dir", str(self.data_dir),
+            *(() if "--workers" in self.extra_args else ("--workers", "1")),
             *self.extra_args,
         ]
         log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the process

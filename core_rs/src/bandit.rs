@@ -316,12 +316,29 @@ impl Bandit {
                 )));
             }
         }
+        let mut changed = Vec::new();
         for (i, &arm) in arms.iter().enumerate() {
-            self.n[arm] = n[i];
-            self.sum[arm] = sum[i];
-            self.sumsq[arm] = sumsq[i];
+            if (self.n[arm], self.sum[arm], self.sumsq[arm]) != (n[i], sum[i], sumsq[i]) {
+                self.n[arm] = n[i];
+                self.sum[arm] = sum[i];
+                self.sumsq[arm] = sumsq[i];
+                changed.push(arm);
+            }
         }
-        self.structure_changed();
+        if changed.is_empty() {
+            return Ok(());
+        }
+        self.version += 1;
+        if !self.groups.is_empty() {
+            self.structure_changed();
+            return Ok(());
+        }
+        // Only the changed arms' derived state moves (cheap when another process's rewards
+        // are merged in a few at a time).
+        for arm in changed {
+            self.arm_changed(arm, true);
+        }
+        self.scores_built = self.scores_built && !matches!(self.policy, Policy::KlUcb { .. });
         Ok(())
     }
 

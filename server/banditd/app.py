@@ -48,6 +48,9 @@ class Server:
     def start(self) -> None:
         self.engine.load()
         self.writer.start()
+        if self.config.pool_member:
+            self.engine.shared = True
+            threading.Thread(target=self._follow, name="banditd-follow", daemon=True).start()
         self.grpc.start()
         for name in ("", SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -67,8 +70,22 @@ class Server:
     def wait(self) -> None:
         self._stopped.wait()
 
+    def _follow(self) -> None:
+        """Pool member: picks up experiments and rewards the other processes committed."""
+        interval = max(0.001, self.config.refresh_ms / 1000.0)
+        while not self._stopped.wait(interval):
+            try:
+                self.engine.refresh_from_store()
+            except Exception:  # keep following; the next round retries
+                log.exception("refresh from store failed")
+
 
 def serve(config: ServerConfig) -> None:
+    if config.worker_count > 1 and not config.pool_member:
+        from banditd.pool import run_pool
+
+        run_pool(config)
+        return
     server = Server(config)
     server.start()
     done = threading.Event()

@@ -19,6 +19,16 @@ class ServerConfig:
     queue_limit: int = 200000
     seed: int | None = None
     log_level: str = "info"
+    # Server processes sharing the port (SO_REUSEPORT) and the store; 0 = one per core.
+    workers: int = 0
+    # How often a pool process checks the store for other processes' commits.
+    refresh_ms: float = 50.0
+    # Set on the processes a pool starts (not a user option).
+    pool_member: bool = False
+
+    @property
+    def worker_count(self) -> int:
+        return self.workers if self.workers > 0 else (os.cpu_count() or 1)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -51,6 +61,15 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--seed", type=int, default=_env("seed", None, int), help="RNG seed (BANDITD_SEED)")
     p.add_argument("--log-level", default=_env("log_level", d.log_level), help="log level (BANDITD_LOG_LEVEL)")
+    p.add_argument(
+        "--workers", type=int, default=_env("workers", d.workers, int),
+        help="server processes sharing the port and the store; 0 = one per core (BANDITD_WORKERS)",
+    )
+    p.add_argument(
+        "--refresh-ms", type=float, default=_env("refresh_ms", d.refresh_ms, float),
+        help="how often a worker picks up the other workers' commits (BANDITD_REFRESH_MS)",
+    )
+    p.add_argument("--pool-member", action="store_true", help=argparse.SUPPRESS)
 
 
 def from_args(ns: argparse.Namespace) -> ServerConfig:
@@ -64,4 +83,7 @@ def from_args(ns: argparse.Namespace) -> ServerConfig:
         queue_limit=ns.queue_limit,
         seed=ns.seed,
         log_level=ns.log_level,
+        workers=ns.workers,
+        refresh_ms=ns.refresh_ms,
+        pool_member=ns.pool_member,
     )

@@ -35,7 +35,7 @@ from banditd.ops import (
     RecordRewards,
     ResolvedReward,
 )
-from banditd.store import SEP, Store, key
+from banditd.store import SEP, SPECS_COUNTER, STATS_COUNTER, Store, key
 from banditd.validation import check_id, check_reward_value
 from banditd.writer import Writer
 
@@ -83,6 +83,10 @@ def new_decision_id() -> str:
     return f"{now_ms():011x}{os.urandom(6).hex()}"
 
 
+# How long a pool process waits for another process to commit a decision it is asked about.
+DECISION_WAIT_S = 0.25
+
+
 class Engine:
     def __init__(self, store: Store, writer: Writer, seed: int | None = None) -> None:
         self.store = store
@@ -90,7 +94,11 @@ class Engine:
         self.seed = seed
         self._runtimes: dict[str, ExperimentRuntime] = {}
         self._pending: dict[str, DecisionRecord] = {}
-        self._admin_lock = threading.Lock()
+        self._admin_lock = threading.RLock()
+        # Set when other processes share the store (a worker pool): look there on misses.
+        self.shared = False
+        self._seen_specs = -1
+        self._seen_stats: dict[str, int] = {}
 
     # Lifecycle.
     def _seed_for(self, experiment_id: str) -> int | None:
@@ -120,8 +128,48 @@ class Engine:
         rt = self._runtimes.get(experiment_id)
         if rt is None:
             check_id("experiment id", experiment_id)
+            if self.shared:
+                # Created by another process of the pool a moment ago?
+                raw = self.store.get(self.store.experiments, experiment_id.encode())
+                if raw is not None:
+                    return self._adopt(ExperimentSpec.from_json(raw))
             raise ExperimentNotFound(f"experiment {experiment_id!r} does not exist")
         return rt
+
+    def _adopt(self, spec: ExperimentSpec) -> ExperimentRuntime:
+        """Takes over an experiment another process created or changed."""
+        with self._admin_lock:
+            rt = self._runtimes.get(spec.id)
+            if rt is None:
+                rt = ExperimentRuntime(spec, self._seed_for(spec.id))
+                self._runtimes[spec.id] = rt
+                self._seen_stats.pop(spec.id, None)
+            elif spec.version > rt.spec.version:
+                rt.apply_spec_change(spec)
+            return rt
+
+    def refresh_from_store(self) -> None:
+        """Brings this process up to date with what other processes committed: new or changed
+        experiments, and arm totals (posteriors) that moved. Cheap when nothing changed."""
+        specs = self.store.counter(SPECS_COUNTER)
+        if specs != self._seen_specs:
+            for _, raw in self.store.items(self.store.experiments):
+                spec = ExperimentSpec.from_json(raw)
+                rt = self._runtimes.get(spec.id)
+                if rt is None or spec.version > rt.spec.version:
+                    self._adopt(spec)
+            self._seen_specs = specs
+        for exp_id, rt in list(self._runtimes.items()):
+            seen = self.store.counter(STATS_COUNTER + exp_id.encode())
+            if seen == self._seen_stats.get(exp_id):
+                continue
+            prefix = key(exp_id, "")
+            totals = {
+                k[len(prefix) :].decode(): (int(p), int(r), float(s), float(s2))
+                for k, (p, r, s, s2) in self.store.items(self.store.arms, prefix)
+            }
+            rt.restore_totals(totals)
+            self._seen_stats[exp_id] = seen
 
     # Experiments.
     def create_experiment(self, spec: ExperimentSpec, timeout: float | None = None) -> ExperimentSpec:
@@ -153,6 +201,10 @@ class Engine:
         state: str | None,
         timeout: float | None = None,
     ) -> ExperimentSpec:
+        if self.shared:  # start from the newest definition any process committed
+            raw = self.store.get(self.store.experiments, experiment_id.encode())
+            if raw is not None:
+                self._adopt(ExperimentSpec.from_json(raw))
         with self._admin_lock:
             rt = self._require(experiment_id)
             old = rt.spec
@@ -263,6 +315,12 @@ class Engine:
         if rec is not None:
             return rec
         raw = self.store.get(self.store.decisions, decision_id.encode())
+        if raw is None and self.shared:
+            # Another process of the pool may not have committed it yet (group commit).
+            deadline = time.monotonic() + DECISION_WAIT_S
+            while raw is None and time.monotonic() < deadline:
+                time.sleep(0.005)
+                raw = self.store.get(self.store.decisions, decision_id.encode())
         if raw is None:
             raise DecisionNotFound(
                 f"decision {decision_id!r} is unknown: it was never issued by this server or has expired"

@@ -11,9 +11,9 @@ from typing import Any
 
 import orjson
 
-from banditd.errors import ExperimentAlreadyExists, ExperimentNotFound
+from banditd.errors import ExperimentAlreadyExists, ExperimentNotFound, FailedPrecondition
 from banditd.experiment import ExperimentRuntime, ExperimentSpec
-from banditd.store import key
+from banditd.store import SPECS_COUNTER, key
 from banditd.writer import Batch, WriteOp
 
 
@@ -29,14 +29,21 @@ class PutExperiment(WriteOp):
 
     def write(self, batch: Batch) -> ExperimentSpec:
         k = self.spec.id.encode()
-        exists = batch.txn.get(k, db=batch.store.experiments) is not None
+        raw = batch.txn.get(k, db=batch.store.experiments)
+        exists = raw is not None
         if self.create and exists:
             raise ExperimentAlreadyExists(
                 f"experiment {self.spec.id!r} already exists; use UpdateExperiment to change it"
             )
         if not self.create and not exists:
             raise ExperimentNotFound(f"experiment {self.spec.id!r} does not exist")
+        if not self.create and orjson.loads(raw)["version"] != self.spec.version - 1:
+            # Another server process changed it first (optimistic concurrency).
+            raise FailedPrecondition(
+                f"experiment {self.spec.id!r} was changed concurrently; read it again and retry the update"
+            )
         batch.txn.put(k, orjson.dumps(self.spec.to_json()), db=batch.store.experiments)
+        batch.store.bump(batch.txn, SPECS_COUNTER)
         return self.spec
 
     def after_commit(self, result: ExperimentSpec) -> None:

@@ -1,7 +1,7 @@
 """LMDB persistence: one environment, named databases, orjson values.
 
 Databases and their records (keys join ids with NUL; values are orjson):
-- meta: b"schema_version" -> version number
+- meta: b"schema_version" -> version number; change counters (STATS_COUNTER, SPECS_COUNTER)
 - experiments: experiment id -> ExperimentSpec.to_json()
 - arms: experiment\0arm -> [pulls, rewards, reward_sum, reward_sumsq] (durable totals)
 - decisions: decision id -> {"e": experiment, "a": [arms], "p": [propensities], "u": unit,
@@ -30,6 +30,12 @@ log = logging.getLogger("banditd.store")
 SCHEMA_VERSION = 1
 DEFAULT_MAP_SIZE = 1 << 30
 SEP = b"\x00"
+
+
+# meta keys: per-experiment counter of committed changes to arm totals, and a counter of
+# experiment definition changes (polled by the other processes of a worker pool).
+STATS_COUNTER = b"stats\0"
+SPECS_COUNTER = b"specs"
 
 
 def key(*parts: str) -> bytes:
@@ -76,6 +82,15 @@ class Store:
         new_size = self.env.info()["map_size"] * 2
         log.warning("LMDB map full; growing map to %d bytes", new_size)
         self.env.set_mapsize(new_size)
+
+    def bump(self, txn: Any, counter: bytes) -> None:
+        """Increments a meta counter inside the caller's write transaction."""
+        raw = txn.get(counter, db=self.meta)
+        txn.put(counter, str(int(raw or b"0") + 1).encode(), db=self.meta)
+
+    def counter(self, counter: bytes) -> int:
+        with self.env.begin(db=self.meta) as txn:
+            return int(txn.get(counter) or b"0")
 
     def close(self) -> None:
         self.env.close()

@@ -20,7 +20,7 @@ import lmdb
 import orjson
 
 from banditd.errors import ResourceExhausted, Unavailable
-from banditd.store import Store
+from banditd.store import STATS_COUNTER, Store
 
 log = logging.getLogger("banditd.writer")
 
@@ -44,6 +44,10 @@ class Batch:
             cur[2] += s
             cur[3] += s2
             self.txn.put(k, orjson.dumps(cur), db=db)
+        # One counter per experiment whose totals moved: other server processes poll these
+        # to know which posteriors to refresh.
+        for exp in {k.split(b"\0", 1)[0] for k in self.arm_deltas}:
+            self.store.bump(self.txn, STATS_COUNTER + exp)
 
 
 class WriteOp:

@@ -63,6 +63,12 @@ def test_group_priors_pool_sibling_arms(client: Client) -> None:
         d = client.decide("groups", unit_id=f"u{i}")
         client.reward(d.decision_id, 1.0 if (i % 5 == 0) else 0.0)  # 20% everywhere
     stats = {s.arm: s for s in client.arm_stats("groups")}
-    # Grouped arms shrink toward the pooled 20% (tighter than their own counts alone).
-    assert all(abs(stats[f"t{i}"].mean - 0.2) < 0.05 for i in range(4))
+    grouped = [stats[f"t{i}"] for i in range(4)]
+    pooled = sum(s.reward_sum for s in grouped) / sum(s.rewards for s in grouped)
+    for s in grouped:
+        own = s.reward_sum / s.rewards
+        # Each grouped arm's score sits between its own rate and the group's pooled rate.
+        assert min(own, pooled) - 0.02 <= s.mean <= max(own, pooled) + 0.02, (s.arm, own, pooled, s.mean)
+        # ...and with 50 pseudo-observations it is pulled most of the way to the pool.
+        assert abs(s.mean - pooled) <= abs(own - pooled) * 0.7 + 0.02
     assert stats["t0"].group == "promo"

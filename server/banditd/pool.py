@@ -1,0 +1,82 @@
+"""A pool of server processes on one port (SO_REUSEPORT) sharing one LMDB store.
+
+The parent only supervises: it starts N `banditd serve --pool-member` processes (each creates
+its gRPC server and opens LMDB itself, never inheriting them across a fork), forwards SIGTERM
+and SIGINT so each drains and commits its queue, and restarts a process that dies.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+from banditd.config import ServerConfig
+
+log = logging.getLogger("banditd")
+RESTART_BACKOFF_S = 1.0
+STOP_TIMEOUT_S = 30.0
+
+
+def _die_with_parent() -> None:
+    """Linux: the child gets SIGTERM if the supervisor dies (even by kill -9)."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def member_command(config: ServerConfig, index: int) -> list[str]:
+    cmd = [
+        sys.executable, "-m", "banditd", "serve", "--pool-member", "--workers", "1",
+        "--host", config.host, "--port", str(config.port), "--data-dir", config.data_dir,
+        "--threads", str(config.threads), "--max-concurrent-rpcs", str(config.max_concurrent_rpcs),
+        "--max-batch", str(config.max_batch), "--queue-limit", str(config.queue_limit),
+        "--refresh-ms", str(config.refresh_ms), "--log-level", config.log_level,
+    ]  # fmt: skip
+    if config.seed is not None:
+        cmd += ["--seed", str(config.seed + index)]
+    return cmd
+
+
+def run_pool(config: ServerConfig) -> None:
+    if config.port == 0:
+        raise SystemExit("--workers > 1 needs an explicit --port (the processes share it)")
+    n = config.worker_count
+    stopping = threading.Event()
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start(index: int) -> subprocess.Popen[bytes]:
+        env = {**os.environ, "BANDITD_WORKER_INDEX": str(index)}
+        return subprocess.Popen(member_command(config, index), env=env, preexec_fn=_die_with_parent)
+
+    def on_signal(signum: int, _frame: object) -> None:
+        log.info("signal %d: stopping %d workers", signum, len(procs))
+        stopping.set()
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    procs.extend(start(i) for i in range(n))
+    log.info("worker pool started", extra={"fields": {"workers": n, "pids": [p.pid for p in procs]}})
+    while not stopping.is_set():
+        for i, p in enumerate(procs):
+            if p.poll() is not None and not stopping.is_set():
+                log.warning("worker %d (pid %d) exited with %s; restarting", i, p.pid, p.returncode)
+                time.sleep(RESTART_BACKOFF_S)
+                procs[i] = start(i)
+        stopping.wait(0.2)
+    deadline = time.monotonic() + STOP_TIMEOUT_S
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+    log.info("worker pool stopped")

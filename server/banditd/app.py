@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 from concurrent import futures
@@ -13,6 +14,7 @@ from grpc_reflection.v1alpha import reflection
 
 from banditd.config import ServerConfig
 from banditd.engine import Engine
+from banditd.retention import Janitor
 from banditd.service import BanditdService
 from banditd.store import Store
 from banditd.writer import Writer
@@ -44,6 +46,7 @@ class Server:
         if self.port == 0:
             raise RuntimeError(f"could not bind {config.host}:{config.port}")
         self._stopped = threading.Event()
+        self.janitor = Janitor(self.writer, config.retention_hours * 3600.0, config.retention_sweep_s)
 
     def start(self) -> None:
         self.engine.load()
@@ -51,6 +54,8 @@ class Server:
         if self.config.pool_member:
             self.engine.shared = True
             threading.Thread(target=self._follow, name="banditd-follow", daemon=True).start()
+        if os.environ.get("BANDITD_WORKER_INDEX", "0") == "0":  # one sweeper per pool
+            self.janitor.start()
         self.grpc.start()
         for name in ("", SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -61,6 +66,7 @@ class Server:
         if self._stopped.is_set():
             return
         self._stopped.set()
+        self.janitor.stop()
         self.health.enter_graceful_shutdown()
         self.grpc.stop(grace).wait()
         self.writer.close()

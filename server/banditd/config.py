@@ -23,6 +23,10 @@ class ServerConfig:
     workers: int = 0
     # How often a pool process checks the store for other processes' commits.
     refresh_ms: float = 50.0
+    # Decision records and reward events older than this are deleted (longer than the
+    # longest attribution window: the default window is 7 days).
+    retention_hours: float = 8 * 24
+    retention_sweep_s: float = 60.0
     # Set on the processes a pool starts (not a user option).
     pool_member: bool = False
 
@@ -69,6 +73,14 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         "--refresh-ms", type=float, default=_env("refresh_ms", d.refresh_ms, float),
         help="how often a worker picks up the other workers' commits (BANDITD_REFRESH_MS)",
     )
+    p.add_argument(
+        "--retention-hours", type=float, default=_env("retention_hours", d.retention_hours, float),
+        help="delete decisions and reward events older than this (BANDITD_RETENTION_HOURS)",
+    )
+    p.add_argument(
+        "--retention-sweep-s", type=float, default=_env("retention_sweep_s", d.retention_sweep_s, float),
+        help="seconds between retention sweeps (BANDITD_RETENTION_SWEEP_S)",
+    )
     p.add_argument("--pool-member", action="store_true", help=argparse.SUPPRESS)
 
 
@@ -86,4 +98,6 @@ def from_args(ns: argparse.Namespace) -> ServerConfig:
         workers=ns.workers,
         refresh_ms=ns.refresh_ms,
         pool_member=ns.pool_member,
+        retention_hours=ns.retention_hours,
+        retention_sweep_s=ns.retention_sweep_s,
     )

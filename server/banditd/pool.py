@@ -38,6 +38,7 @@ def member_command(config: ServerConfig, index: int) -> list[str]:
         "--threads", str(config.threads), "--max-concurrent-rpcs", str(config.max_concurrent_rpcs),
         "--max-batch", str(config.max_batch), "--queue-limit", str(config.queue_limit),
         "--refresh-ms", str(config.refresh_ms), "--log-level", config.log_level,
+        "--retention-hours", str(config.retention_hours), "--retention-sweep-s", str(config.retention_sweep_s),
     ]  # fmt: skip
     if config.seed is not None:
         cmd += ["--seed", str(config.seed + index)]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from banditd import config, logs
+from banditd import config, diagnose, logs
 
 
 def _serve(ns: argparse.Namespace) -> int:
@@ -23,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the gRPC server")
     config.add_serve_args(serve)
     serve.set_defaults(func=_serve)
+    diagnose.add_parser(sub)
     return parser
 
 

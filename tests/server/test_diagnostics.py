@@ -52,3 +52,19 @@ def test_diagnostics_flag_no_rewards(client: Client) -> None:
         client.decide("silent", unit_id=f"u{i}")
     codes = {a.code for a in client.diagnostics("silent").alarms}
     assert "NO_REWARDS" in codes
+
+
+def test_diagnose_cli_prints_the_report(server, client: Client) -> None:  # type: ignore[no-untyped-def]
+    import subprocess
+    import sys
+
+    client.create_experiment("cli", arms=["a", "b"], policy="thompson")
+    for i in range(50):
+        d = client.decide("cli", unit_id=f"u{i}")
+        client.reward(d.decision_id, 1.0 if d.arm == "a" else 0.0)
+    out = subprocess.run(
+        [sys.executable, "-m", "banditd", "diagnose", "cli", "--target", server.target],
+        capture_output=True, text=True, timeout=60, check=True,
+    ).stdout  # fmt: skip
+    assert "rewarded arms whose score rose at the next update" in out
+    assert "score histogram" in out and "experiment cli" in out

@@ -1,0 +1,60 @@
+"""`banditd diagnose`: the learning-loop report of a running server's experiment, as text."""
+
+from __future__ import annotations
+
+import argparse
+
+from banditd_client import Client, Diagnostics
+
+BAR = "█"
+
+
+def render(d: Diagnostics) -> str:
+    lines = [
+        f"experiment {d.experiment_id} · policy {d.policy} · {d.decisions:,} decisions · {d.rewards:,} rewards "
+        f"(join rate {d.join_rate:.2f}, last 5 min {d.recent_join_rate:.2f})",
+        "",
+        f"{'arm':20} {'pulls':>8} {'rewards':>8} {'score':>7} {'95% interval':>17} {'traffic':>8} "
+        f"{'drift':>8} {'dominated':>9}",
+    ]
+    for a in sorted(d.arms, key=lambda a: -a.mean):
+        lines.append(
+            f"{a.arm[:20]:20} {a.pulls:8,} {a.rewards:8,} {a.mean:7.4f} [{a.low:7.4f}, {a.high:7.4f}] "
+            f"{a.recent_share:8.1%} {a.drift_window:+8.4f} {'yes' if a.dominated else '':>9}"
+        )
+    rise = f"{d.rise_ok}/{d.rise_checks}" if d.rise_checks else "no positive rewards yet"
+    lines += [
+        "",
+        f"rewarded arms whose score rose at the next update: {rise} ({d.rise_share:.0%}); "
+        f"zero rewards that did not raise a score: {d.fall_ok}/{d.fall_checks}",
+        f"scores outside [0, 1]: {d.scores_out_of_range}",
+        f"traffic: top arm {d.top_arm or '-'} at {d.top_share:.1%} (uniform would be {d.uniform_share:.1%}, "
+        f"{d.top_share / d.uniform_share if d.uniform_share else 0:.1f}x); entropy {d.traffic_entropy:.2f} "
+        f"(1 = uniform); exploration {d.exploration_share:.1%}",
+        f"arms clearly worse than the leader: {d.dominated_arms} of {len(d.arms)}",
+        f"reward rate {d.reward_rate_per_second:.2f}/s; last reward "
+        + (f"{d.seconds_since_last_reward:.0f}s ago" if d.seconds_since_last_reward >= 0 else "never"),
+        "",
+        "score histogram (posterior means):",
+    ]
+    peak = max(d.score_histogram) if d.score_histogram else 0
+    for i, count in enumerate(d.score_histogram):
+        width = int(30 * count / peak) if peak else 0
+        lines.append(f"  [{i / 10:.1f}, {(i + 1) / 10:.1f}) {BAR * width} {count}")
+    lines.append("")
+    lines += [f"ALARM {a.code}: {a.message}" for a in d.alarms] or ["no alarms"]
+    return "\n".join(lines)
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("diagnose", help="is an experiment learning? (GetDiagnostics of a running server)")
+    p.add_argument("experiment", help="experiment id")
+    p.add_argument("--target", default="localhost:50051", help="server address (host:port)")
+    p.add_argument("--reward-silence-seconds", type=float, default=0.0, help="REWARDS_STOPPED after this long")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    with Client(args.target) as c:
+        print(render(c.diagnostics(args.experiment, reward_silence_seconds=args.reward_silence_seconds)))
+    return 0

@@ -154,6 +154,62 @@ unsafe fn squeeze(d: __m512, t: __m512, x: __m512, u: __m512) -> __mmask16 {
     _mm512_cmp_ps_mask::<_CMP_GT_OQ>(lhs, x4)
 }
 
+/// The full Marsaglia–Tsang test: t > 0 and ln u < x²/2 + d·(1 − v + ln v), v = t³.
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn full_test(d: __m512, t: __m512, x: __m512, u: __m512) -> __mmask16 {
+    let one = _mm512_set1_ps(1.0);
+    let v = _mm512_mul_ps(_mm512_mul_ps(t, t), t);
+    let positive = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(t, _mm512_setzero_ps());
+    // ln of a non-positive v is not used (masked by `positive`); keep it finite.
+    let ln_v = ln(_mm512_max_ps(v, _mm512_set1_ps(f32::MIN_POSITIVE)));
+    let rhs = _mm512_fmadd_ps(
+        _mm512_mul_ps(x, x),
+        _mm512_set1_ps(0.5),
+        _mm512_mul_ps(d, _mm512_add_ps(_mm512_sub_ps(one, v), ln_v)),
+    );
+    positive & _mm512_cmp_ps_mask::<_CMP_LT_OQ>(ln(u), rhs)
+}
+
+/// Completes the Gamma draws of the `pending` lanes (shape >= 1 only): the full test on the
+/// proposal the squeeze did not accept, then fresh proposals until every lane accepts.
+/// Writes accepted values into `g`; returns the lanes it completed (all of `pending`).
+#[allow(clippy::too_many_arguments)]
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn finish_lanes(
+    d: __m512,
+    c: __m512,
+    x: __m512,
+    u: __m512,
+    pending: __mmask16,
+    g: &mut __m512,
+    ra: &mut Stream,
+    rb: &mut Stream,
+) -> __mmask16 {
+    let one = _mm512_set1_ps(1.0);
+    let mut todo = pending & !full_test(d, _mm512_fmadd_ps(c, x, one), x, u);
+    while todo != 0 {
+        let bits1 = ra.next();
+        let bits2 = rb.next();
+        let bits_u = ra.next();
+        let radius = sqrt(_mm512_mul_ps(_mm512_set1_ps(-2.0), ln(uniform01(bits1))));
+        let (co, _) = cos_sin(_mm512_mul_ps(
+            uniform01(bits2),
+            _mm512_set1_ps(std::f32::consts::FRAC_PI_2),
+        ));
+        let x = random_sign(_mm512_mul_ps(radius, co), bits1);
+        let u = uniform01(bits_u);
+        let t = _mm512_fmadd_ps(c, x, one);
+        let accept = todo & (squeeze(d, t, x, u) | full_test(d, t, x, u));
+        let value = _mm512_mul_ps(d, _mm512_mul_ps(_mm512_mul_ps(t, t), t));
+        *g = _mm512_mask_blend_ps(accept, *g, value);
+        todo &= !accept;
+    }
+    // Lanes accepted by the full test on the first proposal keep the value already in `g`.
+    pending
+}
+
 /// Positions whose proposals pass 1 buffers before pass 2 accepts and selects.
 const GROUP: usize = 16 * LANES;
 
@@ -240,10 +296,38 @@ pub unsafe fn draw_range(
             let ub = _mm512_loadu_ps(buf.ub.as_ptr().add(o));
             let ta = _mm512_fmadd_ps(ca, xa, one);
             let tb = _mm512_fmadd_ps(cb, xb, one);
-            let ga = _mm512_mul_ps(da, _mm512_mul_ps(_mm512_mul_ps(ta, ta), ta));
-            let gb = _mm512_mul_ps(db, _mm512_mul_ps(_mm512_mul_ps(tb, tb), tb));
-            let ok_a = squeeze(da, ta, xa, ua) & _mm512_cmp_ps_mask::<_CMP_GE_OQ>(da, small);
-            let ok_b = squeeze(db, tb, xb, ub) & _mm512_cmp_ps_mask::<_CMP_GE_OQ>(db, small);
+            let mut ga = _mm512_mul_ps(da, _mm512_mul_ps(_mm512_mul_ps(ta, ta), ta));
+            let mut gb = _mm512_mul_ps(db, _mm512_mul_ps(_mm512_mul_ps(tb, tb), tb));
+            let big_a = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(da, small);
+            let big_b = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(db, small);
+            let mut ok_a = squeeze(da, ta, xa, ua) & big_a;
+            let mut ok_b = squeeze(db, tb, xb, ub) & big_b;
+            // Lanes the squeeze left undecided (common for shapes near 1) finish in vector
+            // form: the full test on the same proposal, then fresh proposals.
+            if (big_a & !ok_a & live) != 0 {
+                ok_a |= finish_lanes(
+                    da,
+                    ca,
+                    xa,
+                    ua,
+                    big_a & !ok_a & live,
+                    &mut ga,
+                    &mut r0,
+                    &mut r1,
+                );
+            }
+            if (big_b & !ok_b & live) != 0 {
+                ok_b |= finish_lanes(
+                    db,
+                    cb,
+                    xb,
+                    ub,
+                    big_b & !ok_b & live,
+                    &mut gb,
+                    &mut r1,
+                    &mut r0,
+                );
+            }
             let ok = ok_a & ok_b;
             // X / (X + Y) > θ  ⇔  X · (1 − θ) > θ · Y: no division on the fast path.
             let better = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(

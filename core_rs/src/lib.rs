@@ -109,7 +109,14 @@ impl State {
 #[pyclass(name = "Bandit", module = "banditd._core", frozen)]
 struct PyBandit {
     state: Mutex<State>,
+    /// Number of arms, readable without the lock (decides whether to release the GIL).
+    arms_hint: std::sync::atomic::AtomicUsize,
 }
+
+/// Decisions over fewer arms than this keep the GIL (a few microseconds of work).
+const QUICK_ARMS: usize = 4_096;
+/// Reward batches smaller than this keep the GIL.
+const QUICK_REWARDS: usize = 2_000;
 
 impl PyBandit {
     /// Runs `f` on the state with the GIL released, taking the lock only after releasing it:
@@ -126,11 +133,37 @@ impl PyBandit {
         });
         match out {
             Ok(result) => Ok(result?),
-            Err(()) => Err(PyRuntimeError::new_err(
-                "bandit state lock poisoned by an earlier failure",
-            )),
+            Err(()) => Err(poisoned()),
         }
     }
+
+    /// Like `with`, but short work runs without releasing the GIL when the lock is free:
+    /// re-acquiring the GIL can wait for another thread's switch interval (5 ms), far longer
+    /// than a decision over a few thousand arms. Never blocks on the lock while holding the GIL.
+    fn with_quick<T: Send>(
+        &self,
+        py: Python<'_>,
+        quick: bool,
+        f: impl FnOnce(&mut State) -> Result<T, RsError> + Send,
+    ) -> PyResult<T> {
+        if quick {
+            match self.state.try_lock() {
+                Ok(mut guard) => return Ok(f(&mut guard)?),
+                Err(std::sync::TryLockError::Poisoned(_)) => return Err(poisoned()),
+                Err(std::sync::TryLockError::WouldBlock) => {}
+            }
+        }
+        self.with(py, f)
+    }
+
+    /// Arms below which a decision is quick enough to keep the GIL.
+    fn quick_choice(&self) -> bool {
+        self.arms_hint.load(std::sync::atomic::Ordering::Relaxed) < QUICK_ARMS
+    }
+}
+
+fn poisoned() -> PyErr {
+    PyRuntimeError::new_err("bandit state lock poisoned by an earlier failure")
 }
 
 #[pymethods]
@@ -187,12 +220,19 @@ impl PyBandit {
                 rng,
                 cache: Vec::new(),
             }),
+            arms_hint: std::sync::atomic::AtomicUsize::new(0),
         })
     }
 
     /// Appends arms with priors (binary: alpha, beta; continuous: mean, strength).
     fn add_arms(&self, py: Python<'_>, prior_a: Vec<f64>, prior_b: Vec<f64>) -> PyResult<()> {
-        self.with(py, |s| s.bandit.add_arms(&prior_a, &prior_b))
+        let n = self.with(py, |s| {
+            s.bandit.add_arms(&prior_a, &prior_b)?;
+            Ok(s.bandit.len())
+        })?;
+        self.arms_hint
+            .store(n, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
     }
 
     fn set_active(&self, py: Python<'_>, arm: usize, active: bool) -> PyResult<()> {
@@ -257,7 +297,7 @@ impl PyBandit {
     /// the slate under the current posterior.
     #[pyo3(signature = (k=1))]
     fn choose(&self, py: Python<'_>, k: usize) -> PyResult<(Vec<usize>, Vec<f64>, Vec<f64>)> {
-        self.with(py, |state| {
+        self.with_quick(py, self.quick_choice(), |state| {
             let chosen = state.bandit.choose(&mut state.rng, k)?;
             let arms: Vec<usize> = chosen.iter().map(|c| c.arm).collect();
             let props = state.propensities(k, &arms)?;
@@ -281,7 +321,8 @@ impl PyBandit {
     ) -> PyResult<()> {
         let arms = indices_from(py, arms)?;
         let values = floats_from(py, values)?;
-        self.with(py, |s| s.bandit.apply_rewards(&arms, &values))
+        let quick = arms.len() < QUICK_REWARDS && self.quick_choice();
+        self.with_quick(py, quick, |s| s.bandit.apply_rewards(&arms, &values))
     }
 
     /// Fresh Monte Carlo inclusion probabilities for slates of k (GIL released).
@@ -313,7 +354,7 @@ impl PyBandit {
 
     /// Posterior means of some arms.
     fn means_of(&self, py: Python<'_>, arms: Vec<usize>) -> PyResult<Vec<f64>> {
-        self.with(py, |s| {
+        self.with_quick(py, arms.len() < QUICK_REWARDS, |s| {
             arms.iter()
                 .map(|&a| {
                     if a < s.bandit.len() {

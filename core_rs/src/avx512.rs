@@ -175,7 +175,8 @@ unsafe fn full_test(d: __m512, t: __m512, x: __m512, u: __m512) -> __mmask16 {
 /// proposal the squeeze did not accept, then fresh proposals until every lane accepts.
 /// Writes accepted values into `g`; returns the lanes it completed (all of `pending`).
 #[allow(clippy::too_many_arguments)]
-#[inline]
+#[inline(never)]
+#[cold]
 #[target_feature(enable = "avx512f")]
 unsafe fn finish_lanes(
     d: __m512,
@@ -302,42 +303,39 @@ pub unsafe fn draw_range(
             let big_b = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(db, small);
             let mut ok_a = squeeze(da, ta, xa, ua) & big_a;
             let mut ok_b = squeeze(db, tb, xb, ub) & big_b;
-            // Lanes the squeeze left undecided (common for shapes near 1) finish in vector
-            // form: the full test on the same proposal, then fresh proposals.
-            if (big_a & !ok_a & live) != 0 {
-                ok_a |= finish_lanes(
-                    da,
-                    ca,
-                    xa,
-                    ua,
-                    big_a & !ok_a & live,
-                    &mut ga,
-                    &mut r0,
-                    &mut r1,
-                );
-            }
-            if (big_b & !ok_b & live) != 0 {
-                ok_b |= finish_lanes(
-                    db,
-                    cb,
-                    xb,
-                    ub,
-                    big_b & !ok_b & live,
-                    &mut gb,
-                    &mut r1,
-                    &mut r0,
-                );
-            }
-            let ok = ok_a & ok_b;
+            let mut ok = ok_a & ok_b;
             // X / (X + Y) > θ  ⇔  X · (1 − θ) > θ · Y: no division on the fast path.
-            let better = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(
+            let mut better = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(
                 _mm512_mul_ps(ga, _mm512_sub_ps(one, threshold)),
                 _mm512_mul_ps(threshold, gb),
             ) & ok
                 & live;
-            let fail = !ok & live;
+            let mut fail = !ok & live;
             if (better | fail) == 0 {
                 continue;
+            }
+            // Rare path. Lanes the squeeze left undecided (common only for shapes near 1)
+            // finish in vector form: the full test on the same proposal, then fresh proposals.
+            // Only lanes with a shape below 1 are left for the scalar finish.
+            if fail != 0 {
+                let pend_a = big_a & !ok_a & live;
+                if pend_a != 0 {
+                    ok_a |= finish_lanes(da, ca, xa, ua, pend_a, &mut ga, &mut r0, &mut r1);
+                }
+                let pend_b = big_b & !ok_b & live;
+                if pend_b != 0 {
+                    ok_b |= finish_lanes(db, cb, xb, ub, pend_b, &mut gb, &mut r1, &mut r0);
+                }
+                ok = ok_a & ok_b;
+                better = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(
+                    _mm512_mul_ps(ga, _mm512_sub_ps(one, threshold)),
+                    _mm512_mul_ps(threshold, gb),
+                ) & ok
+                    & live;
+                fail = !ok & live;
+                if (better | fail) == 0 {
+                    continue;
+                }
             }
             let mut gas = [0f32; LANES];
             let mut gbs = [0f32; LANES];

@@ -59,12 +59,13 @@ impl Stream {
     }
 }
 
-/// 16 uniforms in (0, 1] from the top 24 bits of each 32-bit lane.
+/// 16 uniforms in (0, 1] from the top 23 bits of each 32-bit lane: the bits become the
+/// mantissa of a float in [1, 2) (no integer-to-float conversion), then 2 − f.
 #[inline]
 #[target_feature(enable = "avx512f")]
 unsafe fn uniform01(bits: __m512i) -> __m512 {
-    let top = _mm512_add_epi32(_mm512_srli_epi32::<8>(bits), _mm512_set1_epi32(1));
-    _mm512_mul_ps(_mm512_cvtepi32_ps(top), _mm512_set1_ps(1.0 / 16_777_216.0))
+    let one_to_two = _mm512_or_si512(_mm512_srli_epi32::<9>(bits), _mm512_set1_epi32(0x3F80_0000));
+    _mm512_sub_ps(_mm512_set1_ps(2.0), _mm512_castsi512_ps(one_to_two))
 }
 
 /// Natural log for x in (0, 1] (Cephes logf polynomial; relative error ~1e-7).

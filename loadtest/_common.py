@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -12,6 +14,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -84,8 +87,8 @@ class ServerProcess:
         return cls(f"reference-{mode}", cmd, port, workdir)
 
     def start(self, timeout: float = 30.0) -> ServerProcess:
-        log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child process
-        self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        with open(self.log_path, "ab") as log:  # the child keeps its own descriptor
+            self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         wait_healthy(self.target, timeout, self)
         return self
 
@@ -142,6 +145,16 @@ class ServerProcess:
             os.killpg(self.proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+    def kill(self) -> None:
+        """SIGKILL to the whole group: a crash, nothing flushed on the way out."""
+        if self.proc is None:
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait(timeout=10)
 
     def __enter__(self) -> ServerProcess:
         return self.start() if self.proc is None else self
@@ -244,3 +257,263 @@ def fmt_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
         if n == 0:
             lines.append("  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+# Load generation. Work happens in spawned worker processes (grpc and fork do not mix, and
+# a worker's GIL is its own), each with one asyncio loop and a few grpc.aio channels that
+# send pre-serialised requests: no protobuf work and no convenience client on the hot path.
+
+
+@dataclass
+class GenResult:
+    """What one run of the generator measured (merged over worker processes)."""
+
+    latencies: np.ndarray  # seconds, completed OK calls only
+    failed: int
+    elapsed: float
+    lag: np.ndarray  # open loop: actual send minus scheduled send, seconds
+    cpu: float  # generator CPU seconds
+    responses: list[bytes]
+
+    @property
+    def completed(self) -> int:
+        return int(self.latencies.size)
+
+    @property
+    def throughput(self) -> float:
+        return self.completed / self.elapsed if self.elapsed > 0 else 0.0
+
+
+def _worker_main(conn: Any) -> None:
+    """Worker process: runs commands from the parent until told to stop."""
+    import asyncio
+
+    # grpc.aio's poller thread hands completions to the event loop under the GIL; a short
+    # switch interval keeps the loop from waiting 5 ms for it.
+    sys.setswitchinterval(float(os.environ.get("LOADGEN_SWITCH_INTERVAL", "0.0005")))
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    state: dict[str, Any] = {"target": None, "channels": []}
+    while True:
+        cmd = conn.recv()
+        if cmd["op"] == "stop":
+            break
+        calls = loop.run_until_complete(_calls_for(state, cmd["target"], cmd["method"], cmd["channels"]))
+        runner = _open_loop if cmd["op"] == "open" else _closed_loop
+        ru0 = resource.getrusage(resource.RUSAGE_SELF)
+        out = loop.run_until_complete(runner(calls, cmd))
+        ru1 = resource.getrusage(resource.RUSAGE_SELF)
+        out["cpu"] = ru1.ru_utime - ru0.ru_utime + ru1.ru_stime - ru0.ru_stime
+        conn.send(out)
+    loop.run_until_complete(_close_channels(state))
+
+
+async def _close_channels(state: dict[str, Any]) -> None:
+    for ch in state["channels"]:
+        await ch.close()
+    state["channels"] = []
+
+
+async def _calls_for(state: dict[str, Any], target: str, method: str, count: int) -> list[Any]:
+    if state["target"] != target or len(state["channels"]) != count:
+        await _close_channels(state)
+        opts = [("grpc.use_local_subchannel_pool", 1)]
+        state["channels"] = [grpc.aio.insecure_channel(target, options=opts) for _ in range(count)]
+        state["target"] = target
+        for ch in state["channels"]:
+            await asyncio_wait_ready(ch)
+    return [ch.unary_unary(method) for ch in state["channels"]]
+
+
+async def asyncio_wait_ready(ch: grpc.aio.Channel, timeout: float = 10.0) -> None:
+    import asyncio
+
+    await asyncio.wait_for(ch.channel_ready(), timeout)
+
+
+async def _open_loop(calls: list[Any], cmd: dict[str, Any]) -> dict[str, Any]:
+    """Fixed arrival rate. Each call's latency counts from its scheduled send time, so a
+    stalled server (or generator) cannot hide its queueing (coordinated omission)."""
+    import asyncio
+
+    payloads: list[bytes] = cmd["payloads"]
+    n, period, timeout = cmd["count"], cmd["period"], cmd["timeout"]
+    t0 = time.perf_counter() + (cmd["start_at"] - time.time())
+    scheduled = t0 + cmd["offset"] + np.arange(n) * period
+    done_at = np.full(n, np.nan)
+    sent_at = np.full(n, np.nan)
+    failed = 0
+
+    async def one(i: int, call: Any, payload: bytes) -> None:
+        nonlocal failed
+        try:
+            await call(payload, timeout=timeout)
+            done_at[i] = time.perf_counter()
+        except grpc.RpcError:
+            failed += 1
+
+    tasks = []
+    i, nc, npl = 0, len(calls), len(payloads)
+    loop = asyncio.get_running_loop()
+    while i < n:
+        now = time.perf_counter()
+        while i < n and scheduled[i] <= now:
+            tasks.append(loop.create_task(one(i, calls[i % nc], payloads[i % npl])))
+            sent_at[i] = now
+            i += 1
+        if i < n:
+            # epoll sleeps in whole milliseconds (rounded up): the oversleep, at most ~1 ms,
+            # counts against the server (reported as generator lag); spinning instead would
+            # take a CPU the server needs.
+            await asyncio.sleep(max(0.0, scheduled[i] - time.perf_counter()))
+    await asyncio.gather(*tasks)
+    ok = np.isfinite(done_at)
+    return {
+        "latencies": done_at[ok] - scheduled[ok],
+        "failed": failed,
+        "elapsed": float(n * period),
+        "lag": sent_at - scheduled,
+        "responses": [],
+    }
+
+
+async def _closed_loop(calls: list[Any], cmd: dict[str, Any]) -> dict[str, Any]:
+    """`concurrency` callers, each sending its next call when the previous one returns."""
+    import asyncio
+
+    payloads: list[bytes] = cmd["payloads"]
+    limit: int | None = cmd.get("count")
+    keep: bool = cmd.get("keep_responses", False)
+    stop_at = time.perf_counter() + cmd["duration"]
+    latencies: list[float] = []
+    responses: list[bytes] = []
+    failed = 0
+    sent = 0
+
+    async def caller(k: int) -> None:
+        nonlocal failed, sent
+        call = calls[k % len(calls)]
+        while time.perf_counter() < stop_at and (limit is None or sent < limit):
+            payload = payloads[sent % len(payloads)]
+            sent += 1
+            start = time.perf_counter()
+            try:
+                raw = await call(payload, timeout=cmd["timeout"])
+                latencies.append(time.perf_counter() - start)
+                if keep:
+                    responses.append(raw)
+            except grpc.RpcError:
+                failed += 1
+
+    started = time.perf_counter()
+    await asyncio.gather(*(caller(k) for k in range(cmd["concurrency"])))
+    return {
+        "latencies": np.array(latencies),
+        "failed": failed,
+        "elapsed": time.perf_counter() - started,
+        "lag": np.zeros(0),
+        "responses": responses,
+    }
+
+
+class LoadGenerator:
+    """A few worker processes driving one target; the parent only coordinates."""
+
+    def __init__(self, processes: int = 1, channels: int = 4) -> None:
+        ctx = mp.get_context("spawn")
+        self.channels = max(1, channels // processes)
+        self.workers = []
+        for _ in range(processes):
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=_worker_main, args=(child,), daemon=True)
+            proc.start()
+            self.workers.append((proc, parent))
+
+    def close(self) -> None:
+        for proc, conn in self.workers:
+            try:
+                conn.send({"op": "stop"})
+            except (BrokenPipeError, OSError):
+                pass
+            proc.join(timeout=10)
+            if proc.is_alive():
+                proc.kill()
+        self.workers = []
+
+    def __enter__(self) -> LoadGenerator:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _run(self, cmds: list[dict[str, Any]]) -> GenResult:
+        for (_, conn), cmd in zip(self.workers, cmds, strict=True):
+            conn.send(cmd)
+        outs = [conn.recv() for _, conn in self.workers]
+        return GenResult(
+            latencies=np.concatenate([o["latencies"] for o in outs]),
+            failed=sum(o["failed"] for o in outs),
+            elapsed=max(o["elapsed"] for o in outs),
+            lag=np.concatenate([o["lag"] for o in outs]),
+            cpu=sum(o["cpu"] for o in outs),
+            responses=[r for o in outs for r in o["responses"]],
+        )
+
+    def open_loop(
+        self, target: str, method: str, payloads: list[bytes], rate: float, duration: float, timeout: float = 2.0
+    ) -> GenResult:
+        """Sends at `rate` calls/s for `duration` s, interleaved over the workers."""
+        procs = len(self.workers)
+        per_worker = int(rate * duration / procs)
+        start_at = time.time() + 0.2  # every worker starts on the same clock
+        cmds = [
+            {"op": "open", "target": target, "method": method, "channels": self.channels, "payloads": payloads,
+             "count": per_worker, "period": procs / rate, "offset": k / rate, "start_at": start_at,
+             "timeout": timeout}
+            for k in range(procs)
+        ]
+        return self._run(cmds)
+
+    def closed_loop(
+        self, target: str, method: str, payloads: list[bytes], concurrency: int, duration: float,
+        count: int | None = None, keep_responses: bool = False, timeout: float = 10.0,
+    ) -> GenResult:
+        """`concurrency` calls in flight for `duration` s (or until `count` calls)."""
+        procs = len(self.workers)
+        cmds = [
+            {"op": "closed", "target": target, "method": method, "channels": self.channels, "payloads": payloads,
+             "concurrency": max(1, concurrency // procs), "duration": duration,
+             "count": None if count is None else count // procs, "keep_responses": keep_responses,
+             "timeout": timeout}
+            for _ in range(procs)
+        ]
+        return self._run(cmds)
+
+
+def process_cpu_seconds() -> float:
+    """This process's CPU time, all threads."""
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
+def busy_cpu_seconds() -> float:
+    """CPU seconds every process on the machine has used (steal and idle excluded)."""
+    t = psutil.cpu_times()
+    return t.user + t.system + getattr(t, "nice", 0.0) + getattr(t, "irq", 0.0) + getattr(t, "softirq", 0.0)
+
+
+def steal_cpu_seconds() -> float:
+    """CPU time the hypervisor gave to other guests while ours wanted it."""
+    return getattr(psutil.cpu_times(), "steal", 0.0)
+
+
+def wait_for_quiet(max_busy: float = 0.15, window: float = 1.0, max_wait: float = 60.0) -> float:
+    """Waits until the machine is mostly idle (other builds or tests would skew latencies);
+    returns the busy fraction seen last."""
+    deadline = time.monotonic() + max_wait
+    busy = 1.0
+    while time.monotonic() < deadline:
+        busy = psutil.cpu_percent(interval=window) / 100.0
+        if busy <= max_busy:
+            break
+    return busy

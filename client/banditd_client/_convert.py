@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from banditd_client.types import (
@@ -169,6 +169,22 @@ def arm_stats(resp: pb.GetArmStatsResponse) -> list[ArmStat]:
         )
         for s in resp.arms
     ]
+
+
+# Rewards per RewardBatch message: large enough to amortise per-message costs, small enough
+# to keep messages far below gRPC's 4 MB default limit.
+REWARD_BATCH = 2000
+
+
+def reward_batches(items: Iterable[RewardItem]) -> Iterator[pb.RewardBatch]:
+    batch = pb.RewardBatch()
+    for item in items:
+        batch.rewards.append(reward_request(item))
+        if len(batch.rewards) >= REWARD_BATCH:
+            yield batch
+            batch = pb.RewardBatch()
+    if len(batch.rewards):
+        yield batch
 
 
 def reward_counts(resp: pb.RewardStreamResponse) -> RewardCounts:

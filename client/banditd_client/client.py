@@ -126,9 +126,9 @@ class Client:
     def reward_many(
         self, items: Iterable[conv.RewardItem], *, timeout: float | None = None
     ) -> RewardCounts:
-        """Streams (decision_id, value[, event_id]) items; returns accepted/duplicate/rejected."""
-        requests = (conv.reward_request(i) for i in items)
-        resp = self._call(self._stub.RewardStream, requests, timeout or STREAM_TIMEOUT)
+        """Streams (decision_id, value[, event_id]) items in batches; returns accepted/duplicate/rejected."""
+        batches = conv.reward_batches(items)
+        resp = self._call(self._stub.RewardBatchStream, batches, timeout or STREAM_TIMEOUT)
         return conv.reward_counts(resp)
 
     def arm_stats(self, experiment_id: str, *, timeout: float | None = None) -> list[ArmStat]:

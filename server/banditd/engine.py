@@ -9,8 +9,12 @@ import threading
 import time
 import zlib
 from collections import defaultdict
+from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import asdict, dataclass, replace
 from typing import Any
+
+import orjson
 
 from banditd import _core, diagnostics
 from banditd.diagnostics import ArmView
@@ -310,11 +314,16 @@ class Engine:
     def _committed(self, decision_id: str) -> None:
         self._pending.pop(decision_id, None)
 
-    def _lookup_decision(self, decision_id: str) -> DecisionRecord:
+    def _lookup_decision(self, decision_id: str, txn: Any = None) -> DecisionRecord:
         rec = self._pending.get(decision_id)
         if rec is not None:
             return rec
-        raw = self.store.get(self.store.decisions, decision_id.encode())
+        raw = None
+        if txn is not None:  # the batch's snapshot; a miss may be a commit since it began
+            raw_bytes = txn.get(decision_id.encode())
+            raw = orjson.loads(raw_bytes) if raw_bytes is not None else None
+        if raw is None:
+            raw = self.store.get(self.store.decisions, decision_id.encode())
         if raw is None and self.shared:
             # Another process of the pool may not have committed it yet (group commit).
             deadline = time.monotonic() + DECISION_WAIT_S
@@ -328,11 +337,11 @@ class Engine:
         return DecisionRecord.from_json(decision_id, raw)
 
     # Rewards.
-    def _resolve(self, index: int, r: RewardInput, now: int) -> ResolvedReward:
+    def _resolve(self, index: int, r: RewardInput, now: int, txn: Any = None) -> ResolvedReward:
         check_id("decision id", r.decision_id)
         if not math.isfinite(r.value):
             raise InvalidArgument(f"reward value {r.value} is not a finite number")
-        rec = self._lookup_decision(r.decision_id)
+        rec = self._lookup_decision(r.decision_id, txn)
         rt = self._require(rec.experiment_id)
         arm = r.arm_id or rec.arms[0]
         if arm not in rec.arms:
@@ -351,19 +360,35 @@ class Engine:
 
     def reward_batch(self, rewards: list[RewardInput], timeout: float | None = None) -> list[RewardResult]:
         """Validates, durably records and applies a batch; returns one result per input."""
+        return self.submit_rewards(rewards)(timeout)
+
+    def submit_rewards(self, rewards: list[RewardInput]) -> Callable[[float | None], list[RewardResult]]:
+        """Validates a batch and queues it for the group commit without waiting; the returned
+        function waits for the commit and gives one result per input. Lets a stream handler
+        resolve the next batch while this one is being committed."""
         results: list[RewardResult] = [RewardResult(REJECTED)] * len(rewards)
         resolved: list[ResolvedReward] = []
         now = now_ms()
-        for i, r in enumerate(rewards):
-            try:
-                resolved.append(self._resolve(i, r, now))
-            except BanditdError as exc:
-                results[i] = RewardResult(REJECTED, exc)
-        if resolved:
-            outcome = self.writer.submit_and_wait(RecordRewards(resolved, self.runtime), timeout)
+        with self.store.env.begin(db=self.store.decisions) as txn:  # one read txn per batch
+            for i, r in enumerate(rewards):
+                try:
+                    resolved.append(self._resolve(i, r, now, txn))
+                except BanditdError as exc:
+                    results[i] = RewardResult(REJECTED, exc)
+        if not resolved:
+            return lambda _timeout: results
+        op = RecordRewards(resolved, self.runtime)
+        op.future = Future()
+        self.writer.submit(op)
+
+        def wait(timeout: float | None) -> list[RewardResult]:
+            assert op.future is not None
+            outcome = op.future.result(timeout=timeout)
             for rr, status in zip(resolved, outcome, strict=True):
                 results[rr.index] = RewardResult(status)
-        return results
+            return results
+
+        return wait
 
     def reward(self, r: RewardInput, timeout: float | None = None) -> bool:
         result = self.reward_batch([r], timeout)[0]

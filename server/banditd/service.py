@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 
 import grpc
 
-from banditd.engine import Engine, RewardInput
+from banditd.engine import Engine, RewardInput, RewardResult
 from banditd.errors import map_all_errors
 from banditd.experiment import DEFAULT_WINDOW_SECONDS, POLICY_PARAMS, ArmSpec, ExperimentSpec
 from banditd_client.v1 import banditd_pb2 as pb
@@ -18,6 +19,8 @@ STATE_NAMES = {pb.STATE_UNSPECIFIED: None, pb.RUNNING: "running", pb.PAUSED: "pa
 STATE_ENUM = {"running": pb.RUNNING, "paused": pb.PAUSED}
 STREAM_CHUNK = 4096
 MAX_REPORTED_REJECTIONS = 100
+# Chunks of one stream queued for commit before the handler waits for the oldest.
+MAX_CHUNKS_IN_FLIGHT = 4
 
 
 def _prior(msg: pb.Arm | pb.Experiment, reward_type: str) -> tuple[float, float] | None:
@@ -129,13 +132,37 @@ class BanditdService(pb_grpc.BanditdServicer):
     def RewardStream(
         self, request_iterator: Iterator[pb.RewardRequest], context: grpc.ServicerContext
     ) -> pb.RewardStreamResponse:
-        resp = pb.RewardStreamResponse()
-        index = 0
-        chunk: list[RewardInput] = []
+        def chunks() -> Iterator[list[RewardInput]]:
+            chunk: list[RewardInput] = []
+            for r in request_iterator:
+                chunk.append(RewardInput(r.decision_id, r.value, r.event_id, r.arm_id))
+                if len(chunk) >= STREAM_CHUNK:
+                    yield chunk
+                    chunk = []
+            if chunk:
+                yield chunk
 
-        def flush() -> None:
-            nonlocal index
-            for offset, result in enumerate(self.engine.reward_batch(chunk, _timeout(context))):
+        return self._ingest(chunks(), context)
+
+    def RewardBatchStream(
+        self, request_iterator: Iterator[pb.RewardBatch], context: grpc.ServicerContext
+    ) -> pb.RewardStreamResponse:
+        batches = (
+            [RewardInput(r.decision_id, r.value, r.event_id, r.arm_id) for r in batch.rewards]
+            for batch in request_iterator
+        )
+        return self._ingest(batches, context)
+
+    def _ingest(self, chunks: Iterable[list[RewardInput]], context: grpc.ServicerContext) -> pb.RewardStreamResponse:
+        """Resolves each chunk while earlier ones are being committed (a few in flight), then
+        answers once every reward of the stream is durable."""
+        resp = pb.RewardStreamResponse()
+        in_flight: deque[tuple[int, list[RewardInput], Callable[[float | None], list[RewardResult]]]] = deque()
+        index = 0
+
+        def settle() -> None:
+            start, chunk, wait = in_flight.popleft()
+            for offset, result in enumerate(wait(_timeout(context))):
                 if result.status == "accepted":
                     resp.accepted += 1
                 elif result.status == "duplicate":
@@ -144,20 +171,21 @@ class BanditdService(pb_grpc.BanditdServicer):
                     resp.rejected += 1
                     if len(resp.rejections) < MAX_REPORTED_REJECTIONS and result.error is not None:
                         resp.rejections.add(
-                            index=index + offset,
+                            index=start + offset,
                             decision_id=chunk[offset].decision_id,
                             code=result.error.code.name,
                             reason=result.error.message,
                         )
-            index += len(chunk)
-            chunk.clear()
 
-        for r in request_iterator:
-            chunk.append(RewardInput(r.decision_id, r.value, r.event_id, r.arm_id))
-            if len(chunk) >= STREAM_CHUNK:
-                flush()
-        if chunk:
-            flush()
+        for chunk in chunks:
+            if not chunk:
+                continue
+            in_flight.append((index, chunk, self.engine.submit_rewards(chunk)))
+            index += len(chunk)
+            if len(in_flight) > MAX_CHUNKS_IN_FLIGHT:
+                settle()
+        while in_flight:
+            settle()
         return resp
 
     def GetDiagnostics(self, request: pb.GetDiagnosticsRequest, context: grpc.ServicerContext) -> pb.Diagnostics:

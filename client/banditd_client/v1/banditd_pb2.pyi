@@ -181,6 +181,12 @@ class RewardRequest(_message.Message):
     arm_id: str
     def __init__(self, decision_id: _Optional[str] = ..., value: _Optional[float] = ..., event_id: _Optional[str] = ..., arm_id: _Optional[str] = ...) -> None: ...
 
+class RewardBatch(_message.Message):
+    __slots__ = ("rewards",)
+    REWARDS_FIELD_NUMBER: _ClassVar[int]
+    rewards: _containers.RepeatedCompositeFieldContainer[RewardRequest]
+    def __init__(self, rewards: _Optional[_Iterable[_Union[RewardRequest, _Mapping]]] = ...) -> None: ...
+
 class RewardResponse(_message.Message):
     __slots__ = ("accepted",)
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]

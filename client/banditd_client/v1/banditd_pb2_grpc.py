@@ -70,6 +70,11 @@ class BanditdStub:
                 request_serializer=banditd_dot_v1_dot_banditd__pb2.RewardRequest.SerializeToString,
                 response_deserializer=banditd_dot_v1_dot_banditd__pb2.RewardStreamResponse.FromString,
                 _registered_method=True)
+        self.RewardBatchStream = channel.stream_unary(
+                '/banditd.v1.Banditd/RewardBatchStream',
+                request_serializer=banditd_dot_v1_dot_banditd__pb2.RewardBatch.SerializeToString,
+                response_deserializer=banditd_dot_v1_dot_banditd__pb2.RewardStreamResponse.FromString,
+                _registered_method=True)
         self.GetArmStats = channel.unary_unary(
                 '/banditd.v1.Banditd/GetArmStats',
                 request_serializer=banditd_dot_v1_dot_banditd__pb2.GetArmStatsRequest.SerializeToString,
@@ -127,6 +132,14 @@ class BanditdServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RewardBatchStream(self, request_iterator, context):
+        """Bulk ingestion: a stream of batches; same answer as RewardStream (indexes count rewards
+        across the whole stream). Each batch is validated, committed durably and applied.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetArmStats(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -177,6 +190,11 @@ def add_BanditdServicer_to_server(servicer, server):
             'RewardStream': grpc.stream_unary_rpc_method_handler(
                     servicer.RewardStream,
                     request_deserializer=banditd_dot_v1_dot_banditd__pb2.RewardRequest.FromString,
+                    response_serializer=banditd_dot_v1_dot_banditd__pb2.RewardStreamResponse.SerializeToString,
+            ),
+            'RewardBatchStream': grpc.stream_unary_rpc_method_handler(
+                    servicer.RewardBatchStream,
+                    request_deserializer=banditd_dot_v1_dot_banditd__pb2.RewardBatch.FromString,
                     response_serializer=banditd_dot_v1_dot_banditd__pb2.RewardStreamResponse.SerializeToString,
             ),
             'GetArmStats': grpc.unary_unary_rpc_method_handler(
@@ -378,6 +396,33 @@ class Banditd:
             target,
             '/banditd.v1.Banditd/RewardStream',
             banditd_dot_v1_dot_banditd__pb2.RewardRequest.SerializeToString,
+            banditd_dot_v1_dot_banditd__pb2.RewardStreamResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RewardBatchStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/banditd.v1.Banditd/RewardBatchStream',
+            banditd_dot_v1_dot_banditd__pb2.RewardBatch.SerializeToString,
             banditd_dot_v1_dot_banditd__pb2.RewardStreamResponse.FromString,
             options,
             channel_credentials,

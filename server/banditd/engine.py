@@ -314,13 +314,13 @@ class Engine:
     def _committed(self, decision_id: str) -> None:
         self._pending.pop(decision_id, None)
 
-    def _lookup_decision(self, decision_id: str, txn: Any = None) -> DecisionRecord:
+    def _lookup_decision(self, decision_id: str, prefetched: dict[bytes, bytes] | None = None) -> DecisionRecord:
         rec = self._pending.get(decision_id)
         if rec is not None:
             return rec
         raw = None
-        if txn is not None:  # the batch's snapshot; a miss may be a commit since it began
-            raw_bytes = txn.get(decision_id.encode())
+        if prefetched is not None:  # the batch's snapshot; a miss may be a commit since it began
+            raw_bytes = prefetched.get(decision_id.encode())
             raw = orjson.loads(raw_bytes) if raw_bytes is not None else None
         if raw is None:
             raw = self.store.get(self.store.decisions, decision_id.encode())
@@ -337,11 +337,13 @@ class Engine:
         return DecisionRecord.from_json(decision_id, raw)
 
     # Rewards.
-    def _resolve(self, index: int, r: RewardInput, now: int, txn: Any = None) -> ResolvedReward:
+    def _resolve(
+        self, index: int, r: RewardInput, now: int, prefetched: dict[bytes, bytes] | None = None
+    ) -> ResolvedReward:
         check_id("decision id", r.decision_id)
         if not math.isfinite(r.value):
             raise InvalidArgument(f"reward value {r.value} is not a finite number")
-        rec = self._lookup_decision(r.decision_id, txn)
+        rec = self._lookup_decision(r.decision_id, prefetched)
         rt = self._require(rec.experiment_id)
         arm = r.arm_id or rec.arms[0]
         if arm not in rec.arms:
@@ -369,12 +371,18 @@ class Engine:
         results: list[RewardResult] = [RewardResult(REJECTED)] * len(rewards)
         resolved: list[ResolvedReward] = []
         now = now_ms()
-        with self.store.env.begin(db=self.store.decisions) as txn:  # one read txn per batch
-            for i, r in enumerate(rewards):
-                try:
-                    resolved.append(self._resolve(i, r, now, txn))
-                except BanditdError as exc:
-                    results[i] = RewardResult(REJECTED, exc)
+        # One multi-get for the batch's decisions: a get per reward would release and
+        # re-acquire the GIL each time.
+        keys = [r.decision_id.encode() for r in rewards if r.decision_id not in self._pending]
+        prefetched: dict[bytes, bytes] = {}
+        if keys:
+            with self.store.env.begin(db=self.store.decisions) as txn:
+                prefetched = {bytes(k): bytes(v) for k, v in txn.cursor().getmulti(sorted(set(keys)))}
+        for i, r in enumerate(rewards):
+            try:
+                resolved.append(self._resolve(i, r, now, prefetched))
+            except BanditdError as exc:
+                results[i] = RewardResult(REJECTED, exc)
         if not resolved:
             return lambda _timeout: results
         op = RecordRewards(resolved, self.runtime)

@@ -11,7 +11,7 @@ import zlib
 from collections import defaultdict
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import orjson
@@ -68,18 +68,8 @@ class DecisionResult:
     sticky_hit: bool
 
 
-@dataclass(slots=True)
-class ArmStatsRow:
-    arm_id: str
-    group: str
-    active: bool
-    pulls: int
-    rewards: int
-    reward_sum: float
-    mean: float
-    low: float
-    high: float
-    recent_share: float
+# Per-arm statistics rows are the diagnostics' arm view (one shape for both).
+ArmStatsRow = ArmView
 
 
 def new_decision_id() -> str:
@@ -429,7 +419,7 @@ class Engine:
     def diagnostics(self, experiment_id: str, silence_s: float = 0.0) -> dict[str, Any]:
         """Learning-loop diagnostics of one experiment (see `banditd.diagnostics`)."""
         rt = self._require(experiment_id)
-        views = [ArmView(**asdict(row)) for row in self.arm_stats(experiment_id)]
+        views = self.arm_stats(experiment_id)
         return diagnostics.build(
             rt.monitor,
             views,

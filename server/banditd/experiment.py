@@ -12,18 +12,9 @@ from banditd import _core
 from banditd.diagnostics import LearningMonitor
 from banditd.errors import InvalidArgument
 from banditd.validation import check_id
+from banditd_client._convert import POLICY_PARAMS
 
 POLICIES = ("thompson", "ucb1", "kl_ucb", "epsilon_greedy", "softmax", "greedy", "uniform")
-POLICY_PARAMS = (
-    "exploitation",
-    "epsilon",
-    "epsilon_decay",
-    "temperature",
-    "ucb_c",
-    "half_life",
-    "group_prior_strength",
-    "prune_epsilon",
-)
 DEFAULT_WINDOW_SECONDS = 7 * 24 * 3600
 DEFAULT_PRIORS = {"binary": (1.0, 1.0), "continuous": (0.0, 1.0)}
 RECENT_DECISIONS = 1000

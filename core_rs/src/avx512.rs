@@ -254,6 +254,11 @@ pub unsafe fn draw_range(
         ua: [0.0; GROUP],
         ub: [0.0; GROUP],
     };
+    let mut cand_v = [0f32; CANDIDATES];
+    let mut cand_p = [0u32; CANDIDATES];
+    let mut n_cand = 0usize;
+    let flush_at = (2 * top.k).clamp(32, CANDIDATES - LANES);
+    let lane_ids = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     let mut group_start = start;
     while group_start < end {
         let group_len = (end - group_start).min(GROUP);
@@ -338,6 +343,34 @@ pub unsafe fn draw_range(
                     continue;
                 }
             }
+            if top.k > 1 && better != 0 {
+                // Slates: a k-th best threshold is beaten often (about k·ln(n/k) times), so
+                // candidates are appended with one compress-store each and offered in bulk.
+                let draw = _mm512_div_ps(ga, _mm512_add_ps(ga, gb));
+                let idx =
+                    _mm512_add_epi32(_mm512_set1_epi32((pos as u32 + offset) as i32), lane_ids);
+                _mm512_mask_compressstoreu_ps(
+                    cand_v.as_mut_ptr().add(n_cand) as *mut _,
+                    better,
+                    draw,
+                );
+                _mm512_mask_compressstoreu_epi32(
+                    cand_p.as_mut_ptr().add(n_cand) as *mut _,
+                    better,
+                    idx,
+                );
+                n_cand += better.count_ones() as usize;
+                // Offer often enough that the threshold tightens quickly.
+                if n_cand >= flush_at {
+                    offer_candidates(top, &cand_v[..n_cand], &cand_p[..n_cand], skip, offset);
+                    n_cand = 0;
+                    threshold = _mm512_set1_ps(top.threshold().max(-1.0));
+                }
+                better = 0;
+                if fail == 0 {
+                    continue;
+                }
+            }
             let mut gas = [0f32; LANES];
             let mut gbs = [0f32; LANES];
             _mm512_storeu_ps(gas.as_mut_ptr(), ga);
@@ -373,8 +406,27 @@ pub unsafe fn draw_range(
         }
         group_start += group_len;
     }
+    offer_candidates(top, &cand_v[..n_cand], &cand_p[..n_cand], skip, offset);
     r0.store(&mut rng.lanes[0]);
     r1.store(&mut rng.lanes[1]);
+}
+
+/// Slate candidates collected between threshold updates.
+const CANDIDATES: usize = 256;
+
+fn offer_candidates(
+    top: &mut TopK,
+    values: &[f32],
+    positions: &[u32],
+    skip: Option<&[bool]>,
+    offset: u32,
+) {
+    for (&v, &p) in values.iter().zip(positions) {
+        if skip.is_some_and(|s| s[(p - offset) as usize]) {
+            continue;
+        }
+        top.offer(v, p);
+    }
 }
 
 /// Index of the largest m[i] + k·r[i] over the first `len` entries (arrays padded to LANES

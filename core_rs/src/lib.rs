@@ -12,6 +12,7 @@ pub mod kernel;
 pub mod policy;
 pub mod sampling;
 pub mod scores;
+pub mod simulate;
 pub mod special;
 pub mod thompson;
 
@@ -25,6 +26,7 @@ use pyo3::buffer::PyBuffer;
 use pyo3::create_exception;
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
+use pyo3::types::PyBytes;
 
 create_exception!(
     _core,
@@ -404,6 +406,53 @@ impl PyBandit {
 
     fn active(&self, py: Python<'_>) -> PyResult<Vec<bool>> {
         self.with(py, |s| Ok(s.bandit.active.clone()))
+    }
+
+    /// Plays a Bernoulli world against this bandit in Rust (see `simulate::run`): phase i
+    /// has hidden `rates[i]` from round `starts[i]`. Returns (arms as little-endian u32
+    /// bytes, rewards as u8 bytes, posterior means at each checkpoint, row-major).
+    #[pyo3(signature = (rates, starts, horizon, update_every=1, checkpoints=Vec::new(), world_seed=0))]
+    #[allow(clippy::too_many_arguments)]
+    fn simulate<'py>(
+        &self,
+        py: Python<'py>,
+        rates: Vec<Vec<f64>>,
+        starts: Vec<usize>,
+        horizon: usize,
+        update_every: usize,
+        checkpoints: Vec<usize>,
+        world_seed: u64,
+    ) -> PyResult<(Bound<'py, PyBytes>, Bound<'py, PyBytes>, Vec<f64>)> {
+        if rates.len() != starts.len() {
+            return Err(RsError::invalid(format!(
+                "{} phases of rates but {} phase starts",
+                rates.len(),
+                starts.len()
+            ))
+            .into());
+        }
+        let phases: Vec<simulate::Phase> = starts
+            .into_iter()
+            .zip(rates)
+            .map(|(start, rates)| simulate::Phase { start, rates })
+            .collect();
+        let out = self.with(py, |s| {
+            simulate::run(
+                &mut s.bandit,
+                &mut s.rng,
+                &phases,
+                horizon,
+                update_every,
+                &checkpoints,
+                world_seed,
+            )
+        })?;
+        let arms: Vec<u8> = out.arms.iter().flat_map(|a| a.to_le_bytes()).collect();
+        Ok((
+            PyBytes::new(py, &arms),
+            PyBytes::new(py, &out.rewards),
+            out.means,
+        ))
     }
 
     #[getter]

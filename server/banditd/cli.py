@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from banditd import config, diagnose, logs
+from banditd.sim import command as simulate
 
 
 def _serve(ns: argparse.Namespace) -> int:
@@ -24,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_serve_args(serve)
     serve.set_defaults(func=_serve)
     diagnose.add_parser(sub)
+    simulate.add_parser(sub)
     return parser
 
 

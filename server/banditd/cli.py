@@ -1,11 +1,11 @@
-"""Command line: `banditd serve` (more subcommands plug in here)."""
+"""Command line: `banditd serve | diagnose | simulate | export | evaluate`."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from banditd import config, diagnose, logs
+from banditd import config, diagnose, evaluate, export, logs
 from banditd.sim import command as simulate
 
 
@@ -26,6 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=_serve)
     diagnose.add_parser(sub)
     simulate.add_parser(sub)
+    export.add_parser(sub)
+    evaluate.add_parser(sub)
     return parser
 
 

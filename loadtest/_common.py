@@ -125,13 +125,20 @@ class ServerProcess:
         return total
 
     def rss_bytes(self) -> int:
-        total = 0
+        return self.memory()[0]
+
+    def memory(self) -> tuple[int, int]:
+        """(RSS, anonymous part of it) over all processes. The rest of RSS is file-backed,
+        mostly LMDB's memory map: pages the kernel can drop and re-read at will."""
+        rss = anon = 0
         for pid in self.pids():
             try:
-                total += psutil.Process(pid).memory_info().rss
+                info = psutil.Process(pid).memory_info()
             except psutil.NoSuchProcess:
-                pass
-        return total
+                continue
+            rss += info.rss
+            anon += info.rss - info.shared
+        return rss, anon
 
     def stop(self, timeout: float = 30.0) -> None:
         if not self.alive():

@@ -47,6 +47,7 @@ class Checkpoint:
     rate: float  # decisions/s since the previous checkpoint
     failed: int
     rss: int
+    anon: int  # anonymous RSS: the heap (RSS less LMDB's file-backed map)
     mdb_size: int  # data.mdb length
     mdb_disk: int  # blocks actually allocated
 
@@ -69,9 +70,9 @@ def run(args: argparse.Namespace, server: ServerProcess) -> list[Checkpoint]:
         stub = pb_grpc.BanditdStub(ch)
         for plan in EXPERIMENTS:
             ensure_experiment(stub, plan)
-    rss0 = server.rss_bytes()
+    rss0, anon0 = server.memory()
     size0, disk0 = mdb_sizes(server.data_dir)
-    points = [Checkpoint(0, 0.0, 0.0, 0, rss0, size0, disk0)]
+    points = [Checkpoint(0, 0.0, 0.0, 0, rss0, anon0, size0, disk0)]
     decide = method_path("Decide")
     started = time.monotonic()
     with LoadGenerator(args.gen_procs, args.channels) as gen:
@@ -85,9 +86,9 @@ def run(args: argparse.Namespace, server: ServerProcess) -> list[Checkpoint]:
             time.sleep(args.settle)  # the decision log is written behind the responses
             size, disk = mdb_sizes(server.data_dir)
             points.append(Checkpoint(done, time.monotonic() - started, res.completed / (time.monotonic() - t0),
-                                     res.failed, server.rss_bytes(), size, disk))
+                                     res.failed, *server.memory(), size, disk))
             p = points[-1]
-            print(f"  {done:>9,} decisions  {p.rate:6.0f}/s  RSS {p.rss / MIB:7.1f} MiB  "
+            print(f"  {done:>9,} decisions  {p.rate:6.0f}/s  RSS {p.rss / MIB:7.1f} MiB (anon {p.anon / MIB:6.1f})  "
                   f"data.mdb {p.mdb_size / MIB:7.1f} MiB  failed {p.failed}", flush=True)
     return points
 
@@ -100,11 +101,13 @@ def report(points: list[Checkpoint], where: str) -> None:
         rows.append((
             f"{p.decisions:,}", f"{p.seconds:.0f}", f"{p.rate:,.0f}" if p.decisions else "-", p.failed,
             f"{p.rss / MIB:.1f}", f"{(p.rss - base.rss) / per:.0f}" if p.decisions else "-",
+            f"{p.anon / MIB:.1f}", f"{(p.anon - base.anon) / per:.0f}" if p.decisions else "-",
             f"{p.mdb_size / MIB:.1f}", f"{p.mdb_disk / MIB:.1f}",
             f"{(p.mdb_size - base.mdb_size) / per:.0f}" if p.decisions else "-",
         ))
     print(f"\nMemory and store after N decisions ({where}); {cpu_model()}")
-    print(fmt_table(("decisions", "seconds", "decisions/s", "failed", "RSS MiB", "RSS B/decision", "data.mdb MiB",
+    print(fmt_table(("decisions", "seconds", "decisions/s", "failed", "RSS MiB", "RSS B/decision",
+                     "anon MiB", "anon B/decision", "data.mdb MiB",
                      "on disk MiB", "mdb B/decision"), rows))
 
 

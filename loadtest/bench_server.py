@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 import time
 from collections.abc import Callable
@@ -213,11 +214,11 @@ def _step(rate: float, res: GenResult, server_cpu: float, other: float, steal: f
     )
 
 
-def make_server(name: str, workdir: Path, workers: bool) -> ServerProcess:
+def make_server(name: str, workdir: Path, workers: bool, extra: tuple[str, ...] = ()) -> ServerProcess:
     if name == "banditd-1":  # explicit: the default is one process per core
-        return ServerProcess.banditd(workdir, *(("--workers", "1") if workers else ()), name=name)
+        return ServerProcess.banditd(workdir, *(("--workers", "1") if workers else ()), *extra, name=name)
     if name == "banditd-2":
-        return ServerProcess.banditd(workdir, "--workers", "2", name=name)
+        return ServerProcess.banditd(workdir, "--workers", "2", *extra, name=name)
     if name in ("numpy", "noop"):
         return ServerProcess.reference(workdir, name)
     raise SystemExit(f"unknown server {name!r}; expected one of {', '.join(SERVERS)}")
@@ -274,6 +275,7 @@ def targets(rows: list[Row]) -> list[str]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--banditd-args", default="", help="extra `banditd serve` flags for the banditd servers")
     ap.add_argument("--servers", default=",".join(SERVERS), help=f"comma list of {', '.join(SERVERS)}")
     ap.add_argument("--arms", default="10,1000,10000", help="experiment sizes")
     ap.add_argument("--posterior", choices=("flat", "learned"), default="learned",
@@ -317,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     with temp_workdir("banditd-bench-") as tmp, LoadGenerator(args.gen_procs, args.channels, args.nice) as gen:
         bench = Bench(args, gen)
         for name in args.servers:
-            server = make_server(name, Path(tmp), workers)
+            server = make_server(name, Path(tmp), workers, tuple(shlex.split(args.banditd_args)))
             server.nice = args.nice
             rows += bench.run_server(name, server)
     print(f"\nDecide benchmark: {cpu_model()}; generator: {args.gen_procs} process(es), {args.channels} connections, "

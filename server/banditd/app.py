@@ -29,7 +29,12 @@ class Server:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
         self.store = Store(config.data_dir)
-        self.writer = Writer(self.store, max_batch=config.max_batch, queue_limit=config.queue_limit)
+        self.writer = Writer(
+            self.store,
+            max_batch=config.max_batch,
+            queue_limit=config.queue_limit,
+            linger_s=config.decision_linger_ms / 1000.0,
+        )
         self.engine = Engine(self.store, self.writer, seed=config.seed)
         self.health = health.HealthServicer()
         self.grpc = grpc.server(

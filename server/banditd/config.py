@@ -17,6 +17,8 @@ class ServerConfig:
     max_concurrent_rpcs: int = 2000
     max_batch: int = 20000
     queue_limit: int = 200000
+    # A commit holding only decision records waits this long for more (fewer fsyncs).
+    decision_linger_ms: float = 5.0
     seed: int | None = None
     log_level: str = "info"
     # Server processes sharing the port (SO_REUSEPORT) and the store; 0 = one per core.
@@ -63,6 +65,11 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         "--queue-limit", type=int, default=_env("queue_limit", d.queue_limit, int),
         help="pending writes before RESOURCE_EXHAUSTED (BANDITD_QUEUE_LIMIT)",
     )
+    p.add_argument(
+        "--decision-linger-ms", type=float, default=_env("decision_linger_ms", d.decision_linger_ms, float),
+        help="a commit of decision records only waits this long for more; 0 = commit at once "
+        "(BANDITD_DECISION_LINGER_MS)",
+    )
     p.add_argument("--seed", type=int, default=_env("seed", None, int), help="RNG seed (BANDITD_SEED)")
     p.add_argument("--log-level", default=_env("log_level", d.log_level), help="log level (BANDITD_LOG_LEVEL)")
     p.add_argument(
@@ -93,6 +100,7 @@ def from_args(ns: argparse.Namespace) -> ServerConfig:
         max_concurrent_rpcs=ns.max_concurrent_rpcs,
         max_batch=ns.max_batch,
         queue_limit=ns.queue_limit,
+        decision_linger_ms=ns.decision_linger_ms,
         seed=ns.seed,
         log_level=ns.log_level,
         workers=ns.workers,

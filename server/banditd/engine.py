@@ -263,7 +263,7 @@ class Engine:
             raise InvalidArgument(f"experiment {experiment_id!r}: {exc}") from None
         chosen = tuple(rt.arm_ids[i] for i in arms)
         if spec.sticky:
-            rt.assignments[unit_id] = chosen
+            rt.assignments.put(unit_id, chosen)
         return self._record(rt, unit_id, chosen, tuple(props), tuple(scores), False, context)
 
     def _is_active(self, rt: ExperimentRuntime, arm_id: str) -> bool:
@@ -276,7 +276,7 @@ class Engine:
             stored = self.store.get(self.store.assignments, key(rt.spec.id, unit_id))
             if stored is not None:
                 held = tuple(stored)
-                rt.assignments[unit_id] = held
+                rt.assignments.put(unit_id, held)
         return held
 
     def _record(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections import Counter, deque
@@ -9,6 +10,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from banditd import _core
+from banditd.cache import BoundedCache
 from banditd.diagnostics import LearningMonitor
 from banditd.errors import InvalidArgument
 from banditd.validation import check_id
@@ -18,6 +20,8 @@ POLICIES = ("thompson", "ucb1", "kl_ucb", "epsilon_greedy", "softmax", "greedy",
 DEFAULT_WINDOW_SECONDS = 7 * 24 * 3600
 DEFAULT_PRIORS = {"binary": (1.0, 1.0), "continuous": (0.0, 1.0)}
 RECENT_DECISIONS = 1000
+# Units per sticky experiment whose assignment is kept in memory (BANDITD_ASSIGNMENT_CACHE).
+ASSIGNMENT_CACHE = int(os.environ.get("BANDITD_ASSIGNMENT_CACHE", "200000"))
 # Core parameters that are not the core constructor's (applied after construction).
 GROUP_STRENGTH_DEFAULT = 20.0
 
@@ -90,7 +94,8 @@ class ExperimentRuntime:
         self.rewards: list[int] = []
         self.reward_sum: list[float] = []
         self.recent: deque[int] = deque(maxlen=RECENT_DECISIONS)
-        self.assignments: dict[str, tuple[str, ...]] = {}
+        # Sticky assignments seen lately (all of them are in LMDB).
+        self.assignments: BoundedCache[str, tuple[str, ...]] = BoundedCache(ASSIGNMENT_CACHE)
         self.monitor = LearningMonitor()
         self._add_arms(spec.arms)
 

@@ -91,6 +91,8 @@ class DecisionRecord:
 class LogDecision(WriteOp):
     """Stores a decision (and a sticky assignment); the response never waits for it."""
 
+    deferrable = True
+
     def __init__(self, record: DecisionRecord, sticky: bool, on_commit: Callable[[str], None]) -> None:
         self.record = record
         self.sticky = sticky

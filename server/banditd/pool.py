@@ -37,6 +37,7 @@ def member_command(config: ServerConfig, index: int) -> list[str]:
         "--host", config.host, "--port", str(config.port), "--data-dir", config.data_dir,
         "--threads", str(config.threads), "--max-concurrent-rpcs", str(config.max_concurrent_rpcs),
         "--max-batch", str(config.max_batch), "--queue-limit", str(config.queue_limit),
+        "--decision-linger-ms", str(config.decision_linger_ms),
         "--refresh-ms", str(config.refresh_ms), "--log-level", config.log_level,
         "--retention-hours", str(config.retention_hours), "--retention-sweep-s", str(config.retention_sweep_s),
     ]  # fmt: skip

@@ -56,6 +56,9 @@ class WriteOp:
     applies in-memory effects once the data is on disk."""
 
     future: Future[Any] | None = None
+    # Nobody waits on a deferrable op (a decision log record): a batch made only of them may
+    # linger to gather more, so a burst of decisions costs one fsync instead of dozens.
+    deferrable = False
 
     def write(self, batch: Batch) -> Any:
         raise NotImplementedError
@@ -76,9 +79,12 @@ _STOP = object()
 
 
 class Writer:
-    def __init__(self, store: Store, *, max_batch: int = 20_000, queue_limit: int = 200_000) -> None:
+    def __init__(
+        self, store: Store, *, max_batch: int = 20_000, queue_limit: int = 200_000, linger_s: float = 0.0
+    ) -> None:
         self.store = store
         self.max_batch = max_batch
+        self.linger_s = linger_s
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=queue_limit)
         self._thread = threading.Thread(target=self._run, name="banditd-writer", daemon=True)
         self._closed = False
@@ -127,15 +133,24 @@ class Writer:
             if first is _STOP:
                 break
             ops = [first]
+            deferrable = first.deferrable
+            deadline = 0.0
             while len(ops) < self.max_batch:
                 try:
                     op = self._queue.get_nowait()
                 except queue.Empty:
-                    break
+                    if not (deferrable and self.linger_s > 0):
+                        break
+                    deadline = deadline or time.monotonic() + self.linger_s
+                    try:
+                        op = self._queue.get(timeout=max(deadline - time.monotonic(), 0.0))
+                    except queue.Empty:
+                        break
                 if op is _STOP:
                     stop = True
                     break
                 ops.append(op)
+                deferrable = deferrable and op.deferrable
             try:
                 self._commit(ops)
             except Exception:  # noqa: BLE001 - the writer must survive to report errors

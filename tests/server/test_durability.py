@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pytest
+
+from banditd.cache import BoundedCache
 from conftest import ServerProcess
 
 ARMS = ["a", "b", "c", "d", "e"]
@@ -69,3 +74,32 @@ def test_sticky_units_keep_their_arm_across_restart_and_new_arms(server: ServerP
                 assert after[u] != "a"
             else:
                 assert after[u] == first[u]
+
+
+def test_sticky_units_keep_their_arm_when_the_assignment_cache_overflows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The in-memory assignment cache is bounded; evicted units are read back from LMDB."""
+    monkeypatch.setenv("BANDITD_ASSIGNMENT_CACHE", "10")
+    srv = ServerProcess(tmp_path / "data")
+    srv.start()
+    try:
+        with srv.client() as c:
+            c.create_experiment("small-cache", arms=[f"arm-{i}" for i in range(20)], policy="uniform", sticky=True)
+            first = {f"u{i}": c.decide("small-cache", unit_id=f"u{i}").arm for i in range(200)}
+            assert len(set(first.values())) > 1  # uniform over 20 arms: not one arm for all
+            again = {unit: c.decide("small-cache", unit_id=unit).arm for unit in first}
+            assert again == first
+    finally:
+        srv.kill()
+
+
+def test_bounded_cache_drops_the_oldest_entries() -> None:
+    cache: BoundedCache[str, int] = BoundedCache(10)
+    for i in range(11):
+        cache.put(f"k{i}", i)
+    assert len(cache) == 10
+    assert cache.get("k0") is None
+    assert cache.get("k10") == 10
+    with pytest.raises(ValueError):
+        BoundedCache(0)

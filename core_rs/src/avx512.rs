@@ -10,7 +10,10 @@
 
 use std::arch::x86_64::*;
 
-use crate::kernel::{beta_from_gammas, finish_gamma, BetaArrays, KernelRng, TopK, LANES, SMALL_D};
+use crate::kernel::{
+    beta_from_gammas, finish_gamma, BetaArrays, KernelRng, KernelScratch, TopK, CANDIDATES, GROUP,
+    LANES, SMALL_D,
+};
 
 struct Stream {
     s0: __m512i,
@@ -212,17 +215,6 @@ unsafe fn finish_lanes(
     pending
 }
 
-/// Positions whose proposals pass 1 buffers before pass 2 accepts and selects.
-const GROUP: usize = 16 * LANES;
-
-/// Proposals of one group: the normals and acceptance uniforms of both Gamma draws.
-struct Proposals {
-    xa: [f32; GROUP],
-    xb: [f32; GROUP],
-    ua: [f32; GROUP],
-    ub: [f32; GROUP],
-}
-
 /// Draws positions start..end (start a multiple of LANES) and offers them to `top` as
 /// `pos + offset`, except positions flagged in `skip`.
 ///
@@ -248,16 +240,21 @@ pub unsafe fn draw_range(
     let half_pi = _mm512_set1_ps(std::f32::consts::FRAC_PI_2);
     let small = _mm512_set1_ps(SMALL_D);
     let one = _mm512_set1_ps(1.0);
-    let mut buf = Proposals {
-        xa: [0.0; GROUP],
-        xb: [0.0; GROUP],
-        ua: [0.0; GROUP],
-        ub: [0.0; GROUP],
-    };
-    let mut cand_v = [0f32; CANDIDATES];
-    let mut cand_p = [0u32; CANDIDATES];
+    let buf = &mut *rng.scratch;
+    // Small slates: a k-th best that starts empty lags behind and lets ~10·k draws through
+    // to be offered. So over the first group, keep each lane's best draw instead: the k-th
+    // best of the 16 lane maxima bounds the group's k-th best draw from below, and one scan
+    // of the group's kept draws offers only the few above it. Later groups then start from
+    // a tight threshold.
+    let mut lane_maxima = top.k > 1 && top.k <= LANES && skip.is_none();
+    let mut best_x = _mm512_setzero_ps();
+    let mut best_y = one;
     let mut n_cand = 0usize;
-    let flush_at = (2 * top.k).clamp(32, CANDIDATES - LANES);
+    let flush_at = if lane_maxima {
+        1
+    } else {
+        (2 * top.k).clamp(32, CANDIDATES - LANES)
+    };
     let lane_ids = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     let mut group_start = start;
     while group_start < end {
@@ -309,21 +306,11 @@ pub unsafe fn draw_range(
             let big_b = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(db, small);
             let mut ok_a = squeeze(da, ta, xa, ua) & big_a;
             let mut ok_b = squeeze(db, tb, xb, ub) & big_b;
-            let mut ok = ok_a & ok_b;
-            // X / (X + Y) > θ  ⇔  X · (1 − θ) > θ · Y: no division on the fast path.
-            let mut better = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(
-                _mm512_mul_ps(ga, _mm512_sub_ps(one, threshold)),
-                _mm512_mul_ps(threshold, gb),
-            ) & ok
-                & live;
-            let mut fail = !ok & live;
-            if (better | fail) == 0 {
-                continue;
-            }
-            // Rare path. Lanes the squeeze left undecided (common only for shapes near 1)
-            // finish in vector form: the full test on the same proposal, then fresh proposals.
-            // Only lanes with a shape below 1 are left for the scalar finish.
+            let mut fail = !(ok_a & ok_b) & live;
             if fail != 0 {
+                // Rare path. Lanes the squeeze left undecided (common only for shapes near 1)
+                // finish in vector form: the full test on the same proposal, then fresh
+                // proposals. Only lanes with a shape below 1 are left for the scalar finish.
                 let pend_a = big_a & !ok_a & live;
                 if pend_a != 0 {
                     ok_a |= finish_lanes(da, ca, xa, ua, pend_a, &mut ga, &mut r0, &mut r1);
@@ -332,37 +319,62 @@ pub unsafe fn draw_range(
                 if pend_b != 0 {
                     ok_b |= finish_lanes(db, cb, xb, ub, pend_b, &mut gb, &mut r1, &mut r0);
                 }
-                ok = ok_a & ok_b;
-                better = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(
+                fail = !(ok_a & ok_b) & live;
+            }
+            let ok = ok_a & ok_b;
+            let mut better = if lane_maxima {
+                // Keep both Gamma draws for the final scan and each lane's best draw;
+                // lanes finished in scalar below are offered directly and kept out.
+                let keep = ok & live;
+                let at = o;
+                _mm512_storeu_ps(buf.gx.as_mut_ptr().add(at), _mm512_maskz_mov_ps(keep, ga));
+                _mm512_storeu_ps(
+                    buf.gy.as_mut_ptr().add(at),
+                    _mm512_mask_mov_ps(one, keep, gb),
+                );
+                let up = keep
+                    & _mm512_cmp_ps_mask::<_CMP_GT_OQ>(
+                        _mm512_mul_ps(ga, best_y),
+                        _mm512_mul_ps(best_x, gb),
+                    );
+                best_x = _mm512_mask_mov_ps(best_x, up, ga);
+                best_y = _mm512_mask_mov_ps(best_y, up, gb);
+                0
+            } else {
+                // X / (X + Y) > θ  ⇔  X · (1 − θ) > θ · Y: no division on the fast path.
+                _mm512_cmp_ps_mask::<_CMP_GT_OQ>(
                     _mm512_mul_ps(ga, _mm512_sub_ps(one, threshold)),
                     _mm512_mul_ps(threshold, gb),
                 ) & ok
-                    & live;
-                fail = !ok & live;
-                if (better | fail) == 0 {
-                    continue;
-                }
+                    & live
+            };
+            if (better | fail) == 0 {
+                continue;
             }
             if top.k > 1 && better != 0 {
                 // Slates: a k-th best threshold is beaten often (about k·ln(n/k) times), so
                 // candidates are appended with one compress-store each and offered in bulk.
-                let draw = _mm512_div_ps(ga, _mm512_add_ps(ga, gb));
+                // Compress in registers and store whole vectors (a compress straight to memory
+                // is slow on Intel); the buffer has a vector of slack past `flush_at`.
                 let idx =
                     _mm512_add_epi32(_mm512_set1_epi32((pos as u32 + offset) as i32), lane_ids);
-                _mm512_mask_compressstoreu_ps(
-                    cand_v.as_mut_ptr().add(n_cand) as *mut _,
-                    better,
-                    draw,
+                let at = n_cand;
+                _mm512_storeu_ps(
+                    buf.cand_x.as_mut_ptr().add(at),
+                    _mm512_maskz_compress_ps(better, ga),
                 );
-                _mm512_mask_compressstoreu_epi32(
-                    cand_p.as_mut_ptr().add(n_cand) as *mut _,
-                    better,
-                    idx,
+                _mm512_storeu_ps(
+                    buf.cand_y.as_mut_ptr().add(at),
+                    _mm512_maskz_compress_ps(better, gb),
+                );
+                _mm512_storeu_si512(
+                    buf.cand_pos.as_mut_ptr().add(at) as *mut _,
+                    _mm512_maskz_compress_epi32(better, idx),
                 );
                 n_cand += better.count_ones() as usize;
                 // Offer often enough that the threshold tightens quickly.
                 if n_cand >= flush_at {
-                    offer_candidates(top, &cand_v[..n_cand], &cand_p[..n_cand], skip, offset);
+                    offer_candidates(top, buf, n_cand, skip, offset);
                     n_cand = 0;
                     threshold = _mm512_set1_ps(top.threshold().max(-1.0));
                 }
@@ -404,28 +416,77 @@ pub unsafe fn draw_range(
             }
             threshold = _mm512_set1_ps(top.threshold().max(-1.0));
         }
+        if lane_maxima {
+            offer_above_lane_maxima(top, buf, group_start, group_len, best_x, best_y, offset);
+            threshold = _mm512_set1_ps(top.threshold().max(-1.0));
+            lane_maxima = false;
+        }
         group_start += group_len;
     }
-    offer_candidates(top, &cand_v[..n_cand], &cand_p[..n_cand], skip, offset);
+    offer_candidates(top, buf, n_cand, skip, offset);
     r0.store(&mut rng.lanes[0]);
     r1.store(&mut rng.lanes[1]);
 }
 
-/// Slate candidates collected between threshold updates.
-const CANDIDATES: usize = 256;
-
 fn offer_candidates(
     top: &mut TopK,
-    values: &[f32],
-    positions: &[u32],
+    cand: &KernelScratch,
+    n: usize,
     skip: Option<&[bool]>,
     offset: u32,
 ) {
-    for (&v, &p) in values.iter().zip(positions) {
+    for i in 0..n {
+        let p = cand.cand_pos[i];
         if skip.is_some_and(|s| s[(p - offset) as usize]) {
             continue;
         }
-        top.offer(v, p);
+        // Divide only here, per candidate, not per vector of mostly losing lanes.
+        let (x, y) = (cand.cand_x[i], cand.cand_y[i]);
+        top.offer(x / (x + y), p);
+    }
+}
+
+/// Offers the kept draws of the group at `start` (`len` positions) that reach the k-th best
+/// lane maximum (or the slate's current k-th best, whichever is higher).
+#[target_feature(enable = "avx512f")]
+unsafe fn offer_above_lane_maxima(
+    top: &mut TopK,
+    buf: &KernelScratch,
+    start: usize,
+    len: usize,
+    best_x: __m512,
+    best_y: __m512,
+    offset: u32,
+) {
+    let mut lane_best = [0f32; LANES];
+    _mm512_storeu_ps(
+        lane_best.as_mut_ptr(),
+        _mm512_div_ps(best_x, _mm512_add_ps(best_x, best_y)),
+    );
+    lane_best.sort_unstable_by(|x, y| y.total_cmp(x));
+    // Slightly lowered: the cross-multiplied filter below must never drop a draw whose
+    // divided value reaches the bound (rounding differs by an ulp or two).
+    let theta = (lane_best[top.k - 1] * (1.0 - 1e-5)).max(top.threshold());
+    let th = _mm512_set1_ps(theta.max(0.0));
+    let keep_th = _mm512_sub_ps(_mm512_set1_ps(1.0), th);
+    let zero = _mm512_setzero_ps();
+    let mut at = 0;
+    while at < len {
+        let x = _mm512_loadu_ps(buf.gx.as_ptr().add(at));
+        let y = _mm512_loadu_ps(buf.gy.as_ptr().add(at));
+        let mut hits =
+            _mm512_cmp_ps_mask::<_CMP_GE_OQ>(_mm512_mul_ps(x, keep_th), _mm512_mul_ps(th, y))
+                & _mm512_cmp_ps_mask::<_CMP_GT_OQ>(x, zero);
+        while hits != 0 {
+            let lane = hits.trailing_zeros() as usize;
+            hits &= hits - 1;
+            let i = at + lane;
+            if i < len {
+                let (x, y) = (buf.gx[i], buf.gy[i]);
+                top.offer(x / (x + y), (start + i) as u32 + offset);
+            }
+        }
+        at += LANES;
     }
 }
 

@@ -3,7 +3,8 @@
 //! Per block of 16 arms: four xoshiro256++ steps over 8 u64 lanes (two independent streams)
 //! give 4 × 16 uniforms; Box–Muller turns two of them into the two normals the Gamma draws
 //! need (polynomial log, sin and cos; the quadrant comes from random sign bits); the tight
-//! Marsaglia–Tsang squeeze accepts almost every lane without a log. Lanes it does not
+//! Marsaglia–Tsang squeeze accepts almost every lane without a log. Normals are kept scaled
+//! by 108^(-1/4) and uniforms as f = 2 − u, which folds constants of the squeeze away. Lanes it does not
 //! accept are finished exactly in scalar (`kernel::finish_gamma`) on the same proposal.
 //! One broadcast threshold (the k-th best draw so far) keeps selection off the fast path.
 #![cfg(target_arch = "x86_64")]
@@ -12,7 +13,7 @@ use std::arch::x86_64::*;
 
 use crate::kernel::{
     beta_from_gammas, finish_gamma, BetaArrays, KernelRng, KernelScratch, TopK, CANDIDATES, GROUP,
-    LANES, SMALL_D,
+    INV_X_SCALE, LANES, SMALL_D, X_SCALE,
 };
 
 struct Stream {
@@ -62,13 +63,32 @@ impl Stream {
     }
 }
 
-/// 16 uniforms in (0, 1] from the top 23 bits of each 32-bit lane: the bits become the
-/// mantissa of a float in [1, 2) (no integer-to-float conversion), then 2 − f.
+/// 16 uniforms f in [1, 2) from the top 23 bits of each 32-bit lane: the bits become the
+/// mantissa (no integer-to-float conversion).
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn uniform12(bits: __m512i) -> __m512 {
+    _mm512_castsi512_ps(_mm512_or_si512(
+        _mm512_srli_epi32::<9>(bits),
+        _mm512_set1_epi32(0x3F80_0000),
+    ))
+}
+
+/// 16 uniforms u = 2 − f in (0, 1].
 #[inline]
 #[target_feature(enable = "avx512f")]
 unsafe fn uniform01(bits: __m512i) -> __m512 {
-    let one_to_two = _mm512_or_si512(_mm512_srli_epi32::<9>(bits), _mm512_set1_epi32(0x3F80_0000));
-    _mm512_sub_ps(_mm512_set1_ps(2.0), _mm512_castsi512_ps(one_to_two))
+    _mm512_sub_ps(_mm512_set1_ps(2.0), uniform12(bits))
+}
+
+/// Box–Muller radius of the scaled normals: X_SCALE · sqrt(−2 ln u).
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn scaled_radius(bits: __m512i) -> __m512 {
+    sqrt(_mm512_mul_ps(
+        _mm512_set1_ps(-2.0 * X_SCALE * X_SCALE),
+        ln(uniform01(bits)),
+    ))
 }
 
 /// Natural log for x in (0, 1] (Cephes logf polynomial; relative error ~1e-7).
@@ -144,25 +164,25 @@ unsafe fn random_sign(x: __m512, bits: __m512i) -> __m512 {
     _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(x), sign))
 }
 
-/// Squeeze acceptance of a Marsaglia–Tsang proposal: (1 − u)·108·d·min(1, t) > x⁴.
+/// Squeeze acceptance of a Marsaglia–Tsang proposal, (1 − u)·108·d·min(1, t) > x⁴, in the
+/// kernel's form: xs = x·X_SCALE (so xs⁴ = x⁴/108) and f = 2 − u (so 1 − u = f − 1).
 #[inline]
 #[target_feature(enable = "avx512f")]
-unsafe fn squeeze(d: __m512, t: __m512, x: __m512, u: __m512) -> __mmask16 {
-    let x2 = _mm512_mul_ps(x, x);
+unsafe fn squeeze(d: __m512, t: __m512, xs: __m512, f: __m512) -> __mmask16 {
+    let x2 = _mm512_mul_ps(xs, xs);
     let x4 = _mm512_mul_ps(x2, x2);
-    let one = _mm512_set1_ps(1.0);
-    let lhs = _mm512_mul_ps(
-        _mm512_mul_ps(_mm512_sub_ps(one, u), _mm512_set1_ps(108.0)),
-        _mm512_mul_ps(d, _mm512_min_ps(t, one)),
-    );
-    _mm512_cmp_ps_mask::<_CMP_GT_OQ>(lhs, x4)
+    let dm = _mm512_mul_ps(d, _mm512_min_ps(t, _mm512_set1_ps(1.0)));
+    _mm512_cmp_ps_mask::<_CMP_GT_OQ>(_mm512_fmsub_ps(f, dm, dm), x4)
 }
 
-/// The full Marsaglia–Tsang test: t > 0 and ln u < x²/2 + d·(1 − v + ln v), v = t³.
+/// The full Marsaglia–Tsang test, t > 0 and ln u < x²/2 + d·(1 − v + ln v) with v = t³, on
+/// the kernel's form of the proposal (xs, f) as in `squeeze`.
 #[inline]
 #[target_feature(enable = "avx512f")]
-unsafe fn full_test(d: __m512, t: __m512, x: __m512, u: __m512) -> __mmask16 {
+unsafe fn full_test(d: __m512, t: __m512, xs: __m512, f: __m512) -> __mmask16 {
     let one = _mm512_set1_ps(1.0);
+    let x = _mm512_mul_ps(xs, _mm512_set1_ps(INV_X_SCALE));
+    let u = _mm512_sub_ps(_mm512_set1_ps(2.0), f);
     let v = _mm512_mul_ps(_mm512_mul_ps(t, t), t);
     let positive = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(t, _mm512_setzero_ps());
     // ln of a non-positive v is not used (masked by `positive`); keep it finite.
@@ -198,13 +218,13 @@ unsafe fn finish_lanes(
         let bits1 = ra.next();
         let bits2 = rb.next();
         let bits_u = ra.next();
-        let radius = sqrt(_mm512_mul_ps(_mm512_set1_ps(-2.0), ln(uniform01(bits1))));
+        let radius = scaled_radius(bits1);
         let (co, _) = cos_sin(_mm512_mul_ps(
             uniform01(bits2),
             _mm512_set1_ps(std::f32::consts::FRAC_PI_2),
         ));
         let x = random_sign(_mm512_mul_ps(radius, co), bits1);
-        let u = uniform01(bits_u);
+        let u = uniform12(bits_u);
         let t = _mm512_fmadd_ps(c, x, one);
         let accept = todo & (squeeze(d, t, x, u) | full_test(d, t, x, u));
         let value = _mm512_mul_ps(d, _mm512_mul_ps(_mm512_mul_ps(t, t), t));
@@ -268,7 +288,7 @@ pub unsafe fn draw_range(
             let bits_a = r0.next();
             let bits_b = r1.next();
             // Box–Muller: two independent normals per lane.
-            let radius = sqrt(_mm512_mul_ps(_mm512_set1_ps(-2.0), ln(uniform01(bits1))));
+            let radius = scaled_radius(bits1);
             let (co, si) = cos_sin(_mm512_mul_ps(uniform01(bits2), half_pi));
             _mm512_storeu_ps(
                 buf.xa.as_mut_ptr().add(o),
@@ -278,8 +298,8 @@ pub unsafe fn draw_range(
                 buf.xb.as_mut_ptr().add(o),
                 random_sign(_mm512_mul_ps(radius, si), bits2),
             );
-            _mm512_storeu_ps(buf.ua.as_mut_ptr().add(o), uniform01(bits_a));
-            _mm512_storeu_ps(buf.ub.as_mut_ptr().add(o), uniform01(bits_b));
+            _mm512_storeu_ps(buf.ua.as_mut_ptr().add(o), uniform12(bits_a));
+            _mm512_storeu_ps(buf.ub.as_mut_ptr().add(o), uniform12(bits_b));
         }
         // Pass 2: Marsaglia–Tsang acceptance and selection.
         for j in 0..blocks {

@@ -57,13 +57,20 @@ pub struct BetaArrays {
     pub len: usize,
 }
 
-/// Marsaglia–Tsang constants (d, c) of Gamma(shape).
+/// The vector kernel draws its normals scaled by 108^(-1/4): then x⁴ already carries the
+/// 1/108 of the squeeze test, and the stored c is scaled up by the same factor so that
+/// c·x (hence t = 1 + c·x) is unchanged. Saves vector operations on the hot path.
+pub const X_SCALE: f32 = 0.310_201_62;
+/// 1 / X_SCALE = 108^(1/4).
+pub const INV_X_SCALE: f32 = 3.223_709_8;
+
+/// Marsaglia–Tsang constants (d, c / X_SCALE) of Gamma(shape); c = 1/sqrt(9d).
 #[inline]
 pub fn mt_constants(shape: f64) -> (f32, f32) {
     let d = (shape - 1.0 / 3.0) as f32;
     // f32 is plenty here and keeps updates cheap (no f64 square root and division).
     let c = if d > 0.0 {
-        (9.0 * d).sqrt().recip()
+        INV_X_SCALE / (9.0 * d).sqrt()
     } else {
         0.0
     };
@@ -173,7 +180,8 @@ pub const CANDIDATES: usize = 256;
 /// Working buffers of the vector kernel (contents are meaningless between calls).
 #[derive(Clone)]
 pub struct KernelScratch {
-    /// Proposals of one group: the normals and acceptance uniforms of both Gamma draws.
+    /// Proposals of one group, both Gamma draws: scaled normals x·X_SCALE and f = 2 − u
+    /// (u the acceptance uniform).
     pub xa: [f32; GROUP],
     pub xb: [f32; GROUP],
     pub ua: [f32; GROUP],
@@ -230,17 +238,19 @@ impl KernelRng {
     }
 }
 
-/// One exact Gamma(d + 1/3) draw continuing Marsaglia–Tsang from a vector proposal (x, u)
-/// that the squeeze did not accept: the full log test on the same proposal, then fresh
-/// proposals until one is accepted.
+/// One exact Gamma(d + 1/3) draw continuing Marsaglia–Tsang from a vector proposal that the
+/// squeeze did not accept: the full log test on the same proposal, then fresh proposals
+/// until one is accepted. The proposal comes as the vector kernel keeps it: the scaled
+/// normal xs = x·X_SCALE, f = 2 − u in [1, 2), and the stored (scaled) c.
 #[inline]
-pub fn finish_gamma(d: f32, c: f32, x: f32, u: f32, rng: &mut Xoshiro256PlusPlus) -> f64 {
+pub fn finish_gamma(d: f32, c: f32, xs: f32, f: f32, rng: &mut Xoshiro256PlusPlus) -> f64 {
     let shape = d as f64 + 1.0 / 3.0;
     if d < SMALL_D {
         return sampling::gamma(rng, shape);
     }
-    let (d, c, x, u) = (d as f64, c as f64, x as f64, u as f64);
-    let t = 1.0 + c * x;
+    let (d, u) = (d as f64, 2.0 - f as f64);
+    let t = 1.0 + c as f64 * xs as f64;
+    let x = xs as f64 / X_SCALE as f64;
     if t > 0.0 {
         let v = t * t * t;
         let accept_squeeze = (1.0 - u) * 108.0 * d * t.min(1.0) > x.powi(4);

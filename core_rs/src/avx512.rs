@@ -483,10 +483,14 @@ unsafe fn offer_above_lane_maxima(
         lane_best.as_mut_ptr(),
         _mm512_div_ps(best_x, _mm512_add_ps(best_x, best_y)),
     );
-    lane_best.sort_unstable_by(|x, y| y.total_cmp(x));
+    // Draws are in [0, 1], so their bit patterns sort like the values (an integer sort, no
+    // comparator call); anything else (NaN) counts as 0, which only lowers the bound.
+    let mut keys = lane_best.map(|v| if v > 0.0 { v.to_bits() } else { 0 });
+    keys.sort_unstable();
+    let kth = f32::from_bits(keys[LANES - top.k]);
     // Slightly lowered: the cross-multiplied filter below must never drop a draw whose
     // divided value reaches the bound (rounding differs by an ulp or two).
-    let theta = (lane_best[top.k - 1] * (1.0 - 1e-5)).max(top.threshold());
+    let theta = (kth * (1.0 - 1e-5)).max(top.threshold());
     let th = _mm512_set1_ps(theta.max(0.0));
     let keep_th = _mm512_sub_ps(_mm512_set1_ps(1.0), th);
     let zero = _mm512_setzero_ps();

@@ -254,8 +254,8 @@ class Engine:
         if spec.sticky:
             held = self._assignment(rt, unit_id)
             if held is not None and len(held) == k and all(self._is_active(rt, a) for a in held):
-                means = rt.bandit.means()
-                scores = tuple(means[rt.index[a]] for a in held)
+                # Only the held arms' means: `means()` would build a list of every arm.
+                scores = tuple(rt.bandit.means_of([rt.index[a] for a in held]))
                 return self._record(rt, unit_id, held, (1.0,) * k, scores, True, context)
         try:
             arms, scores, props = rt.bandit.choose(k)

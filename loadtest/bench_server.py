@@ -16,6 +16,7 @@ repeated. Then the ingest benchmark (loadtest/bench_ingest.py) runs, unless --no
     make bench-server                              # everything, ~10 minutes
     python loadtest/bench_server.py --quick        # shorter steps, coarser search
     python loadtest/bench_server.py --servers banditd-1,numpy --arms 10000
+    python loadtest/bench_server.py --servers noop,noop-aio --no-ingest   # sync vs grpc.aio
 """
 
 from __future__ import annotations
@@ -57,6 +58,8 @@ P99_MS = 10.0
 TARGET_1K = (1000, 5000.0, 10.0)  # arms, decisions/s, p99 ms
 TARGET_10K = (10000, 3000.0, 15.0, 1.7)  # arms, decisions/s, p99 ms, x numpy
 SERVERS = ("banditd-1", "banditd-2", "numpy", "noop")
+# Also selectable: the no-op server on grpc.aio, the other server model (sync vs aio).
+OPTIONAL_SERVERS = ("noop-aio",)
 
 
 @dataclass
@@ -182,21 +185,21 @@ class Bench:
         wait_for_quiet()
         with server, channel(server.target) as ch:
             stub = pb_grpc.BanditdStub(ch)
-            for arms in (self.args.arms[:1] if name == "noop" else self.args.arms):
+            for arms in (self.args.arms[:1] if name.startswith("noop") else self.args.arms):
                 plan = ExperimentPlan(f"bench-{arms}", arms, posterior=self.args.posterior)
                 ensure_experiment(stub, plan)
                 payloads = decide_payloads(plan.id, 4096)
-                print(f"  {'any' if name == 'noop' else arms} arms", flush=True)
+                print(f"  {'any' if name.startswith('noop') else arms} arms", flush=True)
                 closed = self.closed(server, payloads)
                 cache: dict[float, Step] = {}
 
                 def measure(rate: float, payloads: list[bytes] = payloads) -> Step:
                     return self._measure(server, payloads, rate)
 
-                row = Row(name, None if name == "noop" else arms, closed, None)
+                row = Row(name, None if name.startswith("noop") else arms, closed, None)
                 row.best = self.search(measure, P99_MS, closed.throughput, cache)
                 row.best_at[P99_MS] = row.best
-                if arms == TARGET_10K[0] and name != "noop":
+                if arms == TARGET_10K[0] and not name.startswith("noop"):
                     row.best_at[TARGET_10K[2]] = self.search(measure, TARGET_10K[2], closed.throughput, cache)
                 row.steps = sorted(cache.values(), key=lambda s: s.rate)
                 rows.append(row)
@@ -219,9 +222,9 @@ def make_server(name: str, workdir: Path, workers: bool, extra: tuple[str, ...] 
         return ServerProcess.banditd(workdir, *(("--workers", "1") if workers else ()), *extra, name=name)
     if name == "banditd-2":
         return ServerProcess.banditd(workdir, "--workers", "2", *extra, name=name)
-    if name in ("numpy", "noop"):
+    if name in ("numpy", "noop", "noop-aio"):
         return ServerProcess.reference(workdir, name)
-    raise SystemExit(f"unknown server {name!r}; expected one of {', '.join(SERVERS)}")
+    raise SystemExit(f"unknown server {name!r}; expected one of {', '.join(SERVERS + OPTIONAL_SERVERS)}")
 
 
 def _rate(step: Step | None) -> float:
@@ -276,7 +279,8 @@ def targets(rows: list[Row]) -> list[str]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--banditd-args", default="", help="extra `banditd serve` flags for the banditd servers")
-    ap.add_argument("--servers", default=",".join(SERVERS), help=f"comma list of {', '.join(SERVERS)}")
+    ap.add_argument("--servers", default=",".join(SERVERS),
+                    help=f"comma list of {', '.join(SERVERS + OPTIONAL_SERVERS)}")
     ap.add_argument("--arms", default="10,1000,10000", help="experiment sizes")
     ap.add_argument("--posterior", choices=("flat", "learned"), default="learned",
                     help="arm priors: learned (a running experiment) or flat Beta(1,1) (fresh, worst case)")

@@ -4,6 +4,8 @@
   all arms per decision; rewards update a and b at once (no durability, no decision log).
   What banditd is compared with: same transport, a straightforward policy.
 --mode noop: Decide returns one constant response; the floor of a Python gRPC round trip.
+--mode noop-aio: the same on grpc.aio (asyncio): the other server model grpcio offers, to
+  measure which of the two is faster here (banditd uses the sync one).
 
 Implements CreateExperiment, GetExperiment, Decide, Reward, RewardStream and GetArmStats,
 plus grpc.health.v1 so the benchmarks can wait for it like for banditd.
@@ -14,6 +16,7 @@ plus grpc.health.v1 so the benchmarks can wait for it like for banditd.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import itertools
 import signal
 import threading
@@ -190,6 +193,41 @@ class NoopService(pb_grpc.BanditdServicer):
         return pb.GetArmStatsResponse(experiment_id=request.experiment_id)
 
 
+class AioNoopService(pb_grpc.BanditdServicer):
+    """NoopService on grpc.aio: coroutine handlers, one event loop."""
+
+    async def CreateExperiment(self, request: pb.CreateExperimentRequest, context: object) -> pb.Experiment:
+        return request.experiment
+
+    async def GetExperiment(self, request: pb.GetExperimentRequest, context: object) -> pb.Experiment:
+        return pb.Experiment(id=request.experiment_id)
+
+    async def Decide(self, request: pb.DecideRequest, context: object) -> pb.DecideResponse:
+        return NoopService.DECISION
+
+    async def Reward(self, request: pb.RewardRequest, context: object) -> pb.RewardResponse:
+        return NoopService.ACCEPTED
+
+
+async def serve_aio(host: str, port: int) -> None:
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    pb_grpc.add_BanditdServicer_to_server(AioNoopService(), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise SystemExit(f"could not bind {host}:{port}")
+    await server.start()
+    print(f"reference server (noop-aio) on {host}:{bound}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await server.stop(2)
+
+
 def build_server(mode: str, host: str, port: int, threads: int, seed: int | None) -> tuple[grpc.Server, int]:
     # The same server shape as banditd's app.py: sync grpcio on a thread pool.
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads), options=[("grpc.so_reuseport", 0)])
@@ -208,10 +246,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=50061)
-    ap.add_argument("--mode", choices=("numpy", "noop"), default="numpy")
+    ap.add_argument("--mode", choices=("numpy", "noop", "noop-aio"), default="numpy")
     ap.add_argument("--threads", type=int, default=16, help="RPC threads (banditd's default)")
     ap.add_argument("--seed", type=int, default=None)
     args = ap.parse_args()
+    if args.mode == "noop-aio":
+        asyncio.run(serve_aio(args.host, args.port))
+        return
     server, port = build_server(args.mode, args.host, args.port, args.threads, args.seed)
     server.start()
     print(f"reference server ({args.mode}) on {args.host}:{port}", flush=True)

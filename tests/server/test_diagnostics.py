@@ -68,3 +68,22 @@ def test_diagnose_cli_prints_the_report(server, client: Client) -> None:  # type
     ).stdout  # fmt: skip
     assert "rewarded arms whose score rose at the next update" in out
     assert "score histogram" in out and "experiment cli" in out
+
+
+def test_diagnostics_flag_near_uniform_traffic_and_arms_that_do_not_separate(client: Client) -> None:
+    # Always exploring while the data clearly separates the arms: near-uniform traffic is flagged.
+    client.create_experiment("explores", arms=["a", "b"], policy="epsilon_greedy", epsilon=1.0)
+    for i in range(400):
+        d = client.decide("explores", unit_id=f"u{i}")
+        client.reward(d.decision_id, 1.0 if (d.arm == "a") == (i % 10 != 0) else 0.0)
+    diag = client.diagnostics("explores")
+    assert diag.dominated_arms == 1
+    assert "NEAR_UNIFORM_TRAFFIC" in {a.code for a in diag.alarms}
+    # Two equal arms after many rewards: no arm separates, which is flagged too.
+    client.create_experiment("equal", arms=["a", "b"], policy="thompson")
+    for i in range(300):
+        d = client.decide("equal", unit_id=f"u{i}")
+        client.reward(d.decision_id, float(i % 2))
+    diag = client.diagnostics("equal")
+    assert diag.dominated_arms == 0
+    assert "NOT_SEPARATING" in {a.code for a in diag.alarms}

@@ -182,25 +182,39 @@ def apply_rows(n: int, budget: float, rng: np.random.Generator) -> list[Row]:
     return [(name, us[name], ref / us[name], note) for name, note in zip(names, notes, strict=True)]
 
 
-def optional_rows(n: int, budget: float) -> list[Row]:
-    """MABWiser and Vowpal Wabbit, for reference, when they are installed."""
-    rows: list[Row] = []
+def optional_rows(n: int, budget: float, rng: np.random.Generator) -> list[Row]:
+    """MABWiser and Vowpal Wabbit, for reference, when they are installed (not dependencies of
+    banditd: `pip install mabwiser vowpalwabbit` to see these rows), next to numpy and
+    banditd on the same spread world, measured interleaved like the other tables."""
+    a, b = world("spread", n, rng)
+    nrng = np.random.default_rng(3)
+    full = bandit(a, b, thompson_path="full")
+    fns: dict[str, Callable[[], object]] = {
+        "numpy beta().argmax()": lambda: int(nrng.beta(a, b).argmax()),
+        "banditd thompson full " + full.isa: partial(full.choose, 1),
+    }
+    missing: list[Row] = []
     try:
         from mabwiser.mab import MAB, LearningPolicy  # type: ignore[import-not-found]
 
-        arms = list(range(n))
-        mab = MAB(arms, LearningPolicy.ThompsonSampling())
+        mab = MAB(list(range(n)), LearningPolicy.ThompsonSampling())
         mab.fit([0, 1] * 5, [0, 1] * 5)
-        rows.append(("MABWiser ThompsonSampling.predict", medians_us({"mab": mab.predict}, budget)["mab"], 0.0, ""))
+        fns["MABWiser ThompsonSampling.predict"] = mab.predict
     except ImportError:
-        rows.append(("MABWiser", float("nan"), float("nan"), "not installed"))
+        missing.append(("MABWiser", float("nan"), float("nan"), "not installed"))
     try:
-        import vowpalwabbit  # type: ignore[import-not-found]  # noqa: F401
+        import vowpalwabbit  # type: ignore[import-not-found]
 
-        rows.append(("Vowpal Wabbit", float("nan"), float("nan"), "installed; not measured"))
+        vw = vowpalwabbit.Workspace("--cb_explore_adf --epsilon 0.1 --quiet")
+        # One shared context and n actions, as VW's contextual-bandit examples do.
+        example = ["shared |s user=u1"] + [f"|a arm={i}" for i in range(n)]
+        vw.learn(["shared |s user=u1", "0:1:0.5 |a arm=0"] + [f"|a arm={i}" for i in range(1, n)])
+        fns["Vowpal Wabbit cb_explore_adf predict"] = lambda: vw.predict(example)
     except ImportError:
-        rows.append(("Vowpal Wabbit cb_explore_adf", float("nan"), float("nan"), "not installed"))
-    return rows
+        missing.append(("Vowpal Wabbit cb_explore_adf", float("nan"), float("nan"), "not installed"))
+    us = medians_us(fns, budget)
+    ref = us["numpy beta().argmax()"]
+    return [(name, t, ref / t, "") for name, t in us.items()] + missing
 
 
 def print_table(title: str, rows: list[Row]) -> None:
@@ -208,7 +222,7 @@ def print_table(title: str, rows: list[Row]) -> None:
     print(f"| {'what':40} | {'median µs':>10} | {'vs numpy':>9} | note")
     print(f"|{'-' * 42}|{'-' * 12}|{'-' * 11}|------")
     for name, us, ratio, note in rows:
-        print(f"| {name:40} | {us:10.2f} | {ratio:8.1f}x | {note}")
+        print(f"| {name:40} | {us:10.2f} | {ratio:8.2f}x | {note}")
 
 
 def main() -> None:
@@ -244,7 +258,7 @@ def main() -> None:
         if n >= 10_000:
             summary.append(f"apply 10,000 rewards, {n:,} arms: {rows[1][1]:.0f} µs (target <= 200 µs)")
         if n in (1_000, 10_000):
-            print_table(f"Other libraries, {n:,} arms", optional_rows(n, args.budget))
+            print_table(f"Other libraries, {n:,} arms, world 'spread'", optional_rows(n, args.budget, rng))
     print("\nTargets")
     for line in summary:
         print(" -", line)

@@ -4,9 +4,11 @@
 //! give 4 × 16 uniforms; Box–Muller turns two of them into the two normals the Gamma draws
 //! need (polynomial log, sin and cos; the quadrant comes from random sign bits); the tight
 //! Marsaglia–Tsang squeeze accepts almost every lane without a log. Normals are kept scaled
-//! by 108^(-1/4) and uniforms as f = 2 − u, which folds constants of the squeeze away. Lanes it does not
-//! accept are finished exactly in scalar (`kernel::finish_gamma`) on the same proposal.
-//! One broadcast threshold (the k-th best draw so far) keeps selection off the fast path.
+//! by 108^(-1/4) and uniforms as f = 2 − u, which folds constants of the squeeze away.
+//! Lanes the squeeze does not accept are finished exactly on the same proposal (in vector
+//! form, or in scalar by `kernel::finish_gamma` for shapes below 1).
+//! One broadcast threshold (the k-th best draw so far) keeps selection off the fast path;
+//! small slates first bound the k-th best by lane maxima.
 #![cfg(target_arch = "x86_64")]
 
 use std::arch::x86_64::*;
@@ -346,10 +348,9 @@ pub unsafe fn draw_range(
                 // Keep both Gamma draws for the final scan and each lane's best draw;
                 // lanes finished in scalar below are offered directly and kept out.
                 let keep = ok & live;
-                let at = o;
-                _mm512_storeu_ps(buf.gx.as_mut_ptr().add(at), _mm512_maskz_mov_ps(keep, ga));
+                _mm512_storeu_ps(buf.gx.as_mut_ptr().add(o), _mm512_maskz_mov_ps(keep, ga));
                 _mm512_storeu_ps(
-                    buf.gy.as_mut_ptr().add(at),
+                    buf.gy.as_mut_ptr().add(o),
                     _mm512_mask_mov_ps(one, keep, gb),
                 );
                 let up = keep

@@ -83,11 +83,16 @@ def test_core_simulate_refuses_bad_worlds() -> None:
 def test_end_to_end_subject_lines_through_the_server(client: Client) -> None:
     world = subject_lines()  # 10,000 sends, rewards in batches of 50
     by_name = {c.name: c for c in world.contenders}
-    traces = {name: e2e.run(client, world, by_name[name], seed=0) for name in ("uniform", "thompson")}
-    regret = {name: summarise(world, name, [t]).regret for name, t in traces.items()}
-    # One run: the 20-seed mean ratio is ~0.19 (the 0.25 target); 0.4 holds in >98% of runs.
-    assert regret["thompson"] <= 0.4 * regret["uniform"]
-    assert np.all((traces["thompson"].means >= 0.0) & (traces["thompson"].means <= 1.0))
+    uniform = e2e.run(client, world, by_name["uniform"], seed=0)
+    thompson = [e2e.run(client, world, by_name["thompson"], seed=seed) for seed in (0, 1)]
+    uniform_regret = summarise(world, "uniform", [uniform]).regret
+    thompson_regret = summarise(world, "thompson", thompson).regret  # mean of the two runs
+    # Thompson's regret per run is ~40-50 with sd ~20 (uniform's ~260 ± 1.5): the mean of two
+    # runs stays under 0.4x uniform by > 3.5 sd, while a loop that stopped learning scores
+    # ~1.0x. (One run alone once reached 0.41x in CI.) The 5-seed figure is ~0.15x.
+    assert thompson_regret <= 0.4 * uniform_regret
+    for trace in thompson:
+        assert np.all((trace.means >= 0.0) & (trace.means <= 1.0))
 
 
 def test_simulate_command_prints_the_table_and_writes_plots(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -79,11 +79,14 @@ def test_diagnostics_flag_near_uniform_traffic_and_arms_that_do_not_separate(cli
     diag = client.diagnostics("explores")
     assert diag.dominated_arms == 1
     assert "NEAR_UNIFORM_TRAFFIC" in {a.code for a in diag.alarms}
-    # Two equal arms after many rewards: no arm separates, which is flagged too.
+    # Two equal arms after many rewards: no arm separates, which is flagged too. Each arm's
+    # rewards alternate 1, 0, 1, ... so both means stay at 0.5 whatever the traffic split.
     client.create_experiment("equal", arms=["a", "b"], policy="thompson")
+    pulls = {"a": 0, "b": 0}
     for i in range(300):
         d = client.decide("equal", unit_id=f"u{i}")
-        client.reward(d.decision_id, float(i % 2))
+        client.reward(d.decision_id, 1.0 if pulls[d.arm] % 2 == 0 else 0.0)
+        pulls[d.arm] += 1
     diag = client.diagnostics("equal")
     assert diag.dominated_arms == 0
     assert "NOT_SEPARATING" in {a.code for a in diag.alarms}

@@ -7,8 +7,10 @@
 //! by 108^(-1/4) and uniforms as f = 2 − u, which folds constants of the squeeze away.
 //! Lanes the squeeze does not accept are finished exactly on the same proposal (in vector
 //! form, or in scalar by `kernel::finish_gamma` for shapes below 1).
-//! One broadcast threshold (the k-th best draw so far) keeps selection off the fast path;
-//! small slates first bound the k-th best by lane maxima.
+//! One broadcast threshold (the k-th best draw so far) keeps selection off the fast path.
+//! Slates of up to 16 arms live in two registers (`VecTop`), where a draw is inserted
+//! without branches; they first bound the k-th best by lane maxima. Larger slates buffer
+//! their candidates and offer them in bulk to the scalar `TopK`.
 #![cfg(target_arch = "x86_64")]
 
 use std::arch::x86_64::*;
@@ -197,6 +199,88 @@ unsafe fn full_test(d: __m512, t: __m512, xs: __m512, f: __m512) -> __mmask16 {
     positive & _mm512_cmp_ps_mask::<_CMP_LT_OQ>(ln(u), rhs)
 }
 
+/// A slate of at most 16 draws kept in two registers, best first (empty lanes hold −∞).
+/// Inserting a draw is a few branch-free vector operations; the scalar `TopK` sift ends on
+/// an unpredictable branch, and a slate of 10 over 1,000 arms inserts ~35 times.
+struct VecTop {
+    vals: __m512,
+    pos: __m512i,
+    k: usize,
+}
+
+impl VecTop {
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn load(top: &TopK) -> VecTop {
+        let mut vals = [f32::NEG_INFINITY; LANES];
+        let mut pos = [0u32; LANES];
+        for (i, &(v, p)) in top.items.iter().take(LANES).enumerate() {
+            vals[i] = v;
+            pos[i] = p;
+        }
+        VecTop {
+            vals: _mm512_loadu_ps(vals.as_ptr()),
+            pos: _mm512_loadu_si512(pos.as_ptr() as *const _),
+            k: top.k.min(LANES),
+        }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn store(&self, top: &mut TopK) {
+        let mut vals = [0f32; LANES];
+        let mut pos = [0u32; LANES];
+        _mm512_storeu_ps(vals.as_mut_ptr(), self.vals);
+        _mm512_storeu_si512(pos.as_mut_ptr() as *mut _, self.pos);
+        top.items.clear();
+        for i in (0..self.k).take_while(|&i| vals[i] > f32::NEG_INFINITY) {
+            top.items.push((vals[i], pos[i]));
+        }
+    }
+
+    /// Inserts the draw held in every lane of `v`; an equal draw already kept stays ahead.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn insert(&mut self, v: __m512, pos: u32) {
+        // The lanes holding smaller draws are a suffix (the slate is sorted): they move back
+        // one place and the draw takes the first of them.
+        let below = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(self.vals, v);
+        let first = below & below.wrapping_neg();
+        let back = _mm512_setr_epi32(0, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14);
+        let moved = below ^ first;
+        self.vals = _mm512_mask_mov_ps(
+            _mm512_mask_permutexvar_ps(self.vals, moved, back, self.vals),
+            first,
+            v,
+        );
+        self.pos = _mm512_mask_mov_epi32(
+            _mm512_mask_permutexvar_epi32(self.pos, moved, back, self.pos),
+            first,
+            _mm512_set1_epi32(pos as i32),
+        );
+    }
+
+    /// Inserts lane `lane` of `values`.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn insert_lane(&mut self, values: __m512, lane: usize, pos: u32) {
+        self.insert(
+            _mm512_permutexvar_ps(_mm512_set1_epi32(lane as i32), values),
+            pos,
+        );
+    }
+
+    /// The k-th best draw in every lane; −1 while fewer than k are kept (every draw enters).
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn threshold(&self) -> __m512 {
+        _mm512_max_ps(
+            _mm512_permutexvar_ps(_mm512_set1_epi32(self.k as i32 - 1), self.vals),
+            _mm512_set1_ps(-1.0),
+        )
+    }
+}
+
 /// Completes the Gamma draws of the `pending` lanes (shape >= 1 only): the full test on the
 /// proposal the squeeze did not accept, then fresh proposals until every lane accepts.
 /// Writes accepted values into `g`; returns the lanes it completed (all of `pending`).
@@ -256,9 +340,40 @@ pub unsafe fn draw_range(
     skip: Option<&[bool]>,
     offset: u32,
 ) {
+    if top.k <= LANES {
+        let mut slate = VecTop::load(top);
+        draw_range_with::<true>(arrays, start, end, rng, top, &mut slate, skip, offset);
+        slate.store(top);
+    } else {
+        let mut unused = VecTop::load(&TopK::new(1));
+        draw_range_with::<false>(arrays, start, end, rng, top, &mut unused, skip, offset);
+    }
+}
+
+/// `draw_range` for small slates kept in registers (`SMALL`: `slate` is used, `top` is not)
+/// or for large slates in `top`, whose candidates are buffered and offered in bulk.
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx512f")]
+unsafe fn draw_range_with<const SMALL: bool>(
+    arrays: &BetaArrays,
+    start: usize,
+    end: usize,
+    rng: &mut KernelRng,
+    top: &mut TopK,
+    slate: &mut VecTop,
+    skip: Option<&[bool]>,
+    offset: u32,
+) {
+    let threshold_of = |top: &TopK, slate: &VecTop| {
+        if SMALL {
+            slate.threshold()
+        } else {
+            _mm512_set1_ps(top.threshold().max(-1.0))
+        }
+    };
     let mut r0 = Stream::load(&rng.lanes[0]);
     let mut r1 = Stream::load(&rng.lanes[1]);
-    let mut threshold = _mm512_set1_ps(top.threshold().max(-1.0));
+    let mut threshold = threshold_of(top, slate);
     let half_pi = _mm512_set1_ps(std::f32::consts::FRAC_PI_2);
     let small = _mm512_set1_ps(SMALL_D);
     let one = _mm512_set1_ps(1.0);
@@ -268,7 +383,7 @@ pub unsafe fn draw_range(
     // best of the 16 lane maxima bounds the group's k-th best draw from below, and one scan
     // of the group's kept draws offers only the few above it. Later groups then start from
     // a tight threshold.
-    let mut lane_maxima = top.k > 1 && top.k <= LANES && skip.is_none();
+    let mut lane_maxima = SMALL && slate.k > 1 && skip.is_none();
     let mut best_x = _mm512_setzero_ps();
     let mut best_y = one;
     let mut n_cand = 0usize;
@@ -372,8 +487,25 @@ pub unsafe fn draw_range(
             if (better | fail) == 0 {
                 continue;
             }
-            if top.k > 1 && better != 0 {
-                // Slates: a k-th best threshold is beaten often (about k·ln(n/k) times), so
+            if SMALL && better != 0 {
+                // One division for the vector, then each better lane into the slate.
+                let r = _mm512_div_ps(ga, _mm512_add_ps(ga, gb));
+                let mut m = better;
+                while m != 0 {
+                    let lane = m.trailing_zeros() as usize;
+                    m &= m - 1;
+                    if !skip.is_some_and(|s| s[pos + lane]) {
+                        slate.insert_lane(r, lane, (pos + lane) as u32 + offset);
+                    }
+                }
+                better = 0;
+                if fail == 0 {
+                    threshold = slate.threshold();
+                    continue;
+                }
+            }
+            if !SMALL && top.k > 1 && better != 0 {
+                // Large slates: a k-th best threshold is beaten often (about k·ln(n/k) times), so
                 // candidates are appended with one compress-store each and offered in bulk.
                 // Compress in registers and store whole vectors (a compress straight to memory
                 // is slow on Intel); the buffer has a vector of slack past `flush_at`.
@@ -397,7 +529,7 @@ pub unsafe fn draw_range(
                 if n_cand >= flush_at {
                     offer_candidates(top, buf, n_cand, skip, offset);
                     n_cand = 0;
-                    threshold = _mm512_set1_ps(top.threshold().max(-1.0));
+                    threshold = threshold_of(top, slate);
                 }
                 better = 0;
                 if fail == 0 {
@@ -433,18 +565,25 @@ pub unsafe fn draw_range(
                 } else {
                     (gas[lane] as f64, gbs[lane] as f64)
                 };
-                top.offer(beta_from_gammas(x, y), p as u32 + offset);
+                let v = beta_from_gammas(x, y);
+                if SMALL {
+                    slate.insert(_mm512_set1_ps(v), p as u32 + offset);
+                } else {
+                    top.offer(v, p as u32 + offset);
+                }
             }
-            threshold = _mm512_set1_ps(top.threshold().max(-1.0));
+            threshold = threshold_of(top, slate);
         }
         if lane_maxima {
-            offer_above_lane_maxima(top, buf, group_start, group_len, best_x, best_y, offset);
-            threshold = _mm512_set1_ps(top.threshold().max(-1.0));
+            offer_above_lane_maxima(slate, buf, group_start, group_len, best_x, best_y, offset);
+            threshold = slate.threshold();
             lane_maxima = false;
         }
         group_start += group_len;
     }
-    offer_candidates(top, buf, n_cand, skip, offset);
+    if !SMALL {
+        offer_candidates(top, buf, n_cand, skip, offset);
+    }
     r0.store(&mut rng.lanes[0]);
     r1.store(&mut rng.lanes[1]);
 }
@@ -471,7 +610,7 @@ fn offer_candidates(
 /// lane maximum (or the slate's current k-th best, whichever is higher).
 #[target_feature(enable = "avx512f")]
 unsafe fn offer_above_lane_maxima(
-    top: &mut TopK,
+    slate: &mut VecTop,
     buf: &KernelScratch,
     start: usize,
     len: usize,
@@ -488,10 +627,10 @@ unsafe fn offer_above_lane_maxima(
     // comparator call); anything else (NaN) counts as 0, which only lowers the bound.
     let mut keys = lane_best.map(|v| if v > 0.0 { v.to_bits() } else { 0 });
     keys.sort_unstable();
-    let kth = f32::from_bits(keys[LANES - top.k]);
+    let kth = f32::from_bits(keys[LANES - slate.k]);
     // Slightly lowered: the cross-multiplied filter below must never drop a draw whose
     // divided value reaches the bound (rounding differs by an ulp or two).
-    let theta = (kth * (1.0 - 1e-5)).max(top.threshold());
+    let theta = (kth * (1.0 - 1e-5)).max(_mm512_cvtss_f32(slate.threshold()));
     let th = _mm512_set1_ps(theta.max(0.0));
     let keep_th = _mm512_sub_ps(_mm512_set1_ps(1.0), th);
     let zero = _mm512_setzero_ps();
@@ -502,13 +641,15 @@ unsafe fn offer_above_lane_maxima(
         let mut hits =
             _mm512_cmp_ps_mask::<_CMP_GE_OQ>(_mm512_mul_ps(x, keep_th), _mm512_mul_ps(th, y))
                 & _mm512_cmp_ps_mask::<_CMP_GT_OQ>(x, zero);
-        while hits != 0 {
-            let lane = hits.trailing_zeros() as usize;
-            hits &= hits - 1;
-            let i = at + lane;
-            if i < len {
-                let (x, y) = (buf.gx[i], buf.gy[i]);
-                top.offer(x / (x + y), (start + i) as u32 + offset);
+        if len - at < LANES {
+            hits &= (1u16 << (len - at)) - 1;
+        }
+        if hits != 0 {
+            let r = _mm512_div_ps(x, _mm512_add_ps(x, y));
+            while hits != 0 {
+                let lane = hits.trailing_zeros() as usize;
+                hits &= hits - 1;
+                slate.insert_lane(r, lane, (start + at + lane) as u32 + offset);
             }
         }
         at += LANES;

@@ -89,9 +89,14 @@ unsafe fn uniform01(bits: __m512i) -> __m512 {
 #[inline]
 #[target_feature(enable = "avx512f")]
 unsafe fn scaled_radius(bits: __m512i) -> __m512 {
-    sqrt(_mm512_mul_ps(
-        _mm512_set1_ps(-2.0 * X_SCALE * X_SCALE),
-        ln(uniform01(bits)),
+    // The hardware square root: 3 µops, off the critical ports' way for most of its latency.
+    // max(0, ·): ln u of u = 1 may come out as −0.
+    _mm512_sqrt_ps(_mm512_max_ps(
+        _mm512_mul_ps(
+            _mm512_set1_ps(-2.0 * X_SCALE * X_SCALE),
+            ln(uniform01(bits)),
+        ),
+        _mm512_setzero_ps(),
     ))
 }
 
@@ -143,21 +148,6 @@ unsafe fn cos_sin(phi: __m512) -> (__m512, __m512) {
     let c46 = _mm512_fmadd_ps(c(1.0 / 479_001_600.0), p4, c45);
     let co = _mm512_fmadd_ps(c46, p8, _mm512_fmadd_ps(c23, p4, c01));
     (co, _mm512_mul_ps(s, phi))
-}
-
-/// sqrt(y) for y >= 0 from the 14-bit reciprocal square root and one Newton step (relative
-/// error ~1e-7, no long-latency square root on the fast path).
-#[inline]
-#[target_feature(enable = "avx512f")]
-unsafe fn sqrt(y: __m512) -> __m512 {
-    let y = _mm512_max_ps(y, _mm512_set1_ps(1e-30));
-    let r = _mm512_rsqrt14_ps(y);
-    let yr2 = _mm512_mul_ps(_mm512_mul_ps(y, r), r);
-    let r = _mm512_mul_ps(
-        r,
-        _mm512_fnmadd_ps(_mm512_set1_ps(0.5), yr2, _mm512_set1_ps(1.5)),
-    );
-    _mm512_mul_ps(y, r)
 }
 
 /// Flips the sign of each lane whose bit 0 of `bits` is set.

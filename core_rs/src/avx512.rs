@@ -481,6 +481,11 @@ unsafe fn draw_range_with<const SMALL: bool>(
                 // One division for the vector, then each better lane into the slate.
                 let r = _mm512_div_ps(ga, _mm512_add_ps(ga, gb));
                 let mut m = better;
+                if slate.k == 1 {
+                    // Only the block's best can enter (the first block lets all 16 through).
+                    let best = _mm512_set1_ps(_mm512_mask_reduce_max_ps(better, r));
+                    m &= _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(r, best);
+                }
                 while m != 0 {
                     let lane = m.trailing_zeros() as usize;
                     m &= m - 1;

@@ -232,21 +232,19 @@ impl VecTop {
     #[inline]
     #[target_feature(enable = "avx512f")]
     unsafe fn insert(&mut self, v: __m512, pos: u32) {
-        // The lanes holding smaller draws are a suffix (the slate is sorted): they move back
-        // one place and the draw takes the first of them.
-        let below = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(self.vals, v);
-        let first = below & below.wrapping_neg();
+        // With the slate sorted, lane i becomes max(vals[i], min(vals[i − 1], v)) (lane −1
+        // holding +∞): kept draws ahead of v stay, v takes the first smaller lane, the rest
+        // move back one place. No mask round trip through scalar registers.
         let back = _mm512_setr_epi32(0, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14);
-        let moved = below ^ first;
-        self.vals = _mm512_mask_mov_ps(
-            _mm512_mask_permutexvar_ps(self.vals, moved, back, self.vals),
-            first,
-            v,
-        );
-        self.pos = _mm512_mask_mov_epi32(
-            _mm512_mask_permutexvar_epi32(self.pos, moved, back, self.pos),
-            first,
-            _mm512_set1_epi32(pos as i32),
+        let prev = _mm512_mask_permutexvar_ps(_mm512_set1_ps(f32::INFINITY), !1, back, self.vals);
+        let prev_pos = _mm512_permutexvar_epi32(back, self.pos);
+        let stays = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(self.vals, v);
+        let takes_v = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(prev, v) & !stays;
+        self.vals = _mm512_max_ps(self.vals, _mm512_min_ps(prev, v));
+        self.pos = _mm512_mask_blend_epi32(
+            stays,
+            _mm512_mask_blend_epi32(takes_v, prev_pos, _mm512_set1_epi32(pos as i32)),
+            self.pos,
         );
     }
 

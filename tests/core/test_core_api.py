@@ -111,6 +111,6 @@ def test_pruned_and_full_paths_agree_on_a_clear_winner() -> None:
         b = _core.Bandit("binary", "thompson", thompson_path=path, seed=2)
         b.add_arms(a, bb)
         b.maintain()
-        assert b.choose(1)[0] == [1234]
+        assert b.choose(1)[0] == (1234,)
         if path == "pruned":
             assert 0 < b.last_drawn < 5000

@@ -47,6 +47,10 @@ impl ThompsonPath {
     }
 }
 
+/// `apply_rewards` updates derived arrays per reward, not once per touched arm, up to this
+/// many rewards per arm in a batch (measured: faster at 1 reward per arm, 2× slower at 10).
+const SINGLE_PASS_REWARDS_PER_ARM: usize = 2;
+
 #[derive(Clone, Debug)]
 pub struct Bandit {
     pub model: RewardModel,
@@ -383,13 +387,24 @@ impl Bandit {
                 *x *= f;
             }
         }
+        // Few rewards per arm: each reward's derived arrays are updated right after its
+        // statistics, while the arm's cache lines are loaded (a second pass over the touched
+        // arms would fetch them again, from beyond the L2 cache at 100,000 arms).
+        let single_pass = !global && arms.len() <= self.len() * SINGLE_PASS_REWARDS_PER_ARM;
         for (&arm, &v) in arms.iter().zip(values) {
             self.n[arm] += 1.0;
             self.sum[arm] += v;
             self.sumsq[arm] += v * v;
+            if single_pass {
+                self.arm_changed(arm, v > 0.0);
+            }
         }
         self.observations += arms.len() as f64;
         self.version += 1;
+        if single_pass {
+            self.after_rewards();
+            return Ok(());
+        }
         if global {
             // Every arm's posterior (discount) or prior (group pooling) moved.
             self.refresh_group_priors();
@@ -412,12 +427,17 @@ impl Bandit {
             mark[arm] = 0;
         }
         self.touched = mark;
+        self.after_rewards();
+        Ok(())
+    }
+
+    /// KL-UCB's cached indices go stale when its exploration budget has grown.
+    fn after_rewards(&mut self) {
         if matches!(self.policy, Policy::KlUcb { .. })
             && self.kl_budget_now() > self.kl_budget * 1.01
         {
             self.scores_built = false;
         }
-        Ok(())
     }
 
     /// Keeps the derived arrays of one arm current after its statistics changed.

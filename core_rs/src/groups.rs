@@ -34,8 +34,8 @@ pub fn pool(b: &mut Bandit) {
         p.members += 1.0;
         p.prior_a += b.prior_a[arm];
         p.prior_b += b.prior_b[arm];
-        p.n += b.n[arm];
-        p.sum += b.sum[arm];
+        p.n += b.stats[arm].n;
+        p.sum += b.stats[arm].sum;
     }
     let s = b.group_strength;
     for arm in 0..b.len() {
@@ -46,13 +46,13 @@ pub fn pool(b: &mut Bandit) {
         match b.model {
             RewardModel::Bernoulli => {
                 let m = ((a_bar + p.sum) / (a_bar + b_bar + p.n)).clamp(1e-9, 1.0 - 1e-9);
-                b.eff_a[arm] = m * s;
-                b.eff_b[arm] = (1.0 - m) * s;
+                b.stats[arm].eff_a = m * s;
+                b.stats[arm].eff_b = (1.0 - m) * s;
             }
             RewardModel::Gaussian => {
                 // Own prior: a = mean, b = strength.
-                b.eff_a[arm] = (b_bar * a_bar + p.sum) / (b_bar + p.n);
-                b.eff_b[arm] = s;
+                b.stats[arm].eff_a = (b_bar * a_bar + p.sum) / (b_bar + p.n);
+                b.stats[arm].eff_b = s;
             }
         }
     }

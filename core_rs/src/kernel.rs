@@ -64,6 +64,18 @@ pub const X_SCALE: f32 = 0.310_201_62;
 /// 1 / X_SCALE = 108^(1/4).
 pub const INV_X_SCALE: f32 = 3.223_709_8;
 
+/// Starts loading the cache line holding `p` (a hint: never faults, any address is fine).
+#[inline(always)]
+pub fn prefetch<T>(p: *const T) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch is only a hint; it never dereferences in the Rust sense.
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p as *const i8)
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
+}
+
 /// Marsaglia–Tsang constants (d, c / X_SCALE) of Gamma(shape); c = 1/sqrt(9d).
 #[inline]
 pub fn mt_constants(shape: f64) -> (f32, f32) {

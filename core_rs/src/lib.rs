@@ -274,7 +274,9 @@ impl PyBandit {
 
     /// Priors in use (own or group-pooled): (a, b).
     fn effective_priors(&self, py: Python<'_>) -> PyResult<(Vec<f64>, Vec<f64>)> {
-        self.with(py, |s| Ok((s.bandit.eff_a.clone(), s.bandit.eff_b.clone())))
+        self.with(py, |s| {
+            Ok(s.bandit.stats.iter().map(|st| (st.eff_a, st.eff_b)).unzip())
+        })
     }
 
     /// Restores many arms' statistics at once: arm indices, counts, sums, sums of squares.
@@ -405,10 +407,11 @@ impl PyBandit {
     /// Sufficient statistics per arm: (n, sum, sumsq).
     fn stats(&self, py: Python<'_>) -> PyResult<(Vec<f64>, Vec<f64>, Vec<f64>)> {
         self.with(py, |s| {
+            let st = &s.bandit.stats;
             Ok((
-                s.bandit.n.clone(),
-                s.bandit.sum.clone(),
-                s.bandit.sumsq.clone(),
+                st.iter().map(|x| x.n).collect(),
+                st.iter().map(|x| x.sum).collect(),
+                st.iter().map(|x| x.sumsq).collect(),
             ))
         })
     }

@@ -76,6 +76,33 @@ impl ThompsonIndex {
         self.built
     }
 
+    /// Asks the CPU to start loading an arm's position (first stage of `prefetch_arm`).
+    #[inline]
+    pub fn prefetch_position(&self, arm: usize) {
+        if self.built {
+            crate::kernel::prefetch(self.arm_pos.as_ptr().wrapping_add(arm));
+        }
+    }
+
+    /// Asks the CPU to start loading the cache lines `update_arm` will write for `arm`.
+    #[inline]
+    pub fn prefetch_arm(&self, arm: usize) {
+        if !self.built {
+            return;
+        }
+        let pos = self.arm_pos[arm] as usize;
+        if pos >= self.arrays.da.len() {
+            return;
+        }
+        crate::kernel::prefetch(self.arrays.da.as_ptr().wrapping_add(pos));
+        crate::kernel::prefetch(self.arrays.ca.as_ptr().wrapping_add(pos));
+        crate::kernel::prefetch(self.arrays.db.as_ptr().wrapping_add(pos));
+        crate::kernel::prefetch(self.arrays.cb.as_ptr().wrapping_add(pos));
+        if self.ordered {
+            crate::kernel::prefetch(self.is_dirty.as_ptr().wrapping_add(pos));
+        }
+    }
+
     /// An arm's posterior changed; `may_rise` when it could now exceed its bound.
     pub fn update_arm(&mut self, arm: usize, a: f64, b: f64, may_rise: bool) {
         if !self.built {

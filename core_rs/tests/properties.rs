@@ -132,7 +132,7 @@ proptest! {
         }
         for arm in 0..n {
             prop_assert!((one.mean(arm) - two.mean(arm)).abs() <= 1e-12 * one.mean(arm).max(1e-300) + 1e-15);
-            prop_assert!((one.n[arm] - two.n[arm]).abs() < 1e-9);
+            prop_assert!((one.stats[arm].n - two.stats[arm].n).abs() < 1e-9);
         }
     }
 
@@ -147,7 +147,7 @@ proptest! {
     ) {
         let mut b = bernoulli(Policy::Thompson { exploitation: 1.0 }, &priors);
         b.apply_rewards(&[0], &[1.0]).unwrap();
-        let snapshot = (b.n.clone(), b.sum.clone(), b.prior_a.clone(), b.prior_b.clone(), b.version);
+        let snapshot = (b.stats.clone(), b.prior_a.clone(), b.prior_b.clone(), b.version);
         let mut rng = KernelRng::seed_from_u64(1);
         prop_assert!(b.apply_rewards(&[0, bad_arm], &[1.0, 1.0]).is_err());
         prop_assert!(b.apply_rewards(&[0, 0], &[1.0, bad_value]).is_err());
@@ -161,7 +161,7 @@ proptest! {
         let ucb = Policy::Ucb1 { c: 1.0 };
         let bad_half_life = Bandit::new(RewardModel::Bernoulli, ucb, bad_prior).is_err();
         prop_assert!(bad_half_life || bad_prior == 0.0, "half_life {} accepted", bad_prior);
-        let after = (b.n.clone(), b.sum.clone(), b.prior_a.clone(), b.prior_b.clone(), b.version);
+        let after = (b.stats.clone(), b.prior_a.clone(), b.prior_b.clone(), b.version);
         prop_assert_eq!(format!("{snapshot:?}"), format!("{after:?}"));
     }
 }
@@ -172,6 +172,6 @@ fn experiments_are_independent() {
     let mut a = bernoulli(Policy::Thompson { exploitation: 1.0 }, &[(1.0, 1.0); 3]);
     let b = a.clone();
     a.apply_rewards(&[0, 1, 2], &[1.0, 0.0, 1.0]).unwrap();
-    assert_eq!(b.n, vec![0.0; 3]);
-    assert_ne!(a.n, b.n);
+    assert!(b.stats.iter().all(|st| st.n == 0.0 && st.sum == 0.0));
+    assert_ne!(a.stats, b.stats);
 }

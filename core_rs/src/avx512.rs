@@ -340,7 +340,8 @@ pub unsafe fn draw_range(
 
 /// `draw_range` for small slates kept in registers (`SMALL`: `slate` is used, `top` is not)
 /// or for large slates in `top`, whose candidates are buffered and offered in bulk.
-#[allow(clippy::too_many_arguments)]
+// Block j of a group is read from several buffers at j·LANES: an index loop is clearer.
+#[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
 #[target_feature(enable = "avx512f")]
 unsafe fn draw_range_with<const SMALL: bool>(
     arrays: &BetaArrays,
@@ -372,6 +373,13 @@ unsafe fn draw_range_with<const SMALL: bool>(
     // of the group's kept draws offers only the few above it. Later groups then start from
     // a tight threshold.
     let mut lane_maxima = SMALL && slate.k > 1 && skip.is_none();
+    // Small slates, later groups: draws beating the threshold the group started with are
+    // inserted after the group, not as they come. With similar arms their positions are
+    // random in every call, so a branch per block would mispredict about once per
+    // candidate; a bit per block costs nothing and leaves one short loop per group.
+    let deferred = SMALL && slate.k > 1 && skip.is_none();
+    let mut block_better = [0u16; GROUP / LANES];
+    let mut blocks_hit: u32 = 0;
     let mut best_x = _mm512_setzero_ps();
     let mut best_y = one;
     let mut n_cand = 0usize;
@@ -472,6 +480,13 @@ unsafe fn draw_range_with<const SMALL: bool>(
                 ) & ok
                     & live
             };
+            if deferred && !lane_maxima && fail == 0 {
+                _mm512_storeu_ps(buf.gx.as_mut_ptr().add(o), ga);
+                _mm512_storeu_ps(buf.gy.as_mut_ptr().add(o), gb);
+                block_better[j] = better;
+                blocks_hit |= u32::from(better != 0) << j;
+                continue;
+            }
             if (better | fail) == 0 {
                 continue;
             }
@@ -567,6 +582,23 @@ unsafe fn draw_range_with<const SMALL: bool>(
             }
             threshold = threshold_of(top, slate);
         }
+        if blocks_hit != 0 {
+            while blocks_hit != 0 {
+                let j = blocks_hit.trailing_zeros() as usize;
+                blocks_hit &= blocks_hit - 1;
+                let o = j * LANES;
+                let x = _mm512_loadu_ps(buf.gx.as_ptr().add(o));
+                let y = _mm512_loadu_ps(buf.gy.as_ptr().add(o));
+                let r = _mm512_div_ps(x, _mm512_add_ps(x, y));
+                let mut m = block_better[j];
+                while m != 0 {
+                    let lane = m.trailing_zeros() as usize;
+                    m &= m - 1;
+                    slate.insert_lane(r, lane, (group_start + o + lane) as u32 + offset);
+                }
+            }
+            threshold = slate.threshold();
+        }
         if lane_maxima {
             offer_above_lane_maxima(slate, buf, group_start, group_len, best_x, best_y, offset);
             threshold = slate.threshold();
@@ -599,6 +631,27 @@ fn offer_candidates(
     }
 }
 
+/// The k-th largest lane of `v` (1 <= k <= 16), without branches: a sort's branches would
+/// mispredict on every call when the order of the lanes is random. Lane i counts the lanes
+/// holding at least its value; the k-th largest is the largest value counted k times or more.
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn kth_largest(v: __m512, k: usize) -> f32 {
+    let one = _mm512_set1_epi32(1);
+    let mut count = _mm512_setzero_si512();
+    let mut other = v;
+    for _ in 0..LANES {
+        let ge = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(other, v);
+        count = _mm512_mask_add_epi32(count, ge, count, one);
+        other = _mm512_castsi512_ps(_mm512_alignr_epi32::<1>(
+            _mm512_castps_si512(other),
+            _mm512_castps_si512(other),
+        ));
+    }
+    let enough = _mm512_cmpge_epi32_mask(count, _mm512_set1_epi32(k as i32));
+    _mm512_mask_reduce_max_ps(enough, v)
+}
+
 /// Offers the kept draws of the group at `start` (`len` positions) that reach the k-th best
 /// lane maximum (or the slate's current k-th best, whichever is higher).
 #[target_feature(enable = "avx512f")]
@@ -611,24 +664,23 @@ unsafe fn offer_above_lane_maxima(
     best_y: __m512,
     offset: u32,
 ) {
-    let mut lane_best = [0f32; LANES];
-    _mm512_storeu_ps(
-        lane_best.as_mut_ptr(),
+    let lane_best = _mm512_max_ps(
         _mm512_div_ps(best_x, _mm512_add_ps(best_x, best_y)),
+        _mm512_setzero_ps(),
     );
-    // Draws are in [0, 1], so their bit patterns sort like the values (an integer sort, no
-    // comparator call); anything else (NaN) counts as 0, which only lowers the bound.
-    let mut keys = lane_best.map(|v| if v > 0.0 { v.to_bits() } else { 0 });
-    keys.sort_unstable();
-    let kth = f32::from_bits(keys[LANES - slate.k]);
+    let kth = kth_largest(lane_best, slate.k);
     // Slightly lowered: the cross-multiplied filter below must never drop a draw whose
     // divided value reaches the bound (rounding differs by an ulp or two).
     let theta = (kth * (1.0 - 1e-5)).max(_mm512_cvtss_f32(slate.threshold()));
     let th = _mm512_set1_ps(theta.max(0.0));
     let keep_th = _mm512_sub_ps(_mm512_set1_ps(1.0), th);
     let zero = _mm512_setzero_ps();
-    let mut at = 0;
-    while at < len {
+    // First the hits of every block (no branch), then the few blocks that have any: their
+    // positions are random, so a branch per block would mostly mispredict.
+    let mut block_hits = [0u16; GROUP / LANES];
+    let mut blocks_hit: u32 = 0;
+    for (j, hits_of_block) in block_hits.iter_mut().enumerate().take(len.div_ceil(LANES)) {
+        let at = j * LANES;
         let x = _mm512_loadu_ps(buf.gx.as_ptr().add(at));
         let y = _mm512_loadu_ps(buf.gy.as_ptr().add(at));
         let mut hits =
@@ -637,15 +689,22 @@ unsafe fn offer_above_lane_maxima(
         if len - at < LANES {
             hits &= (1u16 << (len - at)) - 1;
         }
-        if hits != 0 {
-            let r = _mm512_div_ps(x, _mm512_add_ps(x, y));
-            while hits != 0 {
-                let lane = hits.trailing_zeros() as usize;
-                hits &= hits - 1;
-                slate.insert_lane(r, lane, (start + at + lane) as u32 + offset);
-            }
+        *hits_of_block = hits;
+        blocks_hit |= u32::from(hits != 0) << j;
+    }
+    while blocks_hit != 0 {
+        let j = blocks_hit.trailing_zeros() as usize;
+        blocks_hit &= blocks_hit - 1;
+        let at = j * LANES;
+        let x = _mm512_loadu_ps(buf.gx.as_ptr().add(at));
+        let y = _mm512_loadu_ps(buf.gy.as_ptr().add(at));
+        let r = _mm512_div_ps(x, _mm512_add_ps(x, y));
+        let mut hits = block_hits[j];
+        while hits != 0 {
+            let lane = hits.trailing_zeros() as usize;
+            hits &= hits - 1;
+            slate.insert_lane(r, lane, (start + at + lane) as u32 + offset);
         }
-        at += LANES;
     }
 }
 

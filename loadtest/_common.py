@@ -87,7 +87,7 @@ class ServerProcess:
         cmd = [sys.executable, str(LOADTEST_DIR / "reference_server.py"), "--port", str(port), "--mode", mode]
         return cls(f"reference-{mode}", cmd, port, workdir)
 
-    def start(self, timeout: float = 30.0) -> ServerProcess:
+    def start(self, timeout: float = 60.0) -> ServerProcess:  # a loaded 2-core CI box is slow
         nice = self.nice
         with open(self.log_path, "ab") as log:  # the child keeps its own descriptor
             self.proc = subprocess.Popen(

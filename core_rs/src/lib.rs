@@ -113,6 +113,10 @@ struct PyBandit {
     state: Mutex<State>,
     /// Number of arms, readable without the lock (decides whether to release the GIL).
     arms_hint: std::sync::atomic::AtomicUsize,
+    /// Python ints of the arm indices decisions returned, made once per arm: indices past
+    /// Python's small-int cache (256) would otherwise cost an allocation per arm per decision.
+    /// Only touched with the GIL held.
+    arm_ints: Mutex<Vec<Option<Py<PyAny>>>>,
 }
 
 /// Decisions over fewer arms than this keep the GIL (a few microseconds of work).
@@ -156,6 +160,29 @@ impl PyBandit {
             }
         }
         self.with(py, f)
+    }
+
+    /// The tuple of `arms` as Python ints, from `arm_ints` (filled on first use).
+    fn arm_tuple<'py>(&self, py: Python<'py>, arms: &[usize]) -> PyResult<Bound<'py, PyTuple>> {
+        let Ok(mut cache) = self.arm_ints.try_lock() else {
+            return PyTuple::new(py, arms);
+        };
+        let mut items = Vec::with_capacity(arms.len());
+        for &arm in arms {
+            if cache.len() <= arm {
+                cache.resize_with(arm + 1, || None);
+            }
+            let int = match &cache[arm] {
+                Some(int) => int.bind(py).clone(),
+                None => {
+                    let int = arm.into_pyobject(py)?.into_any();
+                    cache[arm] = Some(int.clone().unbind());
+                    int
+                }
+            };
+            items.push(int);
+        }
+        PyTuple::new(py, items)
     }
 
     /// Arms below which a decision is quick enough to keep the GIL.
@@ -223,6 +250,7 @@ impl PyBandit {
                 cache: Vec::new(),
             }),
             arms_hint: std::sync::atomic::AtomicUsize::new(0),
+            arm_ints: Mutex::new(Vec::new()),
         })
     }
 
@@ -319,7 +347,7 @@ impl PyBandit {
             Ok((arms, scores, props))
         })?;
         Ok((
-            PyTuple::new(py, arms)?,
+            self.arm_tuple(py, &arms)?,
             PyTuple::new(py, scores)?,
             PyTuple::new(py, props)?,
         ))

@@ -330,20 +330,25 @@ pub unsafe fn draw_range(
 ) {
     if top.k <= LANES {
         let mut slate = VecTop::load(top);
-        draw_range_with::<true>(arrays, start, end, rng, top, &mut slate, skip, offset);
+        if top.k == 1 {
+            draw_range_with::<true, false>(arrays, start, end, rng, top, &mut slate, skip, offset);
+        } else {
+            draw_range_with::<true, true>(arrays, start, end, rng, top, &mut slate, skip, offset);
+        }
         slate.store(top);
     } else {
         let mut unused = VecTop::load(&TopK::new(1));
-        draw_range_with::<false>(arrays, start, end, rng, top, &mut unused, skip, offset);
+        draw_range_with::<false, true>(arrays, start, end, rng, top, &mut unused, skip, offset);
     }
 }
 
 /// `draw_range` for small slates kept in registers (`SMALL`: `slate` is used, `top` is not)
-/// or for large slates in `top`, whose candidates are buffered and offered in bulk.
+/// or for large slates in `top`, whose candidates are buffered and offered in bulk. `SLATE`
+/// is k > 1: the top-1 loop compiles without the slate-only code (it cost top-1 ~3%).
 // Block j of a group is read from several buffers at j·LANES: an index loop is clearer.
 #[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
 #[target_feature(enable = "avx512f")]
-unsafe fn draw_range_with<const SMALL: bool>(
+unsafe fn draw_range_with<const SMALL: bool, const SLATE: bool>(
     arrays: &BetaArrays,
     start: usize,
     end: usize,
@@ -372,12 +377,12 @@ unsafe fn draw_range_with<const SMALL: bool>(
     // best of the 16 lane maxima bounds the group's k-th best draw from below, and one scan
     // of the group's kept draws offers only the few above it. Later groups then start from
     // a tight threshold.
-    let mut lane_maxima = SMALL && slate.k > 1 && skip.is_none();
+    let mut lane_maxima = SMALL && SLATE && skip.is_none();
     // Small slates, later groups: draws beating the threshold the group started with are
     // inserted after the group, not as they come. With similar arms their positions are
     // random in every call, so a branch per block would mispredict about once per
     // candidate; a bit per block costs nothing and leaves one short loop per group.
-    let deferred = SMALL && slate.k > 1 && skip.is_none();
+    let deferred = SMALL && SLATE && skip.is_none();
     let mut block_better = [0u16; GROUP / LANES];
     let mut blocks_hit: u32 = 0;
     let mut best_x = _mm512_setzero_ps();
@@ -494,7 +499,7 @@ unsafe fn draw_range_with<const SMALL: bool>(
                 // One division for the vector, then each better lane into the slate.
                 let r = _mm512_div_ps(ga, _mm512_add_ps(ga, gb));
                 let mut m = better;
-                if slate.k == 1 {
+                if !SLATE {
                     // Only the block's best can enter (the first block lets all 16 through).
                     let best = _mm512_set1_ps(_mm512_mask_reduce_max_ps(better, r));
                     m &= _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(r, best);

@@ -506,6 +506,40 @@ pub mod tests {
                     let mut rng = KernelRng::seed_from_u64(seed);
                     draw_range(isa, &arrays, 0, shapes.len(), &mut rng, &mut top, None, 0);
                     assert_eq!(top.items, all.items[..k], "{isa:?} seed {seed} k {k}");
+                    // In two calls (as the pruned draw does): the second starts from a
+                    // slate already holding draws. The same numbers are drawn in order.
+                    let mut split = TopK::new(k);
+                    let mut rng = KernelRng::seed_from_u64(seed);
+                    let cut = 18 * LANES;
+                    draw_range(isa, &arrays, 0, cut, &mut rng, &mut split, None, 0);
+                    draw_range(
+                        isa,
+                        &arrays,
+                        cut,
+                        shapes.len(),
+                        &mut rng,
+                        &mut split,
+                        None,
+                        0,
+                    );
+                    let mut whole = TopK::new(shapes.len());
+                    let mut rng = KernelRng::seed_from_u64(seed);
+                    draw_range(isa, &arrays, 0, cut, &mut rng, &mut whole, None, 0);
+                    draw_range(
+                        isa,
+                        &arrays,
+                        cut,
+                        shapes.len(),
+                        &mut rng,
+                        &mut whole,
+                        None,
+                        0,
+                    );
+                    assert_eq!(
+                        split.items,
+                        whole.items[..k],
+                        "split: {isa:?} seed {seed} k {k}"
+                    );
                 }
             }
         }

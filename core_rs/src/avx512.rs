@@ -428,10 +428,11 @@ unsafe fn draw_range_with<const SMALL: bool, const SLATE: bool>(
             } else {
                 (1u16 << (end - pos)) - 1
             };
-            let da = _mm512_loadu_ps(arrays.da.as_ptr().add(pos));
-            let ca = _mm512_loadu_ps(arrays.ca.as_ptr().add(pos));
-            let db = _mm512_loadu_ps(arrays.db.as_ptr().add(pos));
-            let cb = _mm512_loadu_ps(arrays.cb.as_ptr().add(pos));
+            let blk = arrays.blocks.get_unchecked(pos / LANES);
+            let da = _mm512_load_ps(blk.da.as_ptr());
+            let ca = _mm512_load_ps(blk.ca.as_ptr());
+            let db = _mm512_load_ps(blk.db.as_ptr());
+            let cb = _mm512_load_ps(blk.cb.as_ptr());
             let xa = _mm512_loadu_ps(buf.xa.as_ptr().add(o));
             let xb = _mm512_loadu_ps(buf.xb.as_ptr().add(o));
             let ua = _mm512_loadu_ps(buf.ua.as_ptr().add(o));
@@ -564,15 +565,16 @@ unsafe fn draw_range_with<const SMALL: bool, const SLATE: bool>(
                 }
                 let (x, y) = if fail & bit != 0 {
                     let (i, s) = (o + lane, &mut rng.scalar);
+                    let (da, ca, db, cb) = arrays.constants(p);
                     let x = if ok_a & bit != 0 {
                         gas[lane] as f64
                     } else {
-                        finish_gamma(arrays.da[p], arrays.ca[p], buf.xa[i], buf.ua[i], s)
+                        finish_gamma(da, ca, buf.xa[i], buf.ua[i], s)
                     };
                     let y = if ok_b & bit != 0 {
                         gbs[lane] as f64
                     } else {
-                        finish_gamma(arrays.db[p], arrays.cb[p], buf.xb[i], buf.ub[i], s)
+                        finish_gamma(db, cb, buf.xb[i], buf.ub[i], s)
                     };
                     (x, y)
                 } else {

@@ -91,13 +91,14 @@ impl ThompsonIndex {
             return;
         }
         let pos = self.arm_pos[arm] as usize;
-        if pos >= self.arrays.da.len() {
+        let Some(blk) = self.arrays.blocks.get(pos / LANES) else {
             return;
-        }
-        crate::kernel::prefetch(self.arrays.da.as_ptr().wrapping_add(pos));
-        crate::kernel::prefetch(self.arrays.ca.as_ptr().wrapping_add(pos));
-        crate::kernel::prefetch(self.arrays.db.as_ptr().wrapping_add(pos));
-        crate::kernel::prefetch(self.arrays.cb.as_ptr().wrapping_add(pos));
+        };
+        let lane = pos % LANES;
+        crate::kernel::prefetch(&blk.da[lane]);
+        crate::kernel::prefetch(&blk.ca[lane]);
+        crate::kernel::prefetch(&blk.db[lane]);
+        crate::kernel::prefetch(&blk.cb[lane]);
         if self.ordered {
             crate::kernel::prefetch(self.is_dirty.as_ptr().wrapping_add(pos));
         }
@@ -217,10 +218,7 @@ impl ThompsonIndex {
                 let mut g = BetaArrays::with_len(self.dirty.len());
                 for (i, &arm) in self.dirty.iter().enumerate() {
                     let pos = self.arm_pos[arm as usize] as usize;
-                    g.da[i] = self.arrays.da[pos];
-                    g.ca[i] = self.arrays.ca[pos];
-                    g.db[i] = self.arrays.db[pos];
-                    g.cb[i] = self.arrays.cb[pos];
+                    g.set_constants(i, self.arrays.constants(pos));
                 }
                 self.dirty_arrays = g;
                 self.dirty_gathered = true;

@@ -243,6 +243,7 @@ impl Bandit {
         let k = prior_a.len();
         self.prior_a.extend_from_slice(prior_a);
         self.prior_b.extend_from_slice(prior_b);
+        crate::kernel::reserve_huge(&mut self.stats, k);
         self.stats.extend(
             prior_a
                 .iter()

@@ -372,6 +372,22 @@ impl Bandit {
         if arms.len() != values.len() {
             return Err(CoreError::invalid("arms and values differ in length"));
         }
+        // The common case in one vectorised pass (no early exit); the loop below only runs
+        // to name the first bad reward.
+        let len = self.len();
+        let arms_ok = arms.iter().fold(true, |ok, &arm| ok & (arm < len));
+        let values_ok = if self.model == RewardModel::Bernoulli {
+            values
+                .iter()
+                .fold(true, |ok, &v| ok & (v >= 0.0) & (v <= 1.0))
+        } else {
+            values
+                .iter()
+                .fold(true, |ok, &v| ok & (v.abs() < f64::INFINITY))
+        };
+        if arms_ok && values_ok {
+            return Ok(());
+        }
         for (i, (&arm, &v)) in arms.iter().zip(values).enumerate() {
             self.check_arm(arm)?;
             if !v.is_finite() {

@@ -516,13 +516,11 @@ impl PyBandit {
 fn indices_from(py: Python<'_>, obj: &Bound<'_, PyAny>) -> PyResult<Vec<usize>> {
     if let Ok(buf) = PyBuffer::<i64>::get(obj) {
         let raw = buf.to_vec(py)?;
-        return raw
-            .into_iter()
-            .map(|i| {
-                usize::try_from(i)
-                    .map_err(|_| RsError::invalid(format!("arm index {i} is negative")).into())
-            })
-            .collect();
+        if let Some(&i) = raw.iter().find(|&&i| i < 0) {
+            return Err(RsError::invalid(format!("arm index {i} is negative")).into());
+        }
+        // Same size and all non-negative: the collect reuses the allocation in place.
+        return Ok(raw.into_iter().map(|i| i as usize).collect());
     }
     obj.extract()
 }

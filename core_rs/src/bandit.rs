@@ -379,7 +379,7 @@ impl Bandit {
         let values_ok = if self.model == RewardModel::Bernoulli {
             values
                 .iter()
-                .fold(true, |ok, &v| ok & (v >= 0.0) & (v <= 1.0))
+                .fold(true, |ok, &v| ok & (0.0..=1.0).contains(&v))
         } else {
             values
                 .iter()

@@ -590,20 +590,14 @@ unsafe fn draw_range_with<const SMALL: bool, const SLATE: bool>(
             threshold = threshold_of(top, slate);
         }
         if blocks_hit != 0 {
-            while blocks_hit != 0 {
-                let j = blocks_hit.trailing_zeros() as usize;
-                blocks_hit &= blocks_hit - 1;
-                let o = j * LANES;
-                let x = _mm512_loadu_ps(buf.gx.as_ptr().add(o));
-                let y = _mm512_loadu_ps(buf.gy.as_ptr().add(o));
-                let r = _mm512_div_ps(x, _mm512_add_ps(x, y));
-                let mut m = block_better[j];
-                while m != 0 {
-                    let lane = m.trailing_zeros() as usize;
-                    m &= m - 1;
-                    slate.insert_lane(r, lane, (group_start + o + lane) as u32 + offset);
-                }
-            }
+            insert_hits(
+                slate,
+                buf,
+                &block_better,
+                blocks_hit,
+                group_start as u32 + offset,
+            );
+            blocks_hit = 0;
             threshold = slate.threshold();
         }
         if lane_maxima {
@@ -699,6 +693,21 @@ unsafe fn offer_above_lane_maxima(
         *hits_of_block = hits;
         blocks_hit |= u32::from(hits != 0) << j;
     }
+    insert_hits(slate, buf, &block_hits, blocks_hit, start as u32 + offset);
+}
+
+/// Inserts into the slate the draws of a group (kept in `buf.gx` / `buf.gy`) flagged in
+/// `hits` (a lane mask per block), visiting only the blocks set in `blocks_hit`; the group's
+/// first position is offered as `first`.
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn insert_hits(
+    slate: &mut VecTop,
+    buf: &KernelScratch,
+    hits: &[u16; GROUP / LANES],
+    mut blocks_hit: u32,
+    first: u32,
+) {
     while blocks_hit != 0 {
         let j = blocks_hit.trailing_zeros() as usize;
         blocks_hit &= blocks_hit - 1;
@@ -706,11 +715,11 @@ unsafe fn offer_above_lane_maxima(
         let x = _mm512_loadu_ps(buf.gx.as_ptr().add(at));
         let y = _mm512_loadu_ps(buf.gy.as_ptr().add(at));
         let r = _mm512_div_ps(x, _mm512_add_ps(x, y));
-        let mut hits = block_hits[j];
-        while hits != 0 {
-            let lane = hits.trailing_zeros() as usize;
-            hits &= hits - 1;
-            slate.insert_lane(r, lane, (start + at + lane) as u32 + offset);
+        let mut m = hits[j];
+        while m != 0 {
+            let lane = m.trailing_zeros() as usize;
+            m &= m - 1;
+            slate.insert_lane(r, lane, first + (at + lane) as u32);
         }
     }
 }

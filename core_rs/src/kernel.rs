@@ -553,33 +553,16 @@ pub mod tests {
                     assert_eq!(top.items, all.items[..k], "{isa:?} seed {seed} k {k}");
                     // In two calls (as the pruned draw does): the second starts from a
                     // slate already holding draws. The same numbers are drawn in order.
-                    let mut split = TopK::new(k);
-                    let mut rng = KernelRng::seed_from_u64(seed);
-                    let cut = 18 * LANES;
-                    draw_range(isa, &arrays, 0, cut, &mut rng, &mut split, None, 0);
-                    draw_range(
-                        isa,
-                        &arrays,
-                        cut,
-                        shapes.len(),
-                        &mut rng,
-                        &mut split,
-                        None,
-                        0,
-                    );
-                    let mut whole = TopK::new(shapes.len());
-                    let mut rng = KernelRng::seed_from_u64(seed);
-                    draw_range(isa, &arrays, 0, cut, &mut rng, &mut whole, None, 0);
-                    draw_range(
-                        isa,
-                        &arrays,
-                        cut,
-                        shapes.len(),
-                        &mut rng,
-                        &mut whole,
-                        None,
-                        0,
-                    );
+                    let in_two_calls = |k: usize| {
+                        let mut top = TopK::new(k);
+                        let mut rng = KernelRng::seed_from_u64(seed);
+                        let cut = 18 * LANES;
+                        draw_range(isa, &arrays, 0, cut, &mut rng, &mut top, None, 0);
+                        let end = shapes.len();
+                        draw_range(isa, &arrays, cut, end, &mut rng, &mut top, None, 0);
+                        top
+                    };
+                    let (split, whole) = (in_two_calls(k), in_two_calls(shapes.len()));
                     assert_eq!(
                         split.items,
                         whole.items[..k],

@@ -70,6 +70,45 @@ def test_invalid_input_leaves_state_unchanged() -> None:
     assert (b.stats(), b.priors(), b.version) == before
 
 
+def test_reward_buffers_are_checked_and_applied_like_lists() -> None:
+    """The server passes int64/float64 arrays (a faster path than lists): the same batch gives
+    the same posterior, and a bad index or value is refused with nothing applied."""
+    import numpy as np
+
+    arms, values = [0, 2, 2, 1, 0], [1.0, 0.0, 1.0, 0.25, 0.0]
+    by_list = _core.Bandit("binary", "thompson", seed=1)
+    by_buffer = _core.Bandit("binary", "thompson", seed=1)
+    for b in (by_list, by_buffer):
+        b.add_arms([1.0] * 3, [1.0] * 3)
+    by_list.apply_rewards(arms, values)
+    by_buffer.apply_rewards(np.array(arms, dtype=np.int64), np.array(values, dtype=np.float64))
+    assert by_buffer.stats() == by_list.stats()
+    before = by_buffer.stats()
+    for bad_arms, bad_values, says in (
+        ([0, -1], [1.0, 1.0], "negative"),
+        ([0, 3], [1.0, 1.0], "out of range"),
+        ([0, 1], [1.0, 1.5], "reward #1"),
+        ([0, 1], [math.inf, 0.0], "reward #0"),
+    ):
+        try:
+            by_buffer.apply_rewards(np.array(bad_arms, dtype=np.int64), np.array(bad_values, dtype=np.float64))
+        except _core.CoreError as exc:
+            assert says in str(exc)
+        else:
+            raise AssertionError(f"accepted {bad_arms} {bad_values}")
+    assert by_buffer.stats() == before
+    revenue = _core.Bandit("continuous", "thompson", seed=1)
+    revenue.add_arms([0.0] * 2, [1.0] * 2)
+    revenue.apply_rewards(np.array([0, 1], dtype=np.int64), np.array([1e300, -5.0]))
+    for bad in (math.nan, -math.inf):
+        try:
+            revenue.apply_rewards(np.array([0], dtype=np.int64), np.array([bad]))
+        except _core.CoreError as exc:
+            assert "finite" in str(exc)
+        else:
+            raise AssertionError(f"continuous reward {bad} accepted")
+
+
 def test_updating_one_experiment_never_changes_another() -> None:
     a = _core.Bandit("binary", "thompson", seed=1)
     b = _core.Bandit("binary", "thompson", seed=1)

@@ -66,8 +66,8 @@ pub struct ArmStats {
 
 /// How many rewards ahead `apply_rewards` prefetches an arm's statistics and position, and
 /// its kernel constants.
-const PREFETCH_FAR: usize = 48;
-const PREFETCH_NEAR: usize = 24;
+const PREFETCH_FAR: usize = 16;
+const PREFETCH_NEAR: usize = 8;
 /// Below this many arms the touched lines stay in the L2 cache and prefetching only costs.
 const PREFETCH_MIN_ARMS: usize = 32_768;
 

@@ -243,7 +243,7 @@ impl Bandit {
         let k = prior_a.len();
         self.prior_a.extend_from_slice(prior_a);
         self.prior_b.extend_from_slice(prior_b);
-        crate::kernel::reserve_huge(&mut self.stats, k);
+        crate::memory::reserve_huge(&mut self.stats, k);
         self.stats.extend(
             prior_a
                 .iter()
@@ -481,7 +481,7 @@ impl Bandit {
 
     #[inline]
     fn prefetch_stats(&self, arm: usize) {
-        use crate::kernel::prefetch;
+        use crate::memory::prefetch;
         prefetch(self.stats.as_ptr().wrapping_add(arm));
     }
 
@@ -659,14 +659,11 @@ impl Bandit {
 
     /// (base, spread) of an arm's index; see `scores`.
     fn score_terms(&self, arm: usize) -> (f32, f32) {
-        let n = self.stats[arm].n;
+        let st = &self.stats[arm];
+        let n = st.n;
         match self.policy {
             Policy::KlUcb { .. } => {
-                let p = if n > 0.0 {
-                    self.stats[arm].sum / n
-                } else {
-                    0.0
-                };
+                let p = if n > 0.0 { st.sum / n } else { 0.0 };
                 (kl_ucb_index(p, n, self.kl_budget) as f32, 0.0)
             }
             _ => (

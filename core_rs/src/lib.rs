@@ -9,6 +9,7 @@ pub mod bandit;
 pub mod error;
 pub mod groups;
 pub mod kernel;
+pub mod memory;
 pub mod policy;
 pub mod sampling;
 pub mod scores;

@@ -80,7 +80,7 @@ impl ThompsonIndex {
     #[inline]
     pub fn prefetch_position(&self, arm: usize) {
         if self.built {
-            crate::kernel::prefetch(self.arm_pos.as_ptr().wrapping_add(arm));
+            crate::memory::prefetch(self.arm_pos.as_ptr().wrapping_add(arm));
         }
     }
 
@@ -95,12 +95,12 @@ impl ThompsonIndex {
             return;
         };
         let lane = pos % LANES;
-        crate::kernel::prefetch(&blk.da[lane]);
-        crate::kernel::prefetch(&blk.ca[lane]);
-        crate::kernel::prefetch(&blk.db[lane]);
-        crate::kernel::prefetch(&blk.cb[lane]);
+        crate::memory::prefetch(&blk.da[lane]);
+        crate::memory::prefetch(&blk.ca[lane]);
+        crate::memory::prefetch(&blk.db[lane]);
+        crate::memory::prefetch(&blk.cb[lane]);
         if self.ordered {
-            crate::kernel::prefetch(self.is_dirty.as_ptr().wrapping_add(pos));
+            crate::memory::prefetch(self.is_dirty.as_ptr().wrapping_add(pos));
         }
     }
 

@@ -33,6 +33,8 @@ POLICY_PARAMS = (
     "prune_epsilon",
 )
 REWARD_TYPES = {"binary": pb.BINARY, "continuous": pb.CONTINUOUS}
+OUTCOME_MODES = {"": pb.OUTCOME_MODE_UNSPECIFIED, "decision": pb.DECISION, "explicit": pb.EXPLICIT}
+AGGREGATIONS = {"": pb.AGGREGATION_UNSPECIFIED, "max": pb.MAX, "sum": pb.SUM, "first": pb.FIRST, "last": pb.LAST}
 STATE_NAMES = {pb.RUNNING: "running", pb.PAUSED: "paused", pb.STATE_UNSPECIFIED: "running"}
 
 
@@ -60,6 +62,7 @@ def create_request(
     attribution_window_seconds: int,
     prior: Sequence[float] | None,
     params: Mapping[str, float],
+    outcomes: Mapping[str, Any] | None = None,
 ) -> pb.CreateExperimentRequest:
     unknown = set(params) - set(POLICY_PARAMS)
     if unknown:
@@ -74,8 +77,28 @@ def create_request(
         sticky=sticky,
         attribution_window_seconds=int(attribution_window_seconds),
         prior=_prior(prior),
+        outcomes=outcomes_proto(outcomes or {}),
     )
     return pb.CreateExperimentRequest(experiment=exp)
+
+
+def outcomes_proto(o: Mapping[str, Any]) -> pb.Outcomes:
+    """{"mode": "decision" | "explicit", "aggregation": "max" | "sum" | "first" | "last",
+    "default_reward": float, "min_age_seconds": float}; missing keys take the defaults."""
+    unknown = set(o) - {"mode", "aggregation", "default_reward", "min_age_seconds"}
+    if unknown:
+        raise TypeError(f"unknown outcome settings {sorted(unknown)}")
+    mode, agg = o.get("mode", ""), o.get("aggregation", "")
+    if mode not in OUTCOME_MODES:
+        raise ValueError(f"outcome mode must be one of {sorted(m for m in OUTCOME_MODES if m)}, got {mode!r}")
+    if agg not in AGGREGATIONS:
+        raise ValueError(f"aggregation must be one of {sorted(a for a in AGGREGATIONS if a)}, got {agg!r}")
+    return pb.Outcomes(
+        mode=OUTCOME_MODES[mode],
+        aggregation=AGGREGATIONS[agg],
+        default_reward=float(o.get("default_reward", 0.0)),
+        min_age_seconds=float(o.get("min_age_seconds", 0.0)),
+    )
 
 
 def update_request(
@@ -150,6 +173,12 @@ def experiment(exp: pb.Experiment) -> ExperimentInfo:
         state=STATE_NAMES.get(exp.state, "running"),
         version=exp.version,
         created_unix_ms=exp.created_unix_ms,
+        outcomes={
+            "mode": {pb.EXPLICIT: "explicit"}.get(exp.outcomes.mode, "decision"),
+            "aggregation": {v: k for k, v in AGGREGATIONS.items()}.get(exp.outcomes.aggregation, ""),
+            "default_reward": exp.outcomes.default_reward,
+            "min_age_seconds": exp.outcomes.min_age_seconds,
+        },
     )
 
 
@@ -166,6 +195,8 @@ def arm_stats(resp: pb.GetArmStatsResponse) -> list[ArmStat]:
             recent_share=s.recent_share,
             active=s.active,
             group=s.group,
+            observations=s.observations,
+            rewarded=s.rewarded,
         )
         for s in resp.arms
     ]

@@ -57,12 +57,15 @@ class AsyncClient:
         sticky: bool = False,
         attribution_window_seconds: int = 0,
         prior: Sequence[float] | None = None,
+        outcomes: Mapping[str, Any] | None = None,
         timeout: float | None = None,
         **policy_params: float,
     ) -> ExperimentInfo:
+        """`outcomes`: {"mode": "decision" (default: a decision without reward counts as
+        default_reward, 0) | "explicit", "aggregation", "default_reward", "min_age_seconds"}."""
         req = conv.create_request(
             experiment_id, arms, policy, reward_type, sticky, attribution_window_seconds, prior,
-            policy_params,
+            policy_params, outcomes,
         )
         return conv.experiment(await self._call(self._stub.CreateExperiment, req, timeout))
 

@@ -51,6 +51,8 @@ class ExperimentInfo:
     state: str
     version: int
     created_unix_ms: int
+    # Outcome model: mode (decision | explicit), aggregation, default_reward, min_age_seconds.
+    outcomes: dict[str, object] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +67,8 @@ class ArmStat:
     recent_share: float
     active: bool
     group: str
+    observations: int = 0  # matured observations behind the posterior
+    rewarded: int = 0  # decisions with at least one reward event
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +102,8 @@ class ArmDiagnostics:
     drift_recent: float
     drift_window: float
     dominated: bool
+    observations: int = 0
+    rewarded: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,3 +140,6 @@ class Diagnostics:
     dominated_arms: int
     window_seconds: float
     alarms: tuple[Alarm, ...]
+    outcome_mode: str = "decision"
+    observations: int = 0
+    no_event_share: float = 0.0

@@ -367,6 +367,25 @@ impl Bandit {
         Ok(())
     }
 
+    /// Restores the policy's counters (from the store): decisions served, which decays ε,
+    /// and observations made, UCB's t. Kept by the server so that a restart or another
+    /// process of a pool continues with the same policy state.
+    pub fn set_counters(&mut self, decisions: u64, observations: f64) -> Result<(), CoreError> {
+        if !(observations.is_finite() && observations >= 0.0) {
+            return Err(CoreError::invalid(format!(
+                "observations must be a finite number >= 0, got {observations}"
+            )));
+        }
+        self.decisions = decisions;
+        if observations != self.observations {
+            self.observations = observations;
+            // UCB indices and their cached propensities depend on t.
+            self.version += 1;
+            self.after_rewards();
+        }
+        Ok(())
+    }
+
     /// Checks a batch of rewards without changing anything.
     pub fn validate_rewards(&self, arms: &[usize], values: &[f64]) -> Result<(), CoreError> {
         if arms.len() != values.len() {

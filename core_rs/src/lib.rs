@@ -325,6 +325,17 @@ impl PyBandit {
         self.with(py, |s| s.bandit.set_stats(arm, n, sum, sumsq))
     }
 
+    /// Restores the policy's counters: decisions served (ε decay) and observations (UCB's t).
+    fn set_counters(&self, py: Python<'_>, decisions: u64, observations: f64) -> PyResult<()> {
+        self.with(py, |s| s.bandit.set_counters(decisions, observations))
+    }
+
+    /// (decisions served, observations made): the counters behind ε decay and UCB's t.
+    #[getter]
+    fn counters(&self, py: Python<'_>) -> PyResult<(u64, f64)> {
+        self.with(py, |s| Ok((s.bandit.decisions, s.bandit.observations)))
+    }
+
     /// Chooses k distinct arms. Returns tuples (arms, scores, propensities): scores are posterior
     /// means (probabilities for binary rewards), propensities the chance each arm was in
     /// the slate under the current posterior.

@@ -59,6 +59,9 @@ class Server:
         if self.config.pool_member:
             self.engine.shared = True
             threading.Thread(target=self._follow, name="banditd-follow", daemon=True).start()
+        threading.Thread(
+            target=self.engine.run_background, args=(self._stopped,), name="banditd-background", daemon=True
+        ).start()
         if os.environ.get("BANDITD_WORKER_INDEX", "0") == "0":  # one sweeper per pool
             self.janitor.start()
         self.grpc.start()

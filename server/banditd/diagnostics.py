@@ -70,30 +70,28 @@ class LearningMonitor:
 
     def on_update(
         self,
-        arms: list[int],
-        values: list[float],
+        rises: list[int],
+        falls: list[int],
         before: dict[int, float],
         after: dict[int, float],
+        events: int,
         now: float,
         means: list[float] | None,
     ) -> None:
-        """One batch of rewards applied: check each arm moved the way its rewards say."""
-        positive: dict[int, bool] = {}
-        zero: dict[int, bool] = {}
-        for arm, v in zip(arms, values, strict=True):
-            positive[arm] = positive.get(arm, True) and v > 0
-            zero[arm] = zero.get(arm, True) and v == 0
+        """One commit applied: arms whose every change in it must raise their score (a click
+        swapped in for a 0, a new observation at the top of the range) and arms whose every
+        change must not raise it; check each moved that way."""
         with self.lock:
-            self.rewards += len(arms)
-            self.reward_rate.add(now, len(arms))
-            self.last_reward_at = now
-            for arm in positive:
-                if positive[arm]:
-                    self.rise_checks += 1
-                    self.rise_ok += after[arm] >= before[arm] - EPS
-                elif zero[arm]:
-                    self.fall_checks += 1
-                    self.fall_ok += after[arm] <= before[arm] + EPS
+            if events:
+                self.rewards += events
+                self.reward_rate.add(now, events)
+                self.last_reward_at = now
+            for arm in rises:
+                self.rise_checks += 1
+                self.rise_ok += after[arm] >= before[arm] - EPS
+            for arm in falls:
+                self.fall_checks += 1
+                self.fall_ok += after[arm] <= before[arm] + EPS
             if means is not None:
                 self.snapshots.append((now, means))
 
@@ -119,6 +117,8 @@ class ArmView:
     low: float
     high: float
     recent_share: float
+    observations: int = 0  # matured observations behind the posterior
+    rewarded: int = 0  # decisions with at least one reward event
 
 
 def traffic_summary(recent: list[int], arm_ids: list[str], active: list[bool]) -> tuple[str, float, float]:
@@ -142,6 +142,7 @@ def build(
     binary: bool,
     now: float,
     silence_s: float,
+    outcome_mode: str = "decision",
 ) -> dict[str, object]:
     """The diagnostics of one experiment as plain values (the service turns it into protobuf)."""
     with monitor.lock:
@@ -208,6 +209,20 @@ def build(
                 f"last {RATE_WINDOW_S:.0f}s)",
             )
         )
+    pulls = sum(a.pulls for a in arms)
+    no_event_share = 1.0 - sum(a.rewarded for a in arms) / pulls if pulls else 0.0
+    observations = sum(a.observations for a in arms)
+    if outcome_mode == "explicit" and binary and observations >= 20 and all(
+        a.reward_sum >= a.observations for a in arms
+    ):
+        alarms.append(
+            (
+                "ONLY_POSITIVE_REWARDS",
+                f"all {observations} observations of this explicit-mode experiment are 1s: the 0s are probably "
+                "never reported, so every score tends to 1. Use outcome mode 'decision' (a decision without a "
+                "reward counts as 0) or report the 0s",
+            )
+        )
     n_dominated = sum(dominated)
     if policy != "uniform" and len(recent) >= 200 and entropy >= NEAR_UNIFORM_ENTROPY and n_dominated > 0:
         alarms.append(
@@ -251,5 +266,8 @@ def build(
         "recent_join_rate": m["recent_rewards"] / m["recent_decisions"] if m["recent_decisions"] else 0.0,
         "dominated_arms": n_dominated,
         "window_seconds": window_s,
+        "outcome_mode": outcome_mode,
+        "observations": observations,
+        "no_event_share": no_event_share,
         "alarms": alarms,
     }

@@ -8,13 +8,10 @@ import os
 import threading
 import time
 import zlib
-from collections import defaultdict
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from typing import Any
-
-import orjson
 
 from banditd import _core, diagnostics
 from banditd.diagnostics import ArmView
@@ -33,15 +30,15 @@ from banditd.errors import (
 from banditd.experiment import ArmSpec, ExperimentRuntime, ExperimentSpec, now_ms
 from banditd.ops import (
     ACCEPTED,
-    DecisionRecord,
     LogDecision,
+    MatureDecisions,
     PutExperiment,
     RecordRewards,
     ResolvedReward,
 )
-from banditd.store import SEP, SPECS_COUNTER, STATS_COUNTER, Store, key
+from banditd.store import SPECS_COUNTER, STATS_COUNTER, DecisionRecord, ExperimentChanges, Store
 from banditd.validation import check_id, check_reward_value
-from banditd.writer import Writer
+from banditd.writer import Writer, wait_for
 
 log = logging.getLogger("banditd.engine")
 REJECTED = "rejected"
@@ -77,8 +74,14 @@ def new_decision_id() -> str:
     return f"{now_ms():011x}{os.urandom(6).hex()}"
 
 
-# How long a pool process waits for another process to commit a decision it is asked about.
+# How long a pool process waits for another process to commit the decisions a reward batch
+# names (once per batch, not per reward).
 DECISION_WAIT_S = 0.25
+# Propensity refresher: at least this often, and at most this share of one core.
+PROPENSITY_REFRESH_S = 0.1
+PROPENSITY_CPU_SHARE = 0.1
+# Maturation sweep of min_age experiments: at most this often.
+MATURE_EVERY_S = 0.2
 
 
 class Engine:
@@ -92,7 +95,9 @@ class Engine:
         # Set when other processes share the store (a worker pool): look there on misses.
         self.shared = False
         self._seen_specs = -1
-        self._seen_stats: dict[str, int] = {}
+        self.skipped: dict[str, str] = {}  # experiments that could not be loaded, and why
+        self.propensity_lag_s = 0.0  # how far behind the posterior the last refresh round ran
+        writer.on_commit = self._on_commit
 
     # Lifecycle.
     def _seed_for(self, experiment_id: str) -> int | None:
@@ -101,22 +106,29 @@ class Engine:
         return zlib.crc32(experiment_id.encode(), self.seed & 0xFFFFFFFF)
 
     def load(self) -> None:
-        """Rebuilds every experiment and its posterior from the store."""
-        for _, raw in self.store.items(self.store.experiments):
-            spec = ExperimentSpec.from_json(raw)
-            self._runtimes[spec.id] = ExperimentRuntime(spec, self._seed_for(spec.id))
-        totals: dict[str, dict[str, tuple[int, int, float, float]]] = defaultdict(dict)
-        for k, (pulls, rewards, s, s2) in self.store.items(self.store.arms):
-            exp_id, arm_id = (p.decode() for p in k.split(SEP, 1))
-            totals[exp_id][arm_id] = (int(pulls), int(rewards), float(s), float(s2))
-        for exp_id, arms in totals.items():
-            rt = self._runtimes.get(exp_id)
-            if rt is not None:
-                rt.restore_totals(arms)
+        """Rebuilds every experiment and its posterior from the store. A record that cannot
+        be read is reported and its experiment skipped; the others are served."""
+        for raw in self.store.experiment_specs():
+            exp_id = str(raw.get("id", "?"))
+            try:
+                spec = ExperimentSpec.from_json(raw)
+                rt = ExperimentRuntime(spec, self._seed_for(spec.id))
+                policy, rows, counter = self.store.experiment_state(spec.id)
+                rt.apply_state(policy, rows, counter, full=True)
+            except Exception as exc:  # noqa: BLE001 - one bad record must not stop the server
+                log.error("experiment %r could not be loaded and is not served: %s", exp_id, exc)
+                self.skipped[exp_id] = f"{type(exc).__name__}: {exc}"
+                continue
+            self._runtimes[spec.id] = rt
+        self._seen_specs = self.store.counter(SPECS_COUNTER)
         log.info("loaded %d experiments", len(self._runtimes))
 
     def runtime(self, experiment_id: str) -> ExperimentRuntime | None:
         return self._runtimes.get(experiment_id)
+
+    def spec_of(self, experiment_id: str) -> ExperimentSpec | None:
+        rt = self._runtimes.get(experiment_id)
+        return rt.spec if rt is not None else None
 
     def _require(self, experiment_id: str) -> ExperimentRuntime:
         rt = self._runtimes.get(experiment_id)
@@ -124,7 +136,7 @@ class Engine:
             check_id("experiment id", experiment_id)
             if self.shared:
                 # Created by another process of the pool a moment ago?
-                raw = self.store.get(self.store.experiments, experiment_id.encode())
+                raw = self.store.experiment_spec(experiment_id)
                 if raw is not None:
                     return self._adopt(ExperimentSpec.from_json(raw))
             raise ExperimentNotFound(f"experiment {experiment_id!r} does not exist")
@@ -136,40 +148,104 @@ class Engine:
             rt = self._runtimes.get(spec.id)
             if rt is None:
                 rt = ExperimentRuntime(spec, self._seed_for(spec.id))
+                policy, rows, counter = self.store.experiment_state(spec.id)
+                rt.apply_state(policy, rows, counter, full=True)
                 self._runtimes[spec.id] = rt
-                self._seen_stats.pop(spec.id, None)
             elif spec.version > rt.spec.version:
                 rt.apply_spec_change(spec)
             return rt
 
     def refresh_from_store(self) -> None:
         """Brings this process up to date with what other processes committed: new or changed
-        experiments, and arm totals (posteriors) that moved. Cheap when nothing changed."""
+        experiments, and statistics that moved. Costs one read transaction when nothing
+        changed, whatever the number of arms."""
         specs = self.store.counter(SPECS_COUNTER)
         if specs != self._seen_specs:
-            for _, raw in self.store.items(self.store.experiments):
+            for raw in self.store.experiment_specs():
                 spec = ExperimentSpec.from_json(raw)
                 rt = self._runtimes.get(spec.id)
                 if rt is None or spec.version > rt.spec.version:
                     self._adopt(spec)
             self._seen_specs = specs
-        for exp_id, rt in list(self._runtimes.items()):
-            seen = self.store.counter(STATS_COUNTER + exp_id.encode())
-            if seen == self._seen_stats.get(exp_id):
+        runtimes = list(self._runtimes.items())
+        counters = self.store.counters([STATS_COUNTER + exp_id.encode() for exp_id, _ in runtimes])
+        for (exp_id, rt), seen in zip(runtimes, counters, strict=True):
+            if seen != rt.stats_seen:
+                policy, rows, counter = self.store.experiment_state(exp_id)
+                rt.apply_state(policy, rows, counter, full=True)
+
+    def _on_commit(self, changes: dict[str, ExperimentChanges]) -> None:
+        """Writer thread, right after a commit: the posteriors take the committed statistics
+        before any write is acknowledged."""
+        now = time.time()
+        for exp_id, ch in changes.items():
+            rt = self._runtimes.get(exp_id)
+            if rt is None:
                 continue
-            prefix = key(exp_id, "")
-            totals = {
-                k[len(prefix) :].decode(): (int(p), int(r), float(s), float(s2))
-                for k, (p, r, s, s2) in self.store.items(self.store.arms, prefix)
-            }
-            rt.restore_totals(totals)
-            self._seen_stats[exp_id] = seen
+            checked = [rt.index[a] for a in (*ch.rises, *ch.falls) if a in rt.index]
+            before = dict(zip(checked, rt.bandit.means_of(checked), strict=True)) if checked else {}
+            rt.apply_state(ch.policy, ch.arms, ch.counter_after, full=False)
+            after = dict(zip(checked, rt.bandit.means_of(checked), strict=True)) if checked else {}
+            if ch.events or checked:
+                snapshot = rt.bandit.means() if rt.monitor.snapshot_due(now, len(rt.arm_ids)) else None
+                rt.monitor.on_update(
+                    [rt.index[a] for a in ch.rises if a in rt.index],
+                    [rt.index[a] for a in ch.falls if a in rt.index],
+                    before,
+                    after,
+                    ch.events,
+                    now,
+                    snapshot,
+                )
+
+    # Background work (off the request path).
+    def refresh_propensities(self) -> float:
+        """Brings every experiment's cached Thompson propensities up to its posterior (the
+        small ones are refreshed inline by the core anyway). Returns the seconds spent."""
+        started = time.perf_counter()
+        for rt in list(self._runtimes.values()):
+            if rt.spec.policy != "thompson":
+                continue
+            for k in list(rt.slate_sizes):
+                try:
+                    if k <= rt.bandit.n_arms and rt.bandit.propensities_stale(k):
+                        rt.bandit.refresh_propensities(k)
+                except _core.CoreError:  # e.g. k above the active arms after a retirement
+                    rt.slate_sizes.discard(k)
+        return time.perf_counter() - started
+
+    def mature(self) -> int:
+        """Turns decisions of min_age experiments that are old enough into observations."""
+        specs = [rt.spec for rt in self._runtimes.values() if rt.rule.min_age_ms > 0]
+        if not specs:
+            return 0
+        return int(self.writer.submit_and_wait(MatureDecisions(specs, now_ms()), timeout=60.0))
+
+    def run_background(self, stopped: threading.Event) -> None:
+        """Propensity refresh and maturation until `stopped`; the refresh's pace keeps its
+        cost under PROPENSITY_CPU_SHARE of a core, so propensities lag the posterior by at
+        most max(PROPENSITY_REFRESH_S, cost / share) plus one refresh."""
+        last_mature = 0.0
+        wait = PROPENSITY_REFRESH_S
+        while not stopped.wait(wait):
+            try:
+                spent = self.refresh_propensities()
+                wait = max(PROPENSITY_REFRESH_S, spent / PROPENSITY_CPU_SHARE)
+                self.propensity_lag_s = wait + spent
+                if time.monotonic() - last_mature >= MATURE_EVERY_S:
+                    last_mature = time.monotonic()
+                    self.mature()
+            except BanditdError as exc:
+                log.warning("background round failed: %s", exc)
+            except Exception:  # keep going; the next round retries
+                log.exception("background round failed")
 
     # Experiments.
     def create_experiment(self, spec: ExperimentSpec, timeout: float | None = None) -> ExperimentSpec:
         spec.validate()
         spec = replace(spec, created_ms=now_ms(), version=1, state="running")
         runtime = ExperimentRuntime(spec, self._seed_for(spec.id))  # validates policy params
+        runtime.stats_seen = 0
         with self._admin_lock:
             if spec.id in self._runtimes:
                 raise ExperimentAlreadyExists(
@@ -196,7 +272,7 @@ class Engine:
         timeout: float | None = None,
     ) -> ExperimentSpec:
         if self.shared:  # start from the newest definition any process committed
-            raw = self.store.get(self.store.experiments, experiment_id.encode())
+            raw = self.store.experiment_spec(experiment_id)
             if raw is not None:
                 self._adopt(ExperimentSpec.from_json(raw))
         with self._admin_lock:
@@ -261,10 +337,14 @@ class Engine:
             arms, scores, props = rt.bandit.choose(k)
         except _core.CoreError as exc:
             raise InvalidArgument(f"experiment {experiment_id!r}: {exc}") from None
-        chosen = tuple(rt.arm_ids[i] for i in arms)
+        arm_ids = rt.arm_ids  # extended before the core learns of new arms: every index is in it
+        chosen = tuple(arm_ids[i] for i in arms)
+        if k not in rt.slate_sizes:
+            rt.slate_sizes.add(k)
+        result = self._record(rt, unit_id, chosen, tuple(props), tuple(scores), False, context)
         if spec.sticky:
             rt.assignments.put(unit_id, chosen)
-        return self._record(rt, unit_id, chosen, tuple(props), tuple(scores), False, context)
+        return result
 
     def _is_active(self, rt: ExperimentRuntime, arm_id: str) -> bool:
         idx = rt.index.get(arm_id)
@@ -273,9 +353,8 @@ class Engine:
     def _assignment(self, rt: ExperimentRuntime, unit_id: str) -> tuple[str, ...] | None:
         held = rt.assignments.get(unit_id)
         if held is None:
-            stored = self.store.get(self.store.assignments, key(rt.spec.id, unit_id))
-            if stored is not None:
-                held = tuple(stored)
+            held = self.store.assignment(rt.spec.id, unit_id)
+            if held is not None:
                 rt.assignments.put(unit_id, held)
         return held
 
@@ -292,48 +371,35 @@ class Engine:
         record = DecisionRecord(
             new_decision_id(), rt.spec.id, arms, props, unit_id, now_ms(), rt.bandit.version, context
         )
-        for a in arms:
-            idx = rt.index[a]
-            rt.pulls[idx] += 1
-            rt.recent.append(idx)
-        rt.monitor.on_decision(record.ts_ms / 1000.0, len(arms))
         self._pending[record.decision_id] = record
-        self.writer.submit(LogDecision(record, rt.spec.sticky and not sticky_hit, self._committed))
+        try:
+            self.writer.submit(LogDecision(record, rt.spec, rt.spec.sticky and not sticky_hit, self._committed))
+        except BanditdError:
+            del self._pending[record.decision_id]
+            raise
+        # Counted only once queued: a refused decision leaves no trace.
+        for a in arms:
+            rt.recent.append(rt.index[a])
+        rt.monitor.on_decision(record.ts_ms / 1000.0, len(arms))
         return DecisionResult(record, scores, sticky_hit)
 
     def _committed(self, decision_id: str) -> None:
         self._pending.pop(decision_id, None)
 
-    def _lookup_decision(self, decision_id: str, prefetched: dict[bytes, bytes] | None = None) -> DecisionRecord:
-        rec = self._pending.get(decision_id)
-        if rec is not None:
-            return rec
-        raw = None
-        if prefetched is not None:  # the batch's snapshot; a miss may be a commit since it began
-            raw_bytes = prefetched.get(decision_id.encode())
-            raw = orjson.loads(raw_bytes) if raw_bytes is not None else None
-        if raw is None:
-            raw = self.store.get(self.store.decisions, decision_id.encode())
-        if raw is None and self.shared:
-            # Another process of the pool may not have committed it yet (group commit).
-            deadline = time.monotonic() + DECISION_WAIT_S
-            while raw is None and time.monotonic() < deadline:
-                time.sleep(0.005)
-                raw = self.store.get(self.store.decisions, decision_id.encode())
-        if raw is None:
-            raise DecisionNotFound(
-                f"decision {decision_id!r} is unknown: it was never issued by this server or has expired"
-            )
-        return DecisionRecord.from_json(decision_id, raw)
-
     # Rewards.
     def _resolve(
-        self, index: int, r: RewardInput, now: int, prefetched: dict[bytes, bytes] | None = None
+        self, index: int, r: RewardInput, now: int, found: dict[str, DecisionRecord]
     ) -> ResolvedReward:
         check_id("decision id", r.decision_id)
         if not math.isfinite(r.value):
             raise InvalidArgument(f"reward value {r.value} is not a finite number")
-        rec = self._lookup_decision(r.decision_id, prefetched)
+        rec = self._pending.get(r.decision_id) or found.get(r.decision_id)
+        if rec is None:  # committed (and so no longer pending) since the batch looked
+            rec = self.store.decision(r.decision_id)
+        if rec is None:
+            raise DecisionNotFound(
+                f"decision {r.decision_id!r} is unknown: it was never issued by this server or has expired"
+            )
         rt = self._require(rec.experiment_id)
         arm = r.arm_id or rec.arms[0]
         if arm not in rec.arms:
@@ -350,6 +416,21 @@ class Engine:
         event_key = r.event_id or f"{r.decision_id}/{arm}"
         return ResolvedReward(index, r.decision_id, rec.experiment_id, arm, r.value, event_key, now)
 
+    def _find_decisions(self, ids: list[str]) -> dict[str, DecisionRecord]:
+        """Stored decisions among `ids`. In a pool, ids still missing may be in another
+        process's next group commit: wait for them once per batch, not once per id."""
+        missing = [d for d in dict.fromkeys(ids) if d and d not in self._pending]
+        found = self.store.decisions_many(missing) if missing else {}
+        if self.shared and len(found) < len(missing):
+            deadline = time.monotonic() + DECISION_WAIT_S
+            while time.monotonic() < deadline:
+                time.sleep(0.01)
+                rest = [d for d in missing if d not in found]
+                found.update(self.store.decisions_many(rest))
+                if len(found) == len(missing):
+                    break
+        return found
+
     def reward_batch(self, rewards: list[RewardInput], timeout: float | None = None) -> list[RewardResult]:
         """Validates, durably records and applies a batch; returns one result per input."""
         return self.submit_rewards(rewards)(timeout)
@@ -361,27 +442,21 @@ class Engine:
         results: list[RewardResult] = [RewardResult(REJECTED)] * len(rewards)
         resolved: list[ResolvedReward] = []
         now = now_ms()
-        # One multi-get for the batch's decisions: a get per reward would release and
-        # re-acquire the GIL each time.
-        keys = [r.decision_id.encode() for r in rewards if r.decision_id not in self._pending]
-        prefetched: dict[bytes, bytes] = {}
-        if keys:
-            with self.store.env.begin(db=self.store.decisions) as txn:
-                prefetched = {bytes(k): bytes(v) for k, v in txn.cursor().getmulti(sorted(set(keys)))}
+        found = self._find_decisions([r.decision_id for r in rewards if r.decision_id and "\x00" not in r.decision_id])
         for i, r in enumerate(rewards):
             try:
-                resolved.append(self._resolve(i, r, now, prefetched))
+                resolved.append(self._resolve(i, r, now, found))
             except BanditdError as exc:
                 results[i] = RewardResult(REJECTED, exc)
         if not resolved:
             return lambda _timeout: results
-        op = RecordRewards(resolved, self.runtime)
+        op = RecordRewards(resolved, self.spec_of)
         op.future = Future()
         self.writer.submit(op)
 
         def wait(timeout: float | None) -> list[RewardResult]:
             assert op.future is not None
-            outcome = op.future.result(timeout=timeout)
+            outcome = wait_for(op.future, timeout)
             for rr, status in zip(resolved, outcome, strict=True):
                 results[rr.index] = RewardResult(status)
             return results
@@ -400,18 +475,21 @@ class Engine:
         means = rt.bandit.means()
         lows, highs = rt.bandit.intervals(0.95)
         shares = rt.recent_shares()
+        rows = rt.rows
         return [
             ArmStatsRow(
                 arm_id=arm.id,
                 group=arm.group,
                 active=arm.active,
-                pulls=rt.pulls[i],
-                rewards=rt.rewards[i],
-                reward_sum=rt.reward_sum[i],
+                pulls=int(rows[i].pulls),
+                rewards=int(rows[i].events),
+                reward_sum=rows[i].value_sum,
                 mean=means[i],
                 low=lows[i],
                 high=highs[i],
                 recent_share=shares[i],
+                observations=int(rows[i].observations),
+                rewarded=int(rows[i].rewarded),
             )
             for i, arm in enumerate(rt.spec.arms)
         ]
@@ -428,6 +506,7 @@ class Engine:
             rt.binary,
             time.time(),
             silence_s or diagnostics.DEFAULT_SILENCE_S,
+            rt.rule.mode,
         )
 
     def status(self) -> dict[str, Any]:
@@ -436,4 +515,5 @@ class Engine:
             "pending_decisions": len(self._pending),
             "writer_queue": self.writer.pending,
             "commits": self.writer.commits,
+            "propensity_lag_s": self.propensity_lag_s,
         }

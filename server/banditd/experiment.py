@@ -13,6 +13,8 @@ from banditd import _core
 from banditd.cache import BoundedCache
 from banditd.diagnostics import LearningMonitor
 from banditd.errors import InvalidArgument
+from banditd.outcomes import OutcomeRule
+from banditd.store import ArmRow, PolicyState
 from banditd.validation import check_id
 from banditd_client._convert import POLICY_PARAMS
 
@@ -47,9 +49,20 @@ class ExperimentSpec:
     state: str = "running"
     created_ms: int = 0
     version: int = 1
+    # Outcome model (see `banditd.outcomes`): mode, aggregation, default_reward, min_age_s;
+    # empty values take the reward type's defaults. Fixed once the experiment exists.
+    outcomes: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+    @property
+    def rule(self) -> OutcomeRule:
+        return OutcomeRule.for_experiment(self.reward_type == "binary", **self.outcomes)
+
+    @property
+    def half_life(self) -> float:
+        return float(self.params.get("half_life") or 0.0)
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> ExperimentSpec:
@@ -58,7 +71,7 @@ class ExperimentSpec:
             for a in d["arms"]
         ]
         d = {**d, "arms": arms, "prior": tuple(d["prior"]) if d["prior"] else None}
-        return cls(**d)
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
     def validate(self) -> None:
         check_id("experiment id", self.id)
@@ -76,23 +89,45 @@ class ExperimentSpec:
             raise InvalidArgument(f"unknown reward type {self.reward_type!r}")
         if self.window_seconds < 0:
             raise InvalidArgument(f"attribution window must be >= 0 seconds, got {self.window_seconds}")
+        rule = self.rule  # validates
+        if self.window_seconds and rule.min_age_s > self.window_seconds:
+            raise InvalidArgument(
+                f"min_age ({rule.min_age_s:g} s) is longer than the attribution window ({self.window_seconds} s): "
+                "decisions would expire before they count"
+            )
+        # Stored resolved, so the rule in force never depends on a later change of defaults.
+        self.outcomes = {
+            "mode": rule.mode,
+            "aggregation": rule.aggregation,
+            "default_reward": rule.default_reward,
+            "min_age_s": rule.min_age_s,
+        }
 
     def arm_prior(self, arm: ArmSpec) -> tuple[float, float]:
         return arm.prior or self.prior or DEFAULT_PRIORS[self.reward_type]
 
 
 class ExperimentRuntime:
-    """The live state of one experiment: its Rust posterior and serving counters."""
+    """The live state of one experiment: its Rust posterior and serving counters.
+
+    The posterior is a cache of the stored statistics (`apply_state`): the same committed
+    rows give the same posterior in every process and after every restart."""
 
     def __init__(self, spec: ExperimentSpec, seed: int | None = None) -> None:
         self.spec = spec
+        self.rule = spec.rule
         self.lock = threading.Lock()
         self.bandit = _new_bandit(spec, seed)
+        self.discount = 0.5 ** (1.0 / spec.half_life) if spec.half_life > 0 else 1.0
         self.arm_ids: list[str] = []
         self.index: dict[str, int] = {}
-        self.pulls: list[int] = []
-        self.rewards: list[int] = []
-        self.reward_sum: list[float] = []
+        self.rows: list[ArmRow] = []
+        self.policy = PolicyState()
+        # Stats counter of the store state fully applied, and of the newest partial one (an
+        # own commit applied while another process's was not yet read).
+        self.stats_seen = -1
+        self.stats_floor = -1
+        self.slate_sizes: set[int] = set()  # k of recent decisions (propensities kept fresh)
         self.recent: deque[int] = deque(maxlen=RECENT_DECISIONS)
         # Sticky assignments seen lately (all of them are in LMDB).
         self.assignments: BoundedCache[str, tuple[str, ...]] = BoundedCache(ASSIGNMENT_CACHE)
@@ -104,16 +139,18 @@ class ExperimentRuntime:
         return self.spec.reward_type == "binary"
 
     def _add_arms(self, arms: list[ArmSpec]) -> None:
-        priors = [self.spec.arm_prior(a) for a in arms]
-        self.bandit.add_arms([p[0] for p in priors], [p[1] for p in priors])
+        # Ids first, then the core: a concurrent decision can only get back an index that
+        # already names an arm.
+        first = len(self.arm_ids)
         for arm in arms:
+            self.rows.append(ArmRow())
             self.index[arm.id] = len(self.arm_ids)
             self.arm_ids.append(arm.id)
-            self.pulls.append(0)
-            self.rewards.append(0)
-            self.reward_sum.append(0.0)
+        priors = [self.spec.arm_prior(a) for a in arms]
+        self.bandit.add_arms([p[0] for p in priors], [p[1] for p in priors])
+        for offset, arm in enumerate(arms):
             if not arm.active:
-                self.bandit.set_active(self.index[arm.id], False)
+                self.bandit.set_active(first + offset, False)
         self._sync_groups()
 
     def _sync_groups(self) -> None:
@@ -131,32 +168,45 @@ class ExperimentRuntime:
         """Brings the runtime in line with an updated definition (arms added or retired)."""
         with self.lock:
             known = len(self.arm_ids)
+            self.spec = new
             self._add_arms(new.arms[known:])
             for arm in new.arms[:known]:
-                idx = self.index[arm.id]
-                self.bandit.set_active(idx, arm.active)
-            self.spec = new
+                self.bandit.set_active(self.index[arm.id], arm.active)
             self._sync_groups()
 
-    def restore_totals(self, totals: dict[str, tuple[int, int, float, float]]) -> None:
-        """Restores durable per-arm totals (pulls, rewards, sum, sum of squares) in one call."""
-        arms: list[int] = []
-        n: list[float] = []
-        sums: list[float] = []
-        sumsq: list[float] = []
-        for arm_id, (pulls, rewards, s, s2) in totals.items():
-            idx = self.index.get(arm_id)
-            if idx is None:
-                continue
-            self.pulls[idx] = pulls
-            self.rewards[idx] = rewards
-            self.reward_sum[idx] = s
-            arms.append(idx)
-            n.append(float(rewards))
-            sums.append(s)
-            sumsq.append(s2)
-        self.bandit.set_stats_many(arms, n, sums, sumsq)
-        self.bandit.maintain()
+    def apply_state(self, policy: PolicyState, rows: dict[str, ArmRow], counter: int, full: bool) -> None:
+        """Makes the posterior equal to stored statistics: the policy counters and the given
+        arm rows (the others are unchanged). `full`: every row of the experiment, read at
+        stats counter `counter`; else the rows one own commit changed, which took the counter
+        to `counter`. With a half-life every arm's discounted statistics move with the
+        clock, so all of them are pushed."""
+        with self.lock:
+            if full:
+                if counter < self.stats_floor:
+                    return  # older than an own commit already applied; re-read next round
+                self.stats_seen = counter
+            elif self.stats_seen == counter - 1:
+                self.stats_seen = counter
+            self.stats_floor = max(self.stats_floor, counter)
+            changed: list[int] = []
+            for arm_id, row in rows.items():
+                idx = self.index.get(arm_id)
+                if idx is not None:
+                    self.rows[idx] = row
+                    changed.append(idx)
+            self.policy = policy
+            if self.discount < 1.0:
+                changed = list(range(len(self.rows)))
+                scale = self.discount ** (policy.clock - policy.base)
+            else:
+                scale = 1.0
+            if changed:
+                rs = [self.rows[i] for i in changed]
+                self.bandit.set_stats_many(
+                    changed, [r.n * scale for r in rs], [r.sum * scale for r in rs], [r.sumsq * scale for r in rs]
+                )
+            self.bandit.set_counters(policy.decisions, policy.clock)
+            self.bandit.maintain()
 
     def recent_shares(self) -> list[float]:
         counts = Counter(self.recent)

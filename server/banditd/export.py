@@ -11,16 +11,17 @@ import argparse
 import csv
 import sys
 import time
-from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO, Any
 
-import lmdb
 import orjson
 
 from banditd.errors import BanditdError, ExperimentNotFound, InvalidArgument
+from banditd.experiment import ExperimentSpec
+from banditd.outcomes import observed_value
+from banditd.store import SchemaError, Store
 
 COLUMNS = (
     "decision_id", "experiment", "unit", "time_ms", "model_version", "position", "k",
@@ -46,19 +47,19 @@ class LoggedRow:
 
 
 class LogReader:
-    """Read-only view of a data dir's experiments, decisions and reward events."""
+    """Read-only view of a data dir's experiments, decisions and their outcomes (through the
+    store module, which owns the layout)."""
 
     def __init__(self, data_dir: str | Path) -> None:
-        path = Path(data_dir)
-        if not (path / "data.mdb").exists():
-            raise InvalidArgument(f"no banditd store at {path} (data.mdb is missing)")
-        self.env = lmdb.open(str(path), readonly=True, lock=True, max_dbs=16, max_readers=512)
-        self.experiments_db = self.env.open_db(b"experiments", create=False)
-        self.decisions_db = self.env.open_db(b"decisions", create=False)
-        self.events_db = self.env.open_db(b"events", create=False)
+        try:
+            self.store = Store.open_readonly(data_dir)
+        except FileNotFoundError as exc:
+            raise InvalidArgument(str(exc)) from None
+        except SchemaError as exc:
+            raise InvalidArgument(str(exc)) from None
 
     def close(self) -> None:
-        self.env.close()
+        self.store.close()
 
     def __enter__(self) -> LogReader:
         return self
@@ -67,8 +68,7 @@ class LogReader:
         self.close()
 
     def experiments(self) -> dict[str, dict[str, Any]]:
-        with self.env.begin(db=self.experiments_db) as txn:
-            return {k.decode(): orjson.loads(v) for k, v in txn.cursor()}
+        return {d["id"]: d for d in self.store.experiment_specs()}
 
     def rows(
         self, experiment: str, since_ms: int = 0, until_ms: int | None = None, settled_only: bool = False
@@ -77,47 +77,26 @@ class LogReader:
         if experiment not in specs:
             known = ", ".join(sorted(specs)) or "none"
             raise ExperimentNotFound(f"experiment {experiment!r} is not in this store (it has: {known})")
-        window_ms = int(specs[experiment]["window_seconds"]) * 1000
+        spec = ExperimentSpec.from_json(specs[experiment])
+        rule = spec.rule
+        window_ms = spec.window_seconds * 1000
         now_ms = int(time.time() * 1000)
-        with self.env.begin() as txn:
-            rewards = self._rewards(txn, experiment)
-            cur = txn.cursor(db=self.decisions_db)
-            # Decision ids start with the decision time as 11 hex digits, so time is key order.
-            if since_ms and not cur.set_range(f"{since_ms:011x}".encode()):
-                return
-            if not since_ms and not cur.first():
-                return
-            for k, v in cur:
-                raw = orjson.loads(v)
-                if until_ms is not None and raw["t"] >= until_ms:
-                    break
-                if raw["e"] != experiment:
-                    continue
-                settled = raw["t"] + window_ms <= now_ms
-                if settled_only and not settled:
-                    continue
-                did = k.decode()
-                for pos, (arm, prop) in enumerate(zip(raw["a"], raw["p"], strict=True)):
-                    total, count = rewards.get((did, arm), (0.0, 0))
-                    yield LoggedRow(
-                        did, experiment, raw["u"], raw["t"], raw["v"], pos, len(raw["a"]),
-                        arm, prop, total, count, settled, raw.get("c"),
-                    )
-
-    def _rewards(self, txn: Any, experiment: str) -> dict[tuple[str, str], tuple[float, int]]:
-        """(decision id, arm) -> (reward total, events) from the experiment's reward events."""
-        out: dict[tuple[str, str], list[float]] = defaultdict(lambda: [0.0, 0])
-        prefix = experiment.encode() + b"\x00"
-        cur = txn.cursor(db=self.events_db)
-        if cur.set_range(prefix):
-            for k, v in cur:
-                if not k.startswith(prefix):
-                    break
-                decision_id, arm, value, _ms = orjson.loads(v)
-                acc = out[(decision_id, arm)]
-                acc[0] += value
-                acc[1] += 1
-        return {key: (acc[0], int(acc[1])) for key, acc in out.items()}
+        outcomes = self.store.outcomes_of(experiment)
+        for rec in self.store.iter_decisions(since_ms):
+            if until_ms is not None and rec.ts_ms >= until_ms:
+                break
+            if rec.experiment_id != experiment:
+                continue
+            settled = rec.ts_ms + window_ms <= now_ms
+            if settled_only and not settled:
+                continue
+            for pos, (arm, prop) in enumerate(zip(rec.arms, rec.propensities, strict=True)):
+                out = outcomes.get((rec.decision_id, arm))
+                value = observed_value(rule, out.value if out else None)
+                yield LoggedRow(
+                    rec.decision_id, experiment, rec.unit_id, rec.ts_ms, rec.model_version, pos, len(rec.arms),
+                    arm, prop, value if value is not None else 0.0, out.events if out else 0, settled, rec.context,
+                )
 
 
 def write_jsonl(rows: Iterable[LoggedRow], out: IO[bytes]) -> int:

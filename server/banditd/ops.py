@@ -1,20 +1,98 @@
-"""The durable write operations: each runs in a group-commit transaction (see writer.py)."""
+"""The durable write operations: each runs in a group-commit transaction (see writer.py).
+
+Statistics change only here, inside the transaction that stores what caused the change
+(a decision, a reward event, a maturation), following the outcome model of
+`banditd.outcomes`. The engine's posteriors are rebuilt from what these commit.
+"""
 
 from __future__ import annotations
 
-import time
-from array import array
-from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
-
-import orjson
 
 from banditd.errors import ExperimentAlreadyExists, ExperimentNotFound, FailedPrecondition
-from banditd.experiment import ExperimentRuntime, ExperimentSpec
-from banditd.store import SPECS_COUNTER, key
-from banditd.writer import Batch, WriteOp
+from banditd.experiment import ExperimentSpec
+from banditd.outcomes import Delta, combine, on_event, on_maturity
+from banditd.store import DecisionRecord, EventRecord, Outcome, WriteTxn
+from banditd.writer import WriteOp
+
+# Stored weights are rescaled once the clock has run this many half-lives past their base
+# (2^-128: far from the limits of a double either way).
+RESCALE_HALF_LIVES = 128.0
+
+
+class Accounting:
+    """Adds observations to an experiment's arm statistics, with the half-life clock.
+
+    An observation made at clock t gets stored weight d^-(t - base); the discounted
+    statistic is the stored one times d^(clock - base). A later change of the same
+    observation's value (an event) uses the weight it was made with."""
+
+    def __init__(self, txn: WriteTxn, spec: ExperimentSpec) -> None:
+        self.txn = txn
+        self.spec = spec
+        self.exp = spec.id
+        self.discount = 0.5 ** (1.0 / spec.half_life) if spec.half_life > 0 else 1.0
+        self.binary = spec.reward_type == "binary"
+
+    def _weight(self, clock: float | None) -> float:
+        if self.discount >= 1.0 or clock is None:
+            return 1.0
+        base = self.txn.policy(self.exp).base
+        return float(self.discount ** -(clock - base))
+
+    def _kind(self, arm_id: str, delta: Delta, value: float) -> None:
+        ch = self.txn.changes[self.exp]
+        if delta.n:  # a new observation: raises the mean only at the top of the range
+            up = self.binary and value >= 1.0
+            down = self.binary and value <= 0.0
+        else:
+            up, down = delta.sum > 0, delta.sum < 0
+        if up and arm_id not in ch.falls and arm_id not in ch.mixed:
+            ch.rises.add(arm_id)
+        elif down and arm_id not in ch.rises and arm_id not in ch.mixed:
+            ch.falls.add(arm_id)
+        elif up or down or delta.n:
+            ch.rises.discard(arm_id)
+            ch.falls.discard(arm_id)
+            ch.mixed.add(arm_id)
+
+    def observe(self, arm_id: str, value: float) -> float:
+        """A new observation; returns the clock it was made at."""
+        policy = self.txn.policy(self.exp)
+        clock = policy.clock
+        w = self._weight(clock)
+        row = self.txn.arm(self.exp, arm_id)
+        row.n += w
+        row.sum += w * value
+        row.sumsq += w * value * value
+        row.observations += 1
+        row.value_sum += value
+        policy.clock = clock + 1
+        self._kind(arm_id, Delta(1.0, value, value * value), value)
+        if self.discount < 1.0 and (policy.clock - policy.base) > RESCALE_HALF_LIVES * self.spec.half_life:
+            self._rescale()
+        return clock
+
+    def swap(self, arm_id: str, delta: Delta, clock: float | None) -> None:
+        """An observed decision's value changed by `delta` (count unchanged)."""
+        w = self._weight(clock)
+        row = self.txn.arm(self.exp, arm_id)
+        row.sum += w * delta.sum
+        row.sumsq += w * delta.sumsq
+        row.value_sum += delta.sum
+        if self.binary:  # a success weighs no more than its trial, whatever the rounding
+            row.sum = min(max(row.sum, 0.0), row.n)
+        self._kind(arm_id, delta, 0.0)
+
+    def _rescale(self) -> None:
+        policy = self.txn.policy(self.exp)
+        f = self.discount ** (policy.clock - policy.base)
+        for row in self.txn.all_arms(self.exp).values():
+            row.n *= f
+            row.sum *= f
+            row.sumsq *= f
+        policy.base = policy.clock
 
 
 class PutExperiment(WriteOp):
@@ -27,89 +105,67 @@ class PutExperiment(WriteOp):
         self.create = create
         self.on_commit = on_commit
 
-    def write(self, batch: Batch) -> ExperimentSpec:
-        k = self.spec.id.encode()
-        raw = batch.txn.get(k, db=batch.store.experiments)
-        exists = raw is not None
+    def write(self, batch: WriteTxn) -> ExperimentSpec:
+        stored = batch.experiment_json(self.spec.id)
+        exists = stored is not None
         if self.create and exists:
             raise ExperimentAlreadyExists(
                 f"experiment {self.spec.id!r} already exists; use UpdateExperiment to change it"
             )
         if not self.create and not exists:
             raise ExperimentNotFound(f"experiment {self.spec.id!r} does not exist")
-        if not self.create and orjson.loads(raw)["version"] != self.spec.version - 1:
+        if not self.create and stored is not None and stored["version"] != self.spec.version - 1:
             # Another server process changed it first (optimistic concurrency).
             raise FailedPrecondition(
                 f"experiment {self.spec.id!r} was changed concurrently; read it again and retry the update"
             )
-        batch.txn.put(k, orjson.dumps(self.spec.to_json()), db=batch.store.experiments)
-        batch.store.bump(batch.txn, SPECS_COUNTER)
+        batch.put_experiment(self.spec.id, self.spec.to_json())
         return self.spec
 
     def after_commit(self, result: ExperimentSpec) -> None:
         self.on_commit(result)
 
 
-@dataclass(slots=True)
-class DecisionRecord:
-    decision_id: str
-    experiment_id: str
-    arms: tuple[str, ...]
-    propensities: tuple[float, ...]
-    unit_id: str
-    ts_ms: int
-    model_version: int
-    context: dict[str, str] | None = None
-
-    def to_json(self) -> bytes:
-        d: dict[str, Any] = {
-            "e": self.experiment_id,
-            "a": self.arms,
-            "p": self.propensities,
-            "u": self.unit_id,
-            "t": self.ts_ms,
-            "v": self.model_version,
-        }
-        if self.context:
-            d["c"] = self.context
-        return orjson.dumps(d)
-
-    @classmethod
-    def from_json(cls, decision_id: str, raw: dict[str, Any]) -> DecisionRecord:
-        return cls(
-            decision_id,
-            raw["e"],
-            tuple(raw["a"]),
-            tuple(raw["p"]),
-            raw["u"],
-            raw["t"],
-            raw["v"],
-            raw.get("c"),
-        )
-
-
 class LogDecision(WriteOp):
-    """Stores a decision (and a sticky assignment); the response never waits for it."""
+    """Stores a decision (and a sticky assignment); in decision mode it is an observation
+    from now on (or once it matures). The response never waits for it."""
 
     deferrable = True
 
-    def __init__(self, record: DecisionRecord, sticky: bool, on_commit: Callable[[str], None]) -> None:
+    def __init__(
+        self,
+        record: DecisionRecord,
+        spec: ExperimentSpec,
+        sticky: bool,
+        on_done: Callable[[str], None],
+    ) -> None:
         self.record = record
+        self.spec = spec
         self.sticky = sticky
-        self.on_commit = on_commit
+        self.on_done = on_done
 
-    def write(self, batch: Batch) -> None:
+    def write(self, batch: WriteTxn) -> None:
         r = self.record
-        batch.txn.put(r.decision_id.encode(), r.to_json(), db=batch.store.decisions)
-        if self.sticky and r.unit_id:
-            batch.txn.put(
-                key(r.experiment_id, r.unit_id), orjson.dumps(r.arms), db=batch.store.assignments
-            )
+        rule = self.spec.rule
+        acct = Accounting(batch, self.spec)
+        batch.policy(r.experiment_id).decisions += 1
         for arm in r.arms:
-            batch.arm_deltas[key(r.experiment_id, arm)][0] += 1
+            batch.arm(r.experiment_id, arm).pulls += 1
+        if rule.min_age_ms > 0:
+            batch.add_maturing(r.experiment_id, r.decision_id)
+        elif rule.mode == "decision":
+            clocks = tuple(acct.observe(arm, on_maturity(rule, None).sum) for arm in r.arms)
+            if acct.discount < 1.0:
+                r.clocks = clocks
+        batch.put_decision(r)
+        if self.sticky and r.unit_id:
+            batch.put_assignment(r.experiment_id, r.unit_id, r.arms)
 
     def after_commit(self, result: None) -> None:
-        self.on_commit(self.record.decision_id)
+        self.on_done(self.record.decision_id)
+
+    def failed(self, exc: BaseException) -> None:
+        self.on_done(self.record.decision_id)
 
 
 @dataclass(slots=True)
@@ -129,56 +185,84 @@ ACCEPTED, DUPLICATE = "accepted", "duplicate"
 
 
 class RecordRewards(WriteOp):
-    """Counts each reward event once, durably; then applies the batch to the posteriors."""
+    """Counts each reward event once, durably, and moves its decision's outcome."""
 
-    def __init__(
-        self,
-        rewards: list[ResolvedReward],
-        runtimes: Callable[[str], ExperimentRuntime | None],
-    ) -> None:
+    def __init__(self, rewards: list[ResolvedReward], specs: Callable[[str], ExperimentSpec | None]) -> None:
         self.rewards = rewards
-        self.runtimes = runtimes
+        self.specs = specs
 
-    def write(self, batch: Batch) -> list[str]:
-        txn, events = batch.txn, batch.store.events
-        outcome = []
+    def write(self, batch: WriteTxn) -> list[str]:
+        outcome: list[str] = []
+        accounts: dict[str, Accounting] = {}
         for r in self.rewards:
-            # The event record doubles as the reward log: decision, arm, value, time.
-            record = orjson.dumps((r.decision_id, r.arm_id, r.value, r.ts_ms))
-            if not txn.put(key(r.experiment_id, r.event_key), record, db=events, overwrite=False):
-                outcome.append(DUPLICATE)
+            spec = self.specs(r.experiment_id)
+            if spec is None or not batch.add_event(
+                r.experiment_id, r.event_key, EventRecord(r.decision_id, r.arm_id, r.value, r.ts_ms)
+            ):
+                outcome.append(DUPLICATE if spec is not None else "rejected")
                 continue
-            delta = batch.arm_deltas[key(r.experiment_id, r.arm_id)]
-            delta[1] += 1
-            delta[2] += r.value
-            delta[3] += r.value * r.value
+            acct = accounts.get(r.experiment_id) or accounts.setdefault(r.experiment_id, Accounting(batch, spec))
+            apply_event(acct, r)
+            batch.changes[r.experiment_id].events += 1
             outcome.append(ACCEPTED)
         return outcome
 
-    def after_commit(self, outcome: list[str]) -> None:
-        # Typed arrays reach the core as buffers (a memcpy instead of converting each item).
-        per_experiment: dict[str, tuple[array[int], array[float]]] = defaultdict(lambda: (array("q"), array("d")))
-        for r, status in zip(self.rewards, outcome, strict=True):
-            if status != ACCEPTED:
-                continue
-            rt = self.runtimes(r.experiment_id)
-            if rt is None:
-                continue
-            idx = rt.index[r.arm_id]
-            rt.rewards[idx] += 1
-            rt.reward_sum[idx] += r.value
-            arms, values = per_experiment[r.experiment_id]
-            arms.append(idx)
-            values.append(r.value)
-        now = time.time()
-        for exp_id, (arms, values) in per_experiment.items():
-            rt = self.runtimes(exp_id)
-            if rt is not None:
-                touched = list(dict.fromkeys(arms))
-                before = dict(zip(touched, rt.bandit.means_of(touched), strict=True))
-                rt.bandit.apply_rewards(arms, values)
-                after = dict(zip(touched, rt.bandit.means_of(touched), strict=True))
-                snapshot = rt.bandit.means() if rt.monitor.snapshot_due(now, len(rt.arm_ids)) else None
-                rt.monitor.on_update(list(arms), list(values), before, after, now, snapshot)
-                # Refreshes pruned-Thompson bounds of the arms just rewarded (large experiments only).
-                rt.bandit.maintain()
+
+def apply_event(acct: Accounting, r: ResolvedReward) -> None:
+    batch, rule = acct.txn, acct.spec.rule
+    row = batch.arm(r.experiment_id, r.arm_id)
+    old = batch.outcome(r.decision_id, r.arm_id)
+    row.events += 1
+    row.rewarded += old is None
+    new_value = combine(rule.aggregation, old.value if old else None, r.value)
+    new = Outcome(new_value, (old.events if old else 0) + 1, old.clock if old else None)
+    matured = rule.min_age_ms <= 0 or not batch.is_maturing(r.experiment_id, r.decision_id)
+    delta = on_event(rule, matured, old.value if old else None, new_value)
+    if delta.n:  # explicit mode: the decision's first event makes it an observation
+        new.clock = acct.observe(r.arm_id, new_value)
+    elif not delta.empty:
+        clock = new.clock
+        if clock is None and acct.discount < 1.0:
+            rec = batch.decision(r.decision_id)
+            if rec is not None and rec.clocks is not None:
+                clock = rec.clocks[rec.arms.index(r.arm_id)]
+        acct.swap(r.arm_id, delta, clock)
+    batch.put_outcome(r.decision_id, r.arm_id, new)
+
+
+class MatureDecisions(WriteOp):
+    """Decisions of min_age experiments that are old enough become observations, with the
+    reward events they have by now."""
+
+    def __init__(self, specs: list[ExperimentSpec], now_ms: int, limit: int = 20_000) -> None:
+        self.specs = specs
+        self.now_ms = now_ms
+        self.limit = limit
+
+    def write(self, batch: WriteTxn) -> int:
+        done = 0
+        for spec in self.specs:
+            rule = spec.rule
+            ids = batch.take_matured(spec.id, self.now_ms - rule.min_age_ms, self.limit - done)
+            acct = Accounting(batch, spec)
+            for decision_id in ids:
+                rec = batch.decision(decision_id)
+                if rec is None:
+                    continue
+                clocks = []
+                for arm in rec.arms:
+                    out = batch.outcome(decision_id, arm)
+                    d = on_maturity(rule, out.value if out else None)
+                    clocks.append(acct.observe(arm, d.sum) if d.n else None)
+                if acct.discount < 1.0 and any(c is not None for c in clocks):
+                    rec.clocks = tuple(c if c is not None else -1.0 for c in clocks)
+                    batch.put_decision(rec)
+                    for arm, c in zip(rec.arms, clocks, strict=True):
+                        out = batch.outcome(decision_id, arm)
+                        if out is not None and c is not None:
+                            out.clock = c
+                            batch.put_outcome(decision_id, arm, out)
+            done += len(ids)
+            if done >= self.limit:
+                break
+        return done

@@ -14,9 +14,8 @@ import threading
 import time
 from typing import Any
 
-import orjson
-
-from banditd.writer import Batch, WriteOp, Writer
+from banditd.store import WriteTxn
+from banditd.writer import WriteOp, Writer
 
 log = logging.getLogger("banditd")
 # Deletions per write transaction: keeps each commit short, so rewards are not held up.
@@ -24,38 +23,14 @@ SWEEP_LIMIT = 20_000
 
 
 class ExpireRecords(WriteOp):
-    """Deletes up to SWEEP_LIMIT decisions and events older than `cutoff_ms`."""
+    """Deletes up to SWEEP_LIMIT decisions (with their outcomes) and events older than `cutoff_ms`."""
 
     def __init__(self, cutoff_ms: int, events_from: bytes) -> None:
         self.cutoff_ms = cutoff_ms
         self.events_from = events_from
 
-    def write(self, batch: Batch) -> tuple[int, int, bytes]:
-        txn, store = batch.txn, batch.store
-        cutoff_prefix = f"{self.cutoff_ms:011x}".encode()
-        decisions = 0
-        cur = txn.cursor(db=store.decisions)
-        cur.first()
-        # delete() moves to the next record; an empty key means the end of the database.
-        while decisions < SWEEP_LIMIT and cur.key() and cur.key()[:11] < cutoff_prefix:
-            cur.delete()
-            decisions += 1
-        events = 0
-        cur = txn.cursor(db=store.events)
-        if self.events_from:
-            cur.set_range(self.events_from)
-        else:
-            cur.first()
-        scanned = 0
-        while cur.key() and scanned < SWEEP_LIMIT:
-            scanned += 1
-            if orjson.loads(cur.value())[3] < self.cutoff_ms:
-                cur.delete()
-                events += 1
-            else:
-                cur.next()
-        next_from = bytes(cur.key()) if scanned == SWEEP_LIMIT and cur.key() else b""
-        return decisions, events, next_from
+    def write(self, batch: WriteTxn) -> tuple[int, int, bytes]:
+        return batch.expire(self.cutoff_ms, self.events_from, SWEEP_LIMIT)
 
 
 class Janitor:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import grpc
 
 from banditd.engine import Engine, RewardInput, RewardResult
-from banditd.errors import map_all_errors
+from banditd.errors import InvalidArgument, map_all_errors
 from banditd.experiment import DEFAULT_WINDOW_SECONDS, POLICY_PARAMS, ArmSpec, ExperimentSpec
 from banditd_client.v1 import banditd_pb2 as pb
 from banditd_client.v1 import banditd_pb2_grpc as pb_grpc
@@ -17,6 +18,10 @@ REWARD_TYPE_NAMES = {pb.REWARD_TYPE_UNSPECIFIED: "binary", pb.BINARY: "binary", 
 REWARD_TYPE_ENUM = {"binary": pb.BINARY, "continuous": pb.CONTINUOUS}
 STATE_NAMES = {pb.STATE_UNSPECIFIED: None, pb.RUNNING: "running", pb.PAUSED: "paused"}
 STATE_ENUM = {"running": pb.RUNNING, "paused": pb.PAUSED}
+MODE_NAMES = {pb.OUTCOME_MODE_UNSPECIFIED: "", pb.DECISION: "decision", pb.EXPLICIT: "explicit"}
+MODE_ENUM = {"decision": pb.DECISION, "explicit": pb.EXPLICIT}
+AGGREGATION_NAMES = {pb.AGGREGATION_UNSPECIFIED: "", pb.MAX: "max", pb.SUM: "sum", pb.FIRST: "first", pb.LAST: "last"}
+AGGREGATION_ENUM = {v: k for k, v in AGGREGATION_NAMES.items() if v}
 STREAM_CHUNK = 4096
 MAX_REPORTED_REJECTIONS = 100
 # Chunks of one stream queued for commit before the handler waits for the oldest.
@@ -34,8 +39,23 @@ def _arm_from_proto(arm: pb.Arm, reward_type: str) -> ArmSpec:
     return ArmSpec(id=arm.id, group=arm.group, prior=_prior(arm, reward_type))
 
 
+def _enum_name(names: dict[int, str], value: int, what: str) -> str:
+    if value not in names:
+        raise InvalidArgument(f"unknown {what} {value}; expected one of {sorted(names)}")
+    return names[value]
+
+
+def outcomes_from_proto(o: pb.Outcomes) -> dict[str, Any]:
+    return {
+        "mode": _enum_name(MODE_NAMES, o.mode, "outcome mode"),
+        "aggregation": _enum_name(AGGREGATION_NAMES, o.aggregation, "aggregation"),
+        "default_reward": o.default_reward,
+        "min_age_s": o.min_age_seconds,
+    }
+
+
 def spec_from_proto(exp: pb.Experiment) -> ExperimentSpec:
-    reward_type = REWARD_TYPE_NAMES.get(exp.reward_type, "binary")
+    reward_type = _enum_name(REWARD_TYPE_NAMES, exp.reward_type, "reward type")
     params = {name: getattr(exp.policy, name) for name in POLICY_PARAMS if getattr(exp.policy, name)}
     return ExperimentSpec(
         id=exp.id,
@@ -46,6 +66,7 @@ def spec_from_proto(exp: pb.Experiment) -> ExperimentSpec:
         sticky=exp.sticky,
         window_seconds=exp.attribution_window_seconds or DEFAULT_WINDOW_SECONDS,
         prior=_prior(exp, reward_type),
+        outcomes=outcomes_from_proto(exp.outcomes),
     )
 
 
@@ -70,6 +91,12 @@ def spec_to_proto(spec: ExperimentSpec) -> pb.Experiment:
         state=STATE_ENUM[spec.state],
         created_unix_ms=spec.created_ms,
         version=spec.version,
+        outcomes=pb.Outcomes(
+            mode=MODE_ENUM[spec.outcomes["mode"]],
+            aggregation=AGGREGATION_ENUM[spec.outcomes["aggregation"]],
+            default_reward=spec.outcomes["default_reward"],
+            min_age_seconds=spec.outcomes["min_age_s"],
+        ),
     )
 
 
@@ -103,7 +130,7 @@ class BanditdService(pb_grpc.BanditdServicer):
             request.experiment_id,
             [_arm_from_proto(a, reward_type) for a in request.add_arms],
             list(request.retire_arm_ids),
-            STATE_NAMES.get(request.set_state),
+            _enum_name(STATE_NAMES, request.set_state, "experiment state"),
             _timeout(context),
         )
         return spec_to_proto(spec)
@@ -205,6 +232,8 @@ class BanditdService(pb_grpc.BanditdServicer):
                 drift_recent=d["drift_recent"][i],
                 drift_window=d["drift_window"][i],
                 dominated=d["dominated"][i],
+                observations=a.observations,
+                rewarded=a.rewarded,
             )
             for i, a in enumerate(d["arms"])
         ]
@@ -233,6 +262,8 @@ class BanditdService(pb_grpc.BanditdServicer):
                     recent_share=r.recent_share,
                     active=r.active,
                     group=r.group,
+                    observations=r.observations,
+                    rewarded=r.rewarded,
                 )
                 for r in rows
             ],

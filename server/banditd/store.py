@@ -1,24 +1,43 @@
-"""LMDB persistence: one environment, named databases, orjson values.
+"""The on-disk schema: the ONLY module that knows LMDB keys, codecs and the schema version.
 
-Databases and their records (keys join ids with NUL; values are orjson):
-- meta: b"schema_version" -> version number; change counters (STATS_COUNTER, SPECS_COUNTER)
-- experiments: experiment id -> ExperimentSpec.to_json()
-- arms: experiment\0arm -> [pulls, rewards, reward_sum, reward_sumsq] (durable totals)
-- decisions: decision id -> {"e": experiment, "a": [arms], "p": [propensities], "u": unit,
-  "t": unix ms, "v": model version, "c": context (optional)}
-- events: experiment\0event key -> [decision id, arm, value, unix ms]: each reward event
-  counted once; doubles as the reward log
-- assignments: experiment\0unit -> [arms] (sticky experiments)
+One LMDB environment with named databases (keys join ids with NUL; ids never contain NUL):
 
-Writes happen only on the writer thread (write transactions must stay on the thread that
-opened them); reads from any thread.
+| database    | key                      | value                                                   |
+|-------------|--------------------------|---------------------------------------------------------|
+| meta        | b"schema_version"        | version number (ASCII)                                  |
+|             | b"stats\\0" + experiment | change counter of the experiment's statistics (ASCII)   |
+|             | b"specs"                 | change counter of experiment definitions (ASCII)        |
+| experiments | experiment               | ExperimentSpec as JSON                                  |
+| arms        | experiment\\0arm         | ArmRow, 8 little-endian doubles                         |
+| policy      | experiment               | PolicyState: decisions u64, clock f64, base f64         |
+| decisions   | decision id              | DecisionRecord as JSON                                  |
+| outcomes    | decision id\\0arm        | Outcome: aggregate, events, observation clock (JSON)    |
+| maturing    | experiment\\0decision id | empty: decisions waiting for their min_age              |
+| events      | experiment\\0event key   | [decision id, arm, value, unix ms]: idempotency + log   |
+| assignments | experiment\\0unit        | [arms] of a sticky unit (JSON)                          |
+
+Decision ids start with their creation time (11 hex digits of unix ms), so the decisions and
+outcomes databases are in time order: expiry and maturation are prefix scans.
+
+Arm statistics are kept as the posterior needs them (`n`, `sum`, `sumsq`, discounted when the
+experiment has a half-life) next to undiscounted display counts. Discounting uses a clock
+instead of rewriting every arm per observation: the clock counts observations; an observation
+made at clock t is stored with weight d^-(t - base), and the discounted statistic is the stored
+one times d^(clock - base) (see `ops.Accounting`).
+
+Writes happen only on the writer thread, inside a `WriteTxn`; reads from any thread.
+`Store.open_readonly` is what `banditd export` uses while a server keeps serving.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import struct
+import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,15 +46,24 @@ import orjson
 
 log = logging.getLogger("banditd.store")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 DEFAULT_MAP_SIZE = 1 << 30
 SEP = b"\x00"
+DATABASES = (
+    "meta", "experiments", "arms", "policy", "decisions", "outcomes", "maturing", "events", "assignments",
+)  # fmt: skip
 
-
-# meta keys: per-experiment counter of committed changes to arm totals, and a counter of
+# meta keys: per-experiment counter of committed changes to arm statistics, and a counter of
 # experiment definition changes (polled by the other processes of a worker pool).
 STATS_COUNTER = b"stats\0"
 SPECS_COUNTER = b"specs"
+SCHEMA_KEY = b"schema_version"
+# Characters of a decision id that encode its creation time.
+DECISION_TIME_CHARS = 11
+
+
+class SchemaError(RuntimeError):
+    """The data dir was written by a layout this server cannot read."""
 
 
 def key(*parts: str) -> bytes:
@@ -43,10 +71,162 @@ def key(*parts: str) -> bytes:
     return SEP.join(p.encode() for p in parts)
 
 
+def decision_time_prefix(ms: int) -> bytes:
+    return f"{ms:011x}".encode()
+
+
+def decision_time_ms(decision_id: str | bytes) -> int:
+    raw = decision_id[:DECISION_TIME_CHARS]
+    return int(raw.decode() if isinstance(raw, bytes) else raw, 16)
+
+
+# Records and codecs.
+_ARM = struct.Struct("<8d")
+_POLICY = struct.Struct("<Qdd")
+
+
+@dataclass(slots=True)
+class ArmRow:
+    """One arm's durable statistics."""
+
+    pulls: float = 0.0  # decisions that chose the arm
+    events: float = 0.0  # reward events accepted for it
+    observations: float = 0.0  # matured observations, undiscounted
+    value_sum: float = 0.0  # sum of the observations' values, undiscounted
+    n: float = 0.0  # posterior statistics (stored weights; see the module doc)
+    sum: float = 0.0
+    sumsq: float = 0.0
+    rewarded: float = 0.0  # decisions (per arm) with at least one reward event
+
+    def encode(self) -> bytes:
+        return _ARM.pack(
+            self.pulls, self.events, self.observations, self.value_sum, self.n, self.sum, self.sumsq, self.rewarded
+        )
+
+    @classmethod
+    def decode(cls, raw: bytes) -> ArmRow:
+        return cls(*_ARM.unpack(raw))
+
+
+@dataclass(slots=True)
+class PolicyState:
+    """An experiment's policy counters: decisions (ε decay), observation clock (UCB's t and
+    the half-life clock) and the clock value the stored weights are relative to."""
+
+    decisions: int = 0
+    clock: float = 0.0
+    base: float = 0.0
+
+    def encode(self) -> bytes:
+        return _POLICY.pack(self.decisions, self.clock, self.base)
+
+    @classmethod
+    def decode(cls, raw: bytes) -> PolicyState:
+        return cls(*_POLICY.unpack(raw))
+
+
+@dataclass(slots=True)
+class DecisionRecord:
+    decision_id: str
+    experiment_id: str
+    arms: tuple[str, ...]
+    propensities: tuple[float, ...]
+    unit_id: str
+    ts_ms: int
+    model_version: int
+    context: dict[str, str] | None = None
+    # Observation clock of each arm (half-life experiments), once it is an observation.
+    clocks: tuple[float, ...] | None = None
+
+    def encode(self) -> bytes:
+        d: dict[str, Any] = {
+            "e": self.experiment_id,
+            "a": self.arms,
+            "p": self.propensities,
+            "u": self.unit_id,
+            "t": self.ts_ms,
+            "v": self.model_version,
+        }
+        if self.context:
+            d["c"] = self.context
+        if self.clocks is not None:
+            d["o"] = self.clocks
+        return orjson.dumps(d)
+
+    @classmethod
+    def decode(cls, decision_id: str, raw: bytes | dict[str, Any]) -> DecisionRecord:
+        d = orjson.loads(raw) if isinstance(raw, bytes | memoryview) else raw
+        return cls(
+            decision_id,
+            d["e"],
+            tuple(d["a"]),
+            tuple(d["p"]),
+            d["u"],
+            d["t"],
+            d["v"],
+            d.get("c"),
+            tuple(d["o"]) if d.get("o") is not None else None,
+        )
+
+
+@dataclass(slots=True)
+class Outcome:
+    """The aggregate of one decision's reward events for one arm."""
+
+    value: float
+    events: int
+    clock: float | None = None  # observation clock, when it became one by this event
+
+    def encode(self) -> bytes:
+        return orjson.dumps((self.value, self.events, self.clock))
+
+    @classmethod
+    def decode(cls, raw: bytes) -> Outcome:
+        v, e, c = orjson.loads(raw)
+        return cls(v, e, c)
+
+
+@dataclass(slots=True)
+class EventRecord:
+    decision_id: str
+    arm_id: str
+    value: float
+    ts_ms: int
+
+    def encode(self) -> bytes:
+        return orjson.dumps((self.decision_id, self.arm_id, self.value, self.ts_ms))
+
+    @classmethod
+    def decode(cls, raw: bytes) -> EventRecord:
+        d, a, v, t = orjson.loads(raw)
+        return cls(d, a, v, t)
+
+
+@dataclass(slots=True)
+class ExperimentChanges:
+    """What one committed transaction changed in one experiment's statistics."""
+
+    policy: PolicyState
+    arms: dict[str, ArmRow] = field(default_factory=dict)
+    # Stats counter before this transaction and after it.
+    counter_before: int = 0
+    counter_after: int = 0
+    # Arms whose every change in this transaction must raise / must not raise the mean.
+    rises: set[str] = field(default_factory=set)
+    falls: set[str] = field(default_factory=set)
+    mixed: set[str] = field(default_factory=set)
+    events: int = 0
+
+
 class Store:
-    def __init__(self, path: str | os.PathLike[str], map_size: int = DEFAULT_MAP_SIZE) -> None:
+    def __init__(self, path: str | os.PathLike[str], map_size: int = DEFAULT_MAP_SIZE, readonly: bool = False) -> None:
         self.path = Path(path)
-        self.path.mkdir(parents=True, exist_ok=True)
+        self.readonly = readonly
+        if readonly:
+            if not (self.path / "data.mdb").exists():
+                raise FileNotFoundError(f"no banditd store at {self.path} (data.mdb is missing)")
+        else:
+            self.path.mkdir(parents=True, exist_ok=True)
         # sync/metasync stay on and writemap off: durability comes from group commit, and
         # writemap would turn a full disk into SIGBUS.
         self.env = lmdb.open(
@@ -57,61 +237,370 @@ class Store:
             metasync=True,
             writemap=False,
             max_readers=512,
+            readonly=readonly,
+            lock=True,
         )
-        self.meta = self.env.open_db(b"meta")
-        self.experiments = self.env.open_db(b"experiments")
-        self.arms = self.env.open_db(b"arms")
-        self.decisions = self.env.open_db(b"decisions")
-        self.events = self.env.open_db(b"events")
-        self.assignments = self.env.open_db(b"assignments")
-        self._check_schema()
+        # Map growth needs every read transaction of this process closed: readers hold the
+        # shared side, `grow` the exclusive side (see `reading`).
+        self._growth = _SharedExclusive()
+        if readonly:
+            self._open_existing()
+            self._check_version(self._read_version())
+        else:
+            with self.env.begin(write=True) as txn:
+                dbs = {name: self.env.open_db(name.encode(), txn=txn) for name in DATABASES}
+                self._bind(dbs)
+                found = txn.get(SCHEMA_KEY, db=self.meta)
+                if found is None:
+                    if self._has_data(txn):
+                        raise SchemaError(f"store at {self.path} has data but no schema version; refusing to guess")
+                    txn.put(SCHEMA_KEY, str(SCHEMA_VERSION).encode(), db=self.meta)
+                else:
+                    version = int(found)
+                    if version == 1:
+                        from banditd.migrations import upgrade_v1
 
-    def _check_schema(self) -> None:
-        with self.env.begin(write=True, db=self.meta) as txn:
-            found = txn.get(b"schema_version")
-            if found is None:
-                txn.put(b"schema_version", str(SCHEMA_VERSION).encode())
-            elif int(found) != SCHEMA_VERSION:
-                raise RuntimeError(
-                    f"store at {self.path} has schema version {int(found)}, this server reads "
-                    f"version {SCHEMA_VERSION}"
-                )
+                        upgrade_v1(self, txn)
+                        txn.put(SCHEMA_KEY, str(SCHEMA_VERSION).encode(), db=self.meta)
+                        log.warning("upgraded store at %s from schema 1 to %d", self.path, SCHEMA_VERSION)
+                    else:
+                        self._check_version(version)
+
+    @classmethod
+    def open_readonly(cls, path: str | os.PathLike[str]) -> Store:
+        return cls(path, readonly=True)
+
+    def _bind(self, dbs: dict[str, Any]) -> None:
+        for name, db in dbs.items():
+            setattr(self, name, db)
+
+    def _open_existing(self) -> None:
+        dbs = {}
+        for name in DATABASES:
+            try:
+                dbs[name] = self.env.open_db(name.encode(), create=False)
+            except lmdb.NotFoundError:
+                dbs[name] = None
+        self._bind(dbs)
+
+    def _read_version(self) -> int | None:
+        if self.meta is None:
+            return None
+        with self.env.begin(db=self.meta) as txn:
+            raw = txn.get(SCHEMA_KEY)
+        return None if raw is None else int(raw)
+
+    def _check_version(self, version: int | None) -> None:
+        if version != SCHEMA_VERSION:
+            hint = "start this version of banditd on it once to upgrade it" if version == 1 else (
+                "it was written by a newer banditd" if (version or 0) > SCHEMA_VERSION else "it is no banditd store"
+            )
+            raise SchemaError(
+                f"store at {self.path} has schema version {version}, this banditd reads version "
+                f"{SCHEMA_VERSION}: {hint}"
+            )
+
+    def _has_data(self, txn: Any) -> bool:
+        return any(txn.stat(getattr(self, name))["entries"] for name in DATABASES if name != "meta")
+
+    # Map size.
+    @contextmanager
+    def reading(self) -> Iterator[Any]:
+        """A read transaction that map growth waits for (use for every read)."""
+        with self._growth.shared(), self.env.begin() as txn:
+            yield txn
 
     def grow(self) -> None:
-        """Doubles the map after MapFullError (called by the writer with no txn open)."""
-        new_size = self.env.info()["map_size"] * 2
-        log.warning("LMDB map full; growing map to %d bytes", new_size)
-        self.env.set_mapsize(new_size)
-
-    def bump(self, txn: Any, counter: bytes) -> None:
-        """Increments a meta counter inside the caller's write transaction."""
-        raw = txn.get(counter, db=self.meta)
-        txn.put(counter, str(int(raw or b"0") + 1).encode(), db=self.meta)
-
-    def counter(self, counter: bytes) -> int:
-        with self.env.begin(db=self.meta) as txn:
-            return int(txn.get(counter) or b"0")
+        """Doubles the map after MapFullError (writer thread, no write txn open). Waits until
+        no read transaction of this process is open: LMDB requires it for set_mapsize. Other
+        processes adopt the new size when their next transaction sees it."""
+        with self._growth.exclusive():
+            new_size = self.env.info()["map_size"] * 2
+            log.warning("LMDB map full; growing map to %d bytes", new_size)
+            self.env.set_mapsize(new_size)
 
     def close(self) -> None:
         self.env.close()
 
     # Reads (any thread).
-    def get(self, db: Any, k: bytes) -> Any | None:
-        with self.env.begin(db=db) as txn:
-            raw = txn.get(k)
+    def counter(self, counter: bytes) -> int:
+        with self.reading() as txn:
+            return int(txn.get(counter, db=self.meta) or b"0")
+
+    def counters(self, names: list[bytes]) -> list[int]:
+        with self.reading() as txn:
+            return [int(txn.get(n, db=self.meta) or b"0") for n in names]
+
+    def experiment_specs(self) -> list[dict[str, Any]]:
+        with self.reading() as txn:
+            return [orjson.loads(v) for _, v in txn.cursor(db=self.experiments)]
+
+    def experiment_spec(self, experiment_id: str) -> dict[str, Any] | None:
+        with self.reading() as txn:
+            raw = txn.get(experiment_id.encode(), db=self.experiments)
         return None if raw is None else orjson.loads(raw)
 
-    def items(self, db: Any, prefix: bytes = b"") -> Iterator[tuple[bytes, Any]]:
-        with self.env.begin(db=db) as txn:
-            cur = txn.cursor()
-            if prefix and not cur.set_range(prefix):
+    def experiment_state(self, experiment_id: str) -> tuple[PolicyState, dict[str, ArmRow], int]:
+        """An experiment's policy counters, arm rows and stats counter, read consistently."""
+        prefix = key(experiment_id, "")
+        with self.reading() as txn:
+            raw = txn.get(experiment_id.encode(), db=self.policy)
+            policy = PolicyState.decode(raw) if raw is not None else PolicyState()
+            arms: dict[str, ArmRow] = {}
+            cur = txn.cursor(db=self.arms)
+            if cur.set_range(prefix):
+                for k, v in cur:
+                    if not k.startswith(prefix):
+                        break
+                    arms[k[len(prefix) :].decode()] = ArmRow.decode(v)
+            counter = int(txn.get(STATS_COUNTER + experiment_id.encode(), db=self.meta) or b"0")
+        return policy, arms, counter
+
+    def decision(self, decision_id: str) -> DecisionRecord | None:
+        with self.reading() as txn:
+            raw = txn.get(decision_id.encode(), db=self.decisions)
+        return None if raw is None else DecisionRecord.decode(decision_id, bytes(raw))
+
+    def decisions_many(self, decision_ids: list[str]) -> dict[str, DecisionRecord]:
+        """One cursor for many decisions (a get each would release the GIL each time)."""
+        keys = sorted({d.encode() for d in decision_ids})
+        with self.reading() as txn:
+            found = {bytes(k): bytes(v) for k, v in txn.cursor(db=self.decisions).getmulti(keys)}
+        return {k.decode(): DecisionRecord.decode(k.decode(), v) for k, v in found.items()}
+
+    def assignment(self, experiment_id: str, unit_id: str) -> tuple[str, ...] | None:
+        with self.reading() as txn:
+            raw = txn.get(key(experiment_id, unit_id), db=self.assignments)
+        return None if raw is None else tuple(orjson.loads(raw))
+
+    def iter_decisions(self, since_ms: int = 0) -> Iterator[DecisionRecord]:
+        """Every decision from `since_ms` on, oldest first (one read transaction)."""
+        with self.reading() as txn:
+            cur = txn.cursor(db=self.decisions)
+            found = cur.set_range(decision_time_prefix(since_ms)) if since_ms else cur.first()
+            if not found:
                 return
             for k, v in cur:
-                if prefix and not k.startswith(prefix):
-                    break
-                yield k, orjson.loads(v)
+                yield DecisionRecord.decode(k.decode(), bytes(v))
+
+    def outcomes_of(self, experiment_id: str) -> dict[tuple[str, str], Outcome]:
+        """(decision id, arm) -> aggregate, for the decisions of one experiment that have events."""
+        prefix = key(experiment_id, "")
+        keys: set[bytes] = set()
+        with self.reading() as txn:
+            cur = txn.cursor(db=self.events)
+            if cur.set_range(prefix):
+                for k, v in cur:
+                    if not k.startswith(prefix):
+                        break
+                    ev = EventRecord.decode(v)
+                    keys.add(key(ev.decision_id, ev.arm_id))
+            found = {bytes(k): bytes(v) for k, v in txn.cursor(db=self.outcomes).getmulti(sorted(keys))}
+        out = {}
+        for k, v in found.items():
+            d, a = k.split(SEP, 1)
+            out[(d.decode(), a.decode())] = Outcome.decode(v)
+        return out
+
+    def is_maturing(self, experiment_id: str, decision_id: str) -> bool:
+        with self.reading() as txn:
+            return txn.get(key(experiment_id, decision_id), db=self.maturing) is not None
 
     def stat(self) -> dict[str, int]:
         info = self.env.info()
         st = self.env.stat()
         return {"map_size": info["map_size"], "used_bytes": (info["last_pgno"] + 1) * st["psize"]}
+
+
+class WriteTxn:
+    """One group-commit transaction: typed access to every record, with arm rows and policy
+    states cached so that a batch reads and writes each at most once (`flush`)."""
+
+    def __init__(self, store: Store, txn: lmdb.Transaction) -> None:
+        self.store = store
+        self.txn = txn
+        self._arms: dict[str, dict[str, ArmRow]] = {}
+        self._policy: dict[str, PolicyState] = {}
+        self.changes: dict[str, ExperimentChanges] = {}
+
+    # Experiments.
+    def experiment_json(self, experiment_id: str) -> dict[str, Any] | None:
+        raw = self.txn.get(experiment_id.encode(), db=self.store.experiments)
+        return None if raw is None else orjson.loads(raw)
+
+    def put_experiment(self, experiment_id: str, spec_json: dict[str, Any]) -> None:
+        self.txn.put(experiment_id.encode(), orjson.dumps(spec_json), db=self.store.experiments)
+        self.bump(SPECS_COUNTER)
+
+    # Statistics (cached for the batch, written by flush).
+    def _change(self, experiment_id: str) -> ExperimentChanges:
+        ch = self.changes.get(experiment_id)
+        if ch is None:
+            ch = self.changes[experiment_id] = ExperimentChanges(self.policy(experiment_id))
+        return ch
+
+    def policy(self, experiment_id: str) -> PolicyState:
+        st = self._policy.get(experiment_id)
+        if st is None:
+            raw = self.txn.get(experiment_id.encode(), db=self.store.policy)
+            st = PolicyState.decode(raw) if raw is not None else PolicyState()
+            self._policy[experiment_id] = st
+            self._change(experiment_id)
+        return st
+
+    def arm(self, experiment_id: str, arm_id: str) -> ArmRow:
+        rows = self._arms.setdefault(experiment_id, {})
+        row = rows.get(arm_id)
+        if row is None:
+            raw = self.txn.get(key(experiment_id, arm_id), db=self.store.arms)
+            row = ArmRow.decode(raw) if raw is not None else ArmRow()
+            rows[arm_id] = row
+            self._change(experiment_id).arms[arm_id] = row
+        return row
+
+    def all_arms(self, experiment_id: str) -> dict[str, ArmRow]:
+        """Every stored arm row of an experiment (for a rescale of all weights)."""
+        prefix = key(experiment_id, "")
+        cur = self.txn.cursor(db=self.store.arms)
+        if cur.set_range(prefix):
+            for k, _ in cur:
+                if not k.startswith(prefix):
+                    break
+                self.arm(experiment_id, k[len(prefix) :].decode())
+        return self._arms.get(experiment_id, {})
+
+    def flush(self) -> None:
+        for exp, rows in self._arms.items():
+            for arm_id, row in rows.items():
+                self.txn.put(key(exp, arm_id), row.encode(), db=self.store.arms)
+        for exp, st in self._policy.items():
+            self.txn.put(exp.encode(), st.encode(), db=self.store.policy)
+        for exp, ch in self.changes.items():
+            name = STATS_COUNTER + exp.encode()
+            ch.counter_before = int(self.txn.get(name, db=self.store.meta) or b"0")
+            ch.counter_after = ch.counter_before + 1
+            self.txn.put(name, str(ch.counter_after).encode(), db=self.store.meta)
+
+    def bump(self, counter: bytes) -> None:
+        raw = self.txn.get(counter, db=self.store.meta)
+        self.txn.put(counter, str(int(raw or b"0") + 1).encode(), db=self.store.meta)
+
+    def delete_experiment_state(self, experiment_id: str) -> None:
+        """Drops an experiment's statistics (a re-create after a failed create)."""
+        self.txn.delete(experiment_id.encode(), db=self.store.policy)
+
+    # Decisions and outcomes.
+    def put_decision(self, rec: DecisionRecord) -> None:
+        self.txn.put(rec.decision_id.encode(), rec.encode(), db=self.store.decisions)
+
+    def decision(self, decision_id: str) -> DecisionRecord | None:
+        raw = self.txn.get(decision_id.encode(), db=self.store.decisions)
+        return None if raw is None else DecisionRecord.decode(decision_id, bytes(raw))
+
+    def outcome(self, decision_id: str, arm_id: str) -> Outcome | None:
+        raw = self.txn.get(key(decision_id, arm_id), db=self.store.outcomes)
+        return None if raw is None else Outcome.decode(raw)
+
+    def put_outcome(self, decision_id: str, arm_id: str, outcome: Outcome) -> None:
+        self.txn.put(key(decision_id, arm_id), outcome.encode(), db=self.store.outcomes)
+
+    def put_assignment(self, experiment_id: str, unit_id: str, arms: tuple[str, ...]) -> None:
+        self.txn.put(key(experiment_id, unit_id), orjson.dumps(arms), db=self.store.assignments)
+
+    def add_event(self, experiment_id: str, event_key: str, ev: EventRecord) -> bool:
+        """Stores a reward event once; False when its key was already seen (a duplicate)."""
+        return bool(self.txn.put(key(experiment_id, event_key), ev.encode(), db=self.store.events, overwrite=False))
+
+    # Maturation.
+    def add_maturing(self, experiment_id: str, decision_id: str) -> None:
+        self.txn.put(key(experiment_id, decision_id), b"", db=self.store.maturing)
+
+    def is_maturing(self, experiment_id: str, decision_id: str) -> bool:
+        return self.txn.get(key(experiment_id, decision_id), db=self.store.maturing) is not None
+
+    def take_matured(self, experiment_id: str, cutoff_ms: int, limit: int) -> list[str]:
+        """Removes and returns up to `limit` waiting decisions made before `cutoff_ms`."""
+        prefix = key(experiment_id, "")
+        cutoff = prefix + decision_time_prefix(cutoff_ms)
+        cur = self.txn.cursor(db=self.store.maturing)
+        out: list[str] = []
+        if not cur.set_range(prefix):
+            return out
+        while len(out) < limit:
+            k = cur.key()
+            if not k or not k.startswith(prefix) or k >= cutoff:
+                break
+            out.append(k[len(prefix) :].decode())
+            cur.delete()
+        return out
+
+    # Retention.
+    def expire(self, cutoff_ms: int, events_from: bytes, limit: int) -> tuple[int, int, bytes]:
+        """Deletes up to `limit` decisions (with their outcomes) and events older than the
+        cutoff; returns (decisions, events, where the next events scan continues)."""
+        cutoff = decision_time_prefix(cutoff_ms)
+        decisions = 0
+        for db in (self.store.decisions, self.store.outcomes):
+            cur = self.txn.cursor(db=db)
+            cur.first()
+            removed = 0
+            # delete() moves to the next record; an empty key means the end of the database.
+            while removed < limit and cur.key() and cur.key()[:DECISION_TIME_CHARS] < cutoff:
+                cur.delete()
+                removed += 1
+            if db is self.store.decisions:
+                decisions = removed
+        events = 0
+        cur = self.txn.cursor(db=self.store.events)
+        if events_from:
+            cur.set_range(events_from)
+        else:
+            cur.first()
+        scanned = 0
+        while cur.key() and scanned < limit:
+            scanned += 1
+            if EventRecord.decode(cur.value()).ts_ms < cutoff_ms:
+                cur.delete()
+                events += 1
+            else:
+                cur.next()
+        next_from = bytes(cur.key()) if scanned == limit and cur.key() else b""
+        return decisions, events, next_from
+
+
+class _SharedExclusive:
+    """A readers-writer lock: many readers, or one exclusive holder (map growth)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._exclusive = False
+
+    @contextmanager
+    def shared(self) -> Iterator[None]:
+        with self._cond:
+            while self._exclusive:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                if not self._readers:
+                    self._cond.notify_all()
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        with self._cond:
+            while self._exclusive:
+                self._cond.wait()
+            self._exclusive = True
+            while self._readers:
+                self._cond.wait()
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._exclusive = False
+                self._cond.notify_all()

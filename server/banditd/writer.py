@@ -2,52 +2,40 @@
 
 Handlers submit write operations to a bounded queue. The writer takes everything queued
 (up to `max_batch`), runs the operations in ONE transaction, commits it (synced to disk),
-then applies each operation's in-memory effects and resolves its future. So a reward is
-acknowledged only once it is durable, and a thousand rewards cost about one fsync.
+hands the statistics it changed to the engine (`on_commit`), then applies each operation's
+in-memory effects and resolves its future. So a reward is acknowledged only once it is
+durable and applied, and a thousand rewards cost about one fsync.
+
+Every submitted operation's future is resolved, whatever fails: a transaction that cannot
+begin, a map that cannot grow, a commit the disk refuses.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import queue
 import threading
 import time
-from collections import defaultdict
+from collections.abc import Callable
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
 import lmdb
-import orjson
 
-from banditd.errors import ResourceExhausted, Unavailable
-from banditd.store import STATS_COUNTER, Store
+from banditd.errors import BanditdError, DeadlineExceeded, Internal, ResourceExhausted, Unavailable
+from banditd.store import ExperimentChanges, Store, WriteTxn
 
 log = logging.getLogger("banditd.writer")
 
+# How long a write waits for its commit when the caller set no deadline.
+DEFAULT_WAIT_S = 30.0
+# Map growth stops here: beyond it a full map is reported, not grown (RESOURCE_EXHAUSTED).
+MAX_MAP_SIZE = 1 << 40
 
-class Batch:
-    """What the operations of one transaction share: the txn and per-arm total deltas."""
-
-    def __init__(self, txn: lmdb.Transaction, store: Store) -> None:
-        self.txn = txn
-        self.store = store
-        # arm key -> [pulls, rewards, reward_sum, reward_sumsq]
-        self.arm_deltas: dict[bytes, list[float]] = defaultdict(lambda: [0, 0, 0.0, 0.0])
-
-    def flush_arm_totals(self) -> None:
-        db = self.store.arms
-        for k, (pulls, rewards, s, s2) in self.arm_deltas.items():
-            raw = self.txn.get(k, db=db)
-            cur = orjson.loads(raw) if raw is not None else [0, 0, 0.0, 0.0]
-            cur[0] += pulls
-            cur[1] += rewards
-            cur[2] += s
-            cur[3] += s2
-            self.txn.put(k, orjson.dumps(cur), db=db)
-        # One counter per experiment whose totals moved: other server processes poll these
-        # to know which posteriors to refresh.
-        for exp in {k.split(b"\0", 1)[0] for k in self.arm_deltas}:
-            self.store.bump(self.txn, STATS_COUNTER + exp)
+# The write transaction of a batch (kept as a name: write ops take a `Batch`).
+Batch = WriteTxn
 
 
 class WriteOp:
@@ -60,22 +48,39 @@ class WriteOp:
     # linger to gather more, so a burst of decisions costs one fsync instead of dozens.
     deferrable = False
 
-    def write(self, batch: Batch) -> Any:
+    def write(self, batch: WriteTxn) -> Any:
         raise NotImplementedError
 
     def after_commit(self, result: Any) -> None:
         pass
+
+    def failed(self, exc: BaseException) -> None:
+        """Called when the op's batch could not be committed (nothing of it is stored)."""
 
 
 class _Barrier(WriteOp):
     def __init__(self) -> None:
         self.future = Future()
 
-    def write(self, batch: Batch) -> None:
+    def write(self, batch: WriteTxn) -> None:
         return None
 
 
 _STOP = object()
+
+
+def storage_error(exc: BaseException) -> BanditdError:
+    """The status a client can act on for a failed commit."""
+    text = str(exc)
+    if isinstance(exc, lmdb.MapFullError):
+        return ResourceExhausted(f"the store's map is full at its limit ({MAX_MAP_SIZE} bytes); nothing was written")
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC or "No space left" in text:
+        return ResourceExhausted("the disk holding the store is full; nothing was written. Free space and retry")
+    if "Input/output error" in text or "MDB_" in text or isinstance(exc, lmdb.Error):
+        return ResourceExhausted(
+            f"the store could not write ({text}); the disk may be full or failing. Nothing was written"
+        )
+    return Internal(f"write failed: {type(exc).__name__}: {exc}")
 
 
 class Writer:
@@ -90,7 +95,10 @@ class Writer:
         self._closed = False
         self.commits = 0
         self.ops_committed = 0
+        self.failed_commits = 0
         self.last_commit_seconds = 0.0
+        # Called after each commit with the statistics it changed, before any op is resolved.
+        self.on_commit: Callable[[dict[str, ExperimentChanges]], None] | None = None
 
     def start(self) -> None:
         self._thread.start()
@@ -105,12 +113,12 @@ class Writer:
                 f"write queue is full ({self._queue.maxsize} pending operations); retry with backoff"
             ) from None
 
-    def submit_and_wait(self, op: WriteOp, timeout: float | None = 30.0) -> Any:
+    def submit_and_wait(self, op: WriteOp, timeout: float | None = None) -> Any:
         op.future = Future()
         self.submit(op)
-        return op.future.result(timeout=timeout)
+        return wait_for(op.future, timeout)
 
-    def sync(self, timeout: float | None = 30.0) -> None:
+    def sync(self, timeout: float | None = None) -> None:
         """Returns once everything submitted before the call is durable and applied."""
         self.submit_and_wait(_Barrier(), timeout)
 
@@ -153,8 +161,20 @@ class Writer:
                 deferrable = deferrable and op.deferrable
             try:
                 self._commit(ops)
-            except Exception:  # noqa: BLE001 - the writer must survive to report errors
+            except BaseException as exc:  # noqa: BLE001 - the writer must survive and answer
                 log.exception("writer batch failed")
+                self._fail(ops, exc)
+
+    def _fail(self, ops: list[WriteOp], exc: BaseException) -> None:
+        self.failed_commits += 1
+        error = exc if isinstance(exc, BanditdError) else storage_error(exc)
+        for op in ops:
+            try:
+                op.failed(error)
+            except Exception:  # noqa: BLE001
+                log.exception("failed() hook raised")
+            if op.future is not None and not op.future.done():
+                op.future.set_exception(error)
 
     def _commit(self, ops: list[WriteOp]) -> None:
         started = time.perf_counter()
@@ -162,34 +182,42 @@ class Writer:
             txn = self.store.env.begin(write=True)
             results: list[tuple[bool, Any]] = []
             try:
-                batch = Batch(txn, self.store)
+                batch = WriteTxn(self.store, txn)
                 for op in ops:
                     try:
                         results.append((True, op.write(batch)))
                     except lmdb.MapFullError:
                         raise
-                    except Exception as exc:  # noqa: BLE001 - reported on the op's future
+                    except BanditdError as exc:  # the op's own refusal, reported on its future
                         results.append((False, exc))
-                batch.flush_arm_totals()
+                    except lmdb.Error:
+                        raise  # the store failed: the batch cannot be trusted
+                    except Exception as exc:  # noqa: BLE001 - a bug in one op: report it on that op
+                        log.exception("write op %s failed", type(op).__name__)
+                        results.append((False, Internal(f"{type(op).__name__}: {type(exc).__name__}: {exc}")))
+                batch.flush()
                 txn.commit()
                 break
             except lmdb.MapFullError:
                 txn.abort()
+                if self.store.env.info()["map_size"] * 2 > MAX_MAP_SIZE:
+                    raise
                 self.store.grow()
-            except Exception as exc:  # noqa: BLE001 - nothing was committed
+            except BaseException:
                 txn.abort()
-                log.exception("commit failed; %d operations rejected", len(ops))
-                for op in ops:
-                    if op.future is not None:
-                        op.future.set_exception(exc)
-                return
+                raise
+        if self.on_commit is not None and batch.changes:
+            try:
+                self.on_commit(batch.changes)
+            except Exception:  # noqa: BLE001 - durable already; memory catches up on refresh
+                log.exception("applying committed statistics failed")
         for op, (ok, value) in zip(ops, results, strict=True):
             if ok:
                 try:
                     op.after_commit(value)
                 except Exception as exc:  # noqa: BLE001
                     log.exception("after_commit failed")
-                    ok, value = False, exc
+                    ok, value = False, Internal(f"applying a committed write failed: {exc}")
             if op.future is not None:
                 if ok:
                     op.future.set_result(value)
@@ -198,3 +226,15 @@ class Writer:
         self.commits += 1
         self.ops_committed += len(ops)
         self.last_commit_seconds = time.perf_counter() - started
+
+
+def wait_for(future: Future[Any], timeout: float | None) -> Any:
+    """The result of a queued write, or DEADLINE_EXCEEDED when the caller's deadline passes
+    first. The write may still commit after that: retry with the same event id."""
+    try:
+        return future.result(timeout=DEFAULT_WAIT_S if timeout is None else timeout)
+    except FutureTimeout:
+        raise DeadlineExceeded(
+            "the deadline passed before the write was durable; it may still commit: retry with the same "
+            "event id (rewards are idempotent by event id)"
+        ) from None

@@ -15,7 +15,7 @@ from banditd import _core
 from banditd.cli import main
 from banditd.sim import e2e, inprocess
 from banditd.sim.metrics import Summary, summarise
-from banditd.sim.worlds import World, delay, drift, limit, sparse_campaign, subject_lines
+from banditd.sim.worlds import World, click_only, delay, drift, limit, sparse_campaign, subject_lines
 from banditd_client import Client
 
 
@@ -63,6 +63,39 @@ def test_drift_discounting_reacts_where_the_stationary_policy_lags() -> None:
     assert np.mean(after_switch == 9) > 0.8, "the new best arm takes the traffic"
 
 
+def test_click_only_decision_mode_learns_the_rates_where_explicit_mode_sees_only_ones() -> None:
+    world = click_only()  # 30,000 decisions, clicks ~300 decisions late, non-clicks never reported
+    out = play(world, seeds=4, names=[c.name for c in world.contenders if c.policy == "thompson"])
+    explicit, decision = out["thompson, explicit"], out["thompson, decision"]
+    matured = out["thompson, decision, min_age 900"]
+    rates = np.array(world.phases[0].rates)
+    best = int(np.argmax(rates))
+    assert np.all(explicit.final_means > 0.5), "explicit mode: every observation is a click"
+    for s in (decision, matured):
+        assert s.regret < 0.5 * explicit.regret
+        assert abs(s.final_means[best] - rates[best]) < 0.01
+        assert np.all(s.final_means < 0.1)
+        assert s.late_best_share > max(0.9, explicit.late_best_share)
+
+
+def test_click_only_posterior_counts_every_decision_and_the_clicks_reported_in_time() -> None:
+    world = dataclasses.replace(click_only(), horizon=5_000)
+    by_name = {c.name: c for c in world.contenders}
+    lag = int(10 * world.click_delay)  # clicks of older decisions have surely arrived (p ~ e^-10)
+    for name in ("thompson, decision", "thompson, explicit"):
+        trace = inprocess.run(world, by_name[name], seed=3)
+        for arm in range(world.n_arms):
+            mine = trace.arms == arm
+            n, clicks = int(mine.sum()), int(trace.rewards[mine].sum())
+            arrived = int(trace.rewards[:-lag][mine[:-lag]].sum())
+            # Beta(1, 1) prior: mean = (1 + sum) / (2 + n), with arrived <= sum <= clicks.
+            mean = trace.final_means[arm]
+            if name == "thompson, decision":  # n = every decision on the arm
+                assert (1 + arrived) / (2 + n) - 1e-9 <= mean <= (1 + clicks) / (2 + n) + 1e-9
+            else:  # n = sum = the clicks reported
+                assert (1 + arrived) / (2 + arrived) - 1e-9 <= mean <= (1 + clicks) / (2 + clicks) + 1e-9
+
+
 def test_posterior_means_stay_probabilities_and_a_run_replays_from_its_seed() -> None:
     world = dataclasses.replace(subject_lines(), horizon=2_000)
     thompson = next(c for c in world.contenders if c.name == "thompson")
@@ -104,3 +137,14 @@ def test_simulate_command_prints_the_table_and_writes_plots(tmp_path: Path, caps
         ["subject-lines.txt", "subject-lines-regret.png", "subject-lines-share.png", "subject-lines-scores.png"]
     )
     assert all((tmp_path / n).stat().st_size > 1000 for n in names)
+
+
+def test_simulate_click_only_prints_posterior_means_and_runs_in_process_only(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["simulate", "click-only", "--seeds", "1", "--horizon", "3000", "--no-plots", "--report-dir", str(tmp_path)]
+    assert main([*args, "--target", "127.0.0.1:1"]) == 0  # no server there: never contacted
+    captured = capsys.readouterr()
+    assert "in process only" in captured.err and "(in process," in captured.out
+    assert "final posterior means" in captured.out and "true rate" in captured.out
+    assert "thompson, explicit" in (tmp_path / "click-only.txt").read_text()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import grpc
 import pytest
 
@@ -9,6 +11,7 @@ from banditd_client import (
     AlreadyExists,
     ArmNotFound,
     Client,
+    Decision,
     DecisionNotFound,
     ExperimentAlreadyExists,
     ExperimentNotFound,
@@ -31,6 +34,16 @@ def _state(client: Client) -> list[object]:
     return [(e, client.arm_stats(e.id)) for e in client.list_experiments()]
 
 
+def _committed_decision(client: Client, exp: str) -> Decision:
+    """A decision whose record (written behind the response) is in the statistics."""
+    before = sum(s.pulls for s in client.arm_stats(exp))
+    d = client.decide(exp, unit_id="u")
+    deadline = time.monotonic() + 10
+    while sum(s.pulls for s in client.arm_stats(exp)) == before and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return d
+
+
 def test_unknown_experiment(client: Client, exp: str) -> None:
     before = _state(client)
     with pytest.raises(ExperimentNotFound, match="'missing' does not exist") as err:
@@ -45,7 +58,7 @@ def test_unknown_experiment(client: Client, exp: str) -> None:
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf"), 1.5, -0.1])
 def test_bad_reward_values(client: Client, exp: str, value: float) -> None:
-    d = client.decide(exp, unit_id="u")
+    d = _committed_decision(client, exp)
     before = _state(client)
     with pytest.raises(InvalidArgument) as err:
         client.reward(d.decision_id, value)

@@ -32,8 +32,10 @@ def test_policy_decides_with_valid_scores_and_learns(client: Client, policy: str
         for c in d.arms:
             assert 0.0 <= c.score <= 1.0 and 0.0 < c.propensity <= 1.0
         picks.append(d.arm)
-        # deterministic rewards at the arm's rate, so the test cannot flake
-        client.reward(d.decision_id, 1.0 if (i * 37 % 100) < rates[d.arm] * 100 else 0.0)
+        # Deterministic rewards at each slate arm's rate, so the test cannot flake (every
+        # arm shown is an observation: an unrewarded one counts as a 0).
+        for c in d.arms:
+            client.reward(d.decision_id, 1.0 if (i * 37 % 100) < rates[c.arm] * 100 else 0.0, arm=c.arm)
     stats = {s.arm: s for s in client.arm_stats(exp)}
     assert stats["good"].mean > stats["bad"].mean
     if policy not in ("uniform", "epsilon_greedy"):

@@ -19,12 +19,34 @@ class ExperimentState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     STATE_UNSPECIFIED: _ClassVar[ExperimentState]
     RUNNING: _ClassVar[ExperimentState]
     PAUSED: _ClassVar[ExperimentState]
+
+class OutcomeMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    OUTCOME_MODE_UNSPECIFIED: _ClassVar[OutcomeMode]
+    DECISION: _ClassVar[OutcomeMode]
+    EXPLICIT: _ClassVar[OutcomeMode]
+
+class Aggregation(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    AGGREGATION_UNSPECIFIED: _ClassVar[Aggregation]
+    MAX: _ClassVar[Aggregation]
+    SUM: _ClassVar[Aggregation]
+    FIRST: _ClassVar[Aggregation]
+    LAST: _ClassVar[Aggregation]
 REWARD_TYPE_UNSPECIFIED: RewardType
 BINARY: RewardType
 CONTINUOUS: RewardType
 STATE_UNSPECIFIED: ExperimentState
 RUNNING: ExperimentState
 PAUSED: ExperimentState
+OUTCOME_MODE_UNSPECIFIED: OutcomeMode
+DECISION: OutcomeMode
+EXPLICIT: OutcomeMode
+AGGREGATION_UNSPECIFIED: Aggregation
+MAX: Aggregation
+SUM: Aggregation
+FIRST: Aggregation
+LAST: Aggregation
 
 class Prior(_message.Message):
     __slots__ = ("alpha", "beta", "mean", "strength")
@@ -72,8 +94,20 @@ class Policy(_message.Message):
     prune_epsilon: float
     def __init__(self, name: _Optional[str] = ..., exploitation: _Optional[float] = ..., epsilon: _Optional[float] = ..., epsilon_decay: _Optional[float] = ..., temperature: _Optional[float] = ..., ucb_c: _Optional[float] = ..., half_life: _Optional[float] = ..., group_prior_strength: _Optional[float] = ..., prune_epsilon: _Optional[float] = ...) -> None: ...
 
+class Outcomes(_message.Message):
+    __slots__ = ("mode", "aggregation", "default_reward", "min_age_seconds")
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    AGGREGATION_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_REWARD_FIELD_NUMBER: _ClassVar[int]
+    MIN_AGE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    mode: OutcomeMode
+    aggregation: Aggregation
+    default_reward: float
+    min_age_seconds: float
+    def __init__(self, mode: _Optional[_Union[OutcomeMode, str]] = ..., aggregation: _Optional[_Union[Aggregation, str]] = ..., default_reward: _Optional[float] = ..., min_age_seconds: _Optional[float] = ...) -> None: ...
+
 class Experiment(_message.Message):
-    __slots__ = ("id", "arms", "policy", "reward_type", "sticky", "attribution_window_seconds", "prior", "state", "created_unix_ms", "version")
+    __slots__ = ("id", "arms", "policy", "reward_type", "sticky", "attribution_window_seconds", "prior", "state", "created_unix_ms", "version", "outcomes")
     ID_FIELD_NUMBER: _ClassVar[int]
     ARMS_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
@@ -84,6 +118,7 @@ class Experiment(_message.Message):
     STATE_FIELD_NUMBER: _ClassVar[int]
     CREATED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    OUTCOMES_FIELD_NUMBER: _ClassVar[int]
     id: str
     arms: _containers.RepeatedCompositeFieldContainer[Arm]
     policy: Policy
@@ -94,7 +129,8 @@ class Experiment(_message.Message):
     state: ExperimentState
     created_unix_ms: int
     version: int
-    def __init__(self, id: _Optional[str] = ..., arms: _Optional[_Iterable[_Union[Arm, _Mapping]]] = ..., policy: _Optional[_Union[Policy, _Mapping]] = ..., reward_type: _Optional[_Union[RewardType, str]] = ..., sticky: _Optional[bool] = ..., attribution_window_seconds: _Optional[int] = ..., prior: _Optional[_Union[Prior, _Mapping]] = ..., state: _Optional[_Union[ExperimentState, str]] = ..., created_unix_ms: _Optional[int] = ..., version: _Optional[int] = ...) -> None: ...
+    outcomes: Outcomes
+    def __init__(self, id: _Optional[str] = ..., arms: _Optional[_Iterable[_Union[Arm, _Mapping]]] = ..., policy: _Optional[_Union[Policy, _Mapping]] = ..., reward_type: _Optional[_Union[RewardType, str]] = ..., sticky: _Optional[bool] = ..., attribution_window_seconds: _Optional[int] = ..., prior: _Optional[_Union[Prior, _Mapping]] = ..., state: _Optional[_Union[ExperimentState, str]] = ..., created_unix_ms: _Optional[int] = ..., version: _Optional[int] = ..., outcomes: _Optional[_Union[Outcomes, _Mapping]] = ...) -> None: ...
 
 class CreateExperimentRequest(_message.Message):
     __slots__ = ("experiment",)
@@ -224,7 +260,7 @@ class GetArmStatsRequest(_message.Message):
     def __init__(self, experiment_id: _Optional[str] = ...) -> None: ...
 
 class ArmStats(_message.Message):
-    __slots__ = ("arm_id", "pulls", "rewards", "reward_sum", "mean", "low", "high", "recent_share", "active", "group")
+    __slots__ = ("arm_id", "pulls", "rewards", "reward_sum", "mean", "low", "high", "recent_share", "active", "group", "observations", "rewarded")
     ARM_ID_FIELD_NUMBER: _ClassVar[int]
     PULLS_FIELD_NUMBER: _ClassVar[int]
     REWARDS_FIELD_NUMBER: _ClassVar[int]
@@ -235,6 +271,8 @@ class ArmStats(_message.Message):
     RECENT_SHARE_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_FIELD_NUMBER: _ClassVar[int]
     GROUP_FIELD_NUMBER: _ClassVar[int]
+    OBSERVATIONS_FIELD_NUMBER: _ClassVar[int]
+    REWARDED_FIELD_NUMBER: _ClassVar[int]
     arm_id: str
     pulls: int
     rewards: int
@@ -245,7 +283,9 @@ class ArmStats(_message.Message):
     recent_share: float
     active: bool
     group: str
-    def __init__(self, arm_id: _Optional[str] = ..., pulls: _Optional[int] = ..., rewards: _Optional[int] = ..., reward_sum: _Optional[float] = ..., mean: _Optional[float] = ..., low: _Optional[float] = ..., high: _Optional[float] = ..., recent_share: _Optional[float] = ..., active: _Optional[bool] = ..., group: _Optional[str] = ...) -> None: ...
+    observations: int
+    rewarded: int
+    def __init__(self, arm_id: _Optional[str] = ..., pulls: _Optional[int] = ..., rewards: _Optional[int] = ..., reward_sum: _Optional[float] = ..., mean: _Optional[float] = ..., low: _Optional[float] = ..., high: _Optional[float] = ..., recent_share: _Optional[float] = ..., active: _Optional[bool] = ..., group: _Optional[str] = ..., observations: _Optional[int] = ..., rewarded: _Optional[int] = ...) -> None: ...
 
 class GetDiagnosticsRequest(_message.Message):
     __slots__ = ("experiment_id", "reward_silence_seconds")
@@ -256,7 +296,7 @@ class GetDiagnosticsRequest(_message.Message):
     def __init__(self, experiment_id: _Optional[str] = ..., reward_silence_seconds: _Optional[float] = ...) -> None: ...
 
 class ArmDiagnostics(_message.Message):
-    __slots__ = ("arm_id", "group", "active", "pulls", "rewards", "reward_sum", "mean", "low", "high", "recent_share", "drift_recent", "drift_window", "dominated")
+    __slots__ = ("arm_id", "group", "active", "pulls", "rewards", "reward_sum", "mean", "low", "high", "recent_share", "drift_recent", "drift_window", "dominated", "observations", "rewarded")
     ARM_ID_FIELD_NUMBER: _ClassVar[int]
     GROUP_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_FIELD_NUMBER: _ClassVar[int]
@@ -270,6 +310,8 @@ class ArmDiagnostics(_message.Message):
     DRIFT_RECENT_FIELD_NUMBER: _ClassVar[int]
     DRIFT_WINDOW_FIELD_NUMBER: _ClassVar[int]
     DOMINATED_FIELD_NUMBER: _ClassVar[int]
+    OBSERVATIONS_FIELD_NUMBER: _ClassVar[int]
+    REWARDED_FIELD_NUMBER: _ClassVar[int]
     arm_id: str
     group: str
     active: bool
@@ -283,7 +325,9 @@ class ArmDiagnostics(_message.Message):
     drift_recent: float
     drift_window: float
     dominated: bool
-    def __init__(self, arm_id: _Optional[str] = ..., group: _Optional[str] = ..., active: _Optional[bool] = ..., pulls: _Optional[int] = ..., rewards: _Optional[int] = ..., reward_sum: _Optional[float] = ..., mean: _Optional[float] = ..., low: _Optional[float] = ..., high: _Optional[float] = ..., recent_share: _Optional[float] = ..., drift_recent: _Optional[float] = ..., drift_window: _Optional[float] = ..., dominated: _Optional[bool] = ...) -> None: ...
+    observations: int
+    rewarded: int
+    def __init__(self, arm_id: _Optional[str] = ..., group: _Optional[str] = ..., active: _Optional[bool] = ..., pulls: _Optional[int] = ..., rewards: _Optional[int] = ..., reward_sum: _Optional[float] = ..., mean: _Optional[float] = ..., low: _Optional[float] = ..., high: _Optional[float] = ..., recent_share: _Optional[float] = ..., drift_recent: _Optional[float] = ..., drift_window: _Optional[float] = ..., dominated: _Optional[bool] = ..., observations: _Optional[int] = ..., rewarded: _Optional[int] = ...) -> None: ...
 
 class Alarm(_message.Message):
     __slots__ = ("code", "message")
@@ -294,7 +338,7 @@ class Alarm(_message.Message):
     def __init__(self, code: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
 
 class Diagnostics(_message.Message):
-    __slots__ = ("experiment_id", "policy", "arms", "decisions", "rewards", "rise_checks", "rise_ok", "rise_share", "fall_checks", "fall_ok", "score_histogram", "scores_out_of_range", "top_arm", "top_share", "uniform_share", "traffic_entropy", "exploration_share", "reward_rate_per_second", "seconds_since_last_reward", "join_rate", "recent_join_rate", "dominated_arms", "window_seconds", "alarms")
+    __slots__ = ("experiment_id", "policy", "arms", "decisions", "rewards", "rise_checks", "rise_ok", "rise_share", "fall_checks", "fall_ok", "score_histogram", "scores_out_of_range", "top_arm", "top_share", "uniform_share", "traffic_entropy", "exploration_share", "reward_rate_per_second", "seconds_since_last_reward", "join_rate", "recent_join_rate", "dominated_arms", "window_seconds", "alarms", "outcome_mode", "observations", "no_event_share")
     EXPERIMENT_ID_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
     ARMS_FIELD_NUMBER: _ClassVar[int]
@@ -319,6 +363,9 @@ class Diagnostics(_message.Message):
     DOMINATED_ARMS_FIELD_NUMBER: _ClassVar[int]
     WINDOW_SECONDS_FIELD_NUMBER: _ClassVar[int]
     ALARMS_FIELD_NUMBER: _ClassVar[int]
+    OUTCOME_MODE_FIELD_NUMBER: _ClassVar[int]
+    OBSERVATIONS_FIELD_NUMBER: _ClassVar[int]
+    NO_EVENT_SHARE_FIELD_NUMBER: _ClassVar[int]
     experiment_id: str
     policy: str
     arms: _containers.RepeatedCompositeFieldContainer[ArmDiagnostics]
@@ -343,7 +390,10 @@ class Diagnostics(_message.Message):
     dominated_arms: int
     window_seconds: float
     alarms: _containers.RepeatedCompositeFieldContainer[Alarm]
-    def __init__(self, experiment_id: _Optional[str] = ..., policy: _Optional[str] = ..., arms: _Optional[_Iterable[_Union[ArmDiagnostics, _Mapping]]] = ..., decisions: _Optional[int] = ..., rewards: _Optional[int] = ..., rise_checks: _Optional[int] = ..., rise_ok: _Optional[int] = ..., rise_share: _Optional[float] = ..., fall_checks: _Optional[int] = ..., fall_ok: _Optional[int] = ..., score_histogram: _Optional[_Iterable[int]] = ..., scores_out_of_range: _Optional[int] = ..., top_arm: _Optional[str] = ..., top_share: _Optional[float] = ..., uniform_share: _Optional[float] = ..., traffic_entropy: _Optional[float] = ..., exploration_share: _Optional[float] = ..., reward_rate_per_second: _Optional[float] = ..., seconds_since_last_reward: _Optional[float] = ..., join_rate: _Optional[float] = ..., recent_join_rate: _Optional[float] = ..., dominated_arms: _Optional[int] = ..., window_seconds: _Optional[float] = ..., alarms: _Optional[_Iterable[_Union[Alarm, _Mapping]]] = ...) -> None: ...
+    outcome_mode: str
+    observations: int
+    no_event_share: float
+    def __init__(self, experiment_id: _Optional[str] = ..., policy: _Optional[str] = ..., arms: _Optional[_Iterable[_Union[ArmDiagnostics, _Mapping]]] = ..., decisions: _Optional[int] = ..., rewards: _Optional[int] = ..., rise_checks: _Optional[int] = ..., rise_ok: _Optional[int] = ..., rise_share: _Optional[float] = ..., fall_checks: _Optional[int] = ..., fall_ok: _Optional[int] = ..., score_histogram: _Optional[_Iterable[int]] = ..., scores_out_of_range: _Optional[int] = ..., top_arm: _Optional[str] = ..., top_share: _Optional[float] = ..., uniform_share: _Optional[float] = ..., traffic_entropy: _Optional[float] = ..., exploration_share: _Optional[float] = ..., reward_rate_per_second: _Optional[float] = ..., seconds_since_last_reward: _Optional[float] = ..., join_rate: _Optional[float] = ..., recent_join_rate: _Optional[float] = ..., dominated_arms: _Optional[int] = ..., window_seconds: _Optional[float] = ..., alarms: _Optional[_Iterable[_Union[Alarm, _Mapping]]] = ..., outcome_mode: _Optional[str] = ..., observations: _Optional[int] = ..., no_event_share: _Optional[float] = ...) -> None: ...
 
 class GetArmStatsResponse(_message.Message):
     __slots__ = ("experiment_id", "arms", "total_decisions", "total_rewards")

@@ -36,9 +36,13 @@ def run(args: argparse.Namespace) -> int:
             world = dataclasses.replace(world, horizon=args.horizon)
         seeds = args.seeds or world.seeds
         started = time.perf_counter()
-        summaries = simulate(world, seeds, args.target)
+        target = args.target
+        if target and world.in_process_only:
+            print(f"note: {world.name} is played in process only (not through {target})", file=sys.stderr)
+            target = ""
+        summaries = simulate(world, seeds, target)
         text = report.table(world, summaries, seeds)
-        mode = f"end to end through {args.target}" if args.target else "in process"
+        mode = f"end to end through {target}" if target else "in process"
         text += f"\n({mode}, {time.perf_counter() - started:.1f} s)"
         print(text + "\n", flush=True)
         args.report_dir.mkdir(parents=True, exist_ok=True)

@@ -18,6 +18,8 @@ CHECKPOINTS = 50
 def run(client: Client, world: World, contender: Contender, seed: int, horizon: int | None = None) -> Trace:
     """One run on a fresh experiment. Rewards of a batch of `update_every` decisions are
     sent (with reward_many) only once the batch is complete: the server learns late."""
+    if world.in_process_only:
+        raise ValueError(f"the {world.name} world is played in process only")
     horizon = horizon or world.horizon
     spec = experiment_spec(world, contender)
     experiment_id = f"sim-{world.name}-{uuid.uuid4().hex[:10]}"

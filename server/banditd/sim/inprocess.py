@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from banditd.experiment import ArmSpec, ExperimentRuntime, ExperimentSpec
+from banditd.sim import clickonly
 from banditd.sim.metrics import Trace
 from banditd.sim.worlds import Contender, World
 
@@ -26,6 +27,8 @@ def experiment_spec(world: World, contender: Contender) -> ExperimentSpec:
 
 def run(world: World, contender: Contender, seed: int, horizon: int | None = None) -> Trace:
     """One run; `seed` fixes both the policy's randomness and the world's luck."""
+    if world.click_delay > 0:
+        return clickonly.run(world, contender, seed, horizon)
     horizon = horizon or world.horizon
     spec = experiment_spec(world, contender)
     spec.validate()

@@ -19,6 +19,11 @@ class Trace:
     rewards: np.ndarray  # 0/1, one per round
     checkpoints: np.ndarray  # rounds at which `means` were read
     means: np.ndarray  # (len(checkpoints), n_arms)
+    final_means: np.ndarray | None = None  # after the last update (default: the last checkpoint's)
+
+    @property
+    def last_means(self) -> np.ndarray:
+        return self.means[-1] if self.final_means is None else self.final_means
 
 
 @dataclass
@@ -35,6 +40,7 @@ class Summary:
     curve_rounds: np.ndarray
     regret_curve: np.ndarray  # mean cumulative regret at curve_rounds
     share_curve: np.ndarray  # (len(curve_rounds), n_arms): traffic share per window, seed 0
+    final_means: np.ndarray  # per arm: posterior mean at the end of a run, mean over seeds
     traces: list[Trace]
 
 
@@ -87,5 +93,6 @@ def summarise(world: World, name: str, traces: list[Trace]) -> Summary:
         curve_rounds=curve_rounds,
         regret_curve=np.mean(curves, axis=0),
         share_curve=window_shares(traces[0].arms, world.n_arms, points),
+        final_means=np.mean([t.last_means for t in traces], axis=0),
         traces=traces,
     )

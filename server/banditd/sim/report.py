@@ -38,7 +38,23 @@ def table(world: World, summaries: list[Summary], seeds: int) -> str:
     ]
     if bound:
         notes.append(f"Lai-Robbins bound Σ Δ/KL(p, p*) · ln T at T={horizon:,}: {bound:.1f}")
-    return "\n".join(lines + notes)
+    if world.click_delay:
+        notes += [
+            f"only clicks are reported, {world.click_delay:,.0f} decisions late on average; non-clicks never are",
+            "explicit: only reported outcomes are observations; decision: every decision is a 0 until its "
+            "click arrives (min_age: from that age on, with the clicks it has by then)",
+        ]
+    blocks = [_means_table(world, summaries)] if world.show_means else []
+    return "\n".join(lines + notes + blocks)
+
+
+def _means_table(world: World, summaries: list[Summary]) -> str:
+    """Final posterior mean per arm (mean over seeds) against the hidden rates."""
+    rates = world.phases[-1].rates
+    head = f"{'final posterior means':32}" + "".join(f" {a:>8}" for a in world.arms)
+    rows = [f"{'true rate':32}" + "".join(f" {r:8.3f}" for r in rates)]
+    rows += [f"{s.name[:32]:32}" + "".join(f" {m:8.3f}" for m in s.final_means) for s in summaries]
+    return "\n".join(["", head, "-" * len(head), *rows])
 
 
 def plots(world: World, summaries: list[Summary], out_dir: Path) -> list[Path]:

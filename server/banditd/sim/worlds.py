@@ -20,6 +20,10 @@ class Contender:
     prior: tuple[float, float] | None = None
     use_groups: bool = False
     update_every: int = 1  # decisions between posterior updates (reward delay)
+    # Click-only worlds: the outcome mode ("decision" or "explicit", see banditd.outcomes) and
+    # the maturation delay min_age, in decisions (the world's clock).
+    outcome_mode: str = "decision"
+    min_age: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -42,6 +46,14 @@ class World:
     period: int = 0  # decisions per reporting period (a day in the campaign world)
     show_bound: bool = False  # report regret against the Lai-Robbins bound
     featured: str = "thompson"  # contender whose per-arm scores are plotted
+    # > 0: only clicks are reported, after an exponential delay with this mean (in decisions),
+    # and non-clicks never are; played in Python by sim.clickonly, in process only.
+    click_delay: float = 0.0
+    show_means: bool = False  # report final posterior means against the true rates
+
+    @property
+    def in_process_only(self) -> bool:
+        return self.click_delay > 0
 
     @property
     def n_arms(self) -> int:
@@ -182,10 +194,50 @@ def drift(horizon: int = 200_000, half_lives: tuple[float, ...] = (5_000.0, 20_0
     )
 
 
+CLICK_ONLY_RATES = (0.02, 0.03, 0.04, 0.05, 0.06)
+
+
+def click_only(
+    horizon: int = 30_000, click_delay: float = 300.0, update_every: int = 50, min_age: float = 900.0
+) -> World:
+    """Clicks are reported after a random delay (exponential, mean `click_delay` decisions) and
+    non-clicks never are. `explicit` mode (only reported outcomes are observations) sees only
+    1s: its posterior means go to ~1 and traffic follows click counts, not rates; `decision`
+    mode counts every decision as a 0 until its click arrives;
+    with `min_age` (about the delay's 95th percentile) a decision counts only once it is that
+    old, with the clicks it has by then."""
+    comps = (
+        Contender("uniform", "uniform", update_every=update_every),
+        Contender("thompson, explicit", "thompson", update_every=update_every, outcome_mode="explicit"),
+        Contender("thompson, decision", "thompson", update_every=update_every, outcome_mode="decision"),
+        Contender(
+            f"thompson, decision, min_age {min_age:,.0f}",
+            "thompson",
+            update_every=update_every,
+            outcome_mode="decision",
+            min_age=min_age,
+        ),
+    )
+    return World(
+        "click-only",
+        f"5 arms, click rates 2-6%, only clicks reported (delay ~ exp, mean {click_delay:,.0f} decisions), "
+        f"posterior updated every {update_every}, {horizon:,} decisions",
+        tuple(f"arm-{i}" for i in range(len(CLICK_ONLY_RATES))),
+        (Phase(0, CLICK_ONLY_RATES),),
+        horizon,
+        comps,
+        seeds=10,
+        featured="thompson, decision",
+        click_delay=click_delay,
+        show_means=True,
+    )
+
+
 WORLDS = {
     "subject-lines": subject_lines,
     "sparse-campaign": sparse_campaign,
     "limit": limit,
     "delay": delay,
     "drift": drift,
+    "click-only": click_only,
 }

@@ -911,6 +911,20 @@ impl Bandit {
         all
     }
 
+    /// Whether `inclusion_probabilities` has a closed form for slates of k (else it is a
+    /// Monte Carlo estimate).
+    pub fn propensities_are_exact(&self, k: usize) -> bool {
+        match self.policy {
+            Policy::Uniform
+            | Policy::EpsilonGreedy { .. }
+            | Policy::Greedy
+            | Policy::Ucb1 { .. }
+            | Policy::KlUcb { .. } => true,
+            Policy::Softmax { .. } => k == 1,
+            _ => false,
+        }
+    }
+
     /// Probability that each arm is among the k chosen, for this state.
     /// Closed form where one exists; Monte Carlo with `draws` samples otherwise
     /// (standard error ≤ 0.5 / sqrt(draws)).

@@ -28,6 +28,7 @@ use pyo3::create_exception;
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyTuple};
+use rand::Rng;
 
 create_exception!(
     _core,
@@ -44,9 +45,10 @@ impl From<RsError> for PyErr {
 
 /// Monte Carlo draws behind a Thompson propensity (standard error <= 0.5/sqrt(draws)).
 const PROPENSITY_DRAWS: usize = 2_000;
-/// Arm-draws a decision may spend refreshing a stale propensity cache inline; larger
-/// experiments keep the previous estimate until `refresh_propensities` runs.
+/// Arm-draws a decision may spend on a first Monte Carlo estimate when there is none yet.
 const INLINE_PROPENSITY_WORK: usize = 200_000;
+/// Exact (closed-form) propensities are recomputed inline up to this many active arms.
+const INLINE_EXACT_ARMS: usize = 1_000;
 
 struct PropensityCache {
     version: u64,
@@ -71,29 +73,24 @@ impl State {
         self.cache.push(entry);
     }
 
-    /// Inclusion probabilities of `arms` in slates of k, fresh when affordable, else the
-    /// last estimate.
+    /// Inclusion probabilities of `arms` in slates of k. Exact ones are recomputed inline
+    /// when the posterior moved and they are cheap; Monte Carlo estimates are kept current
+    /// off the request path (`refresh_propensities`, which the server runs in the background
+    /// within a stated staleness bound): a decision only estimates inline when there is no
+    /// estimate at all yet, with fewer draws for large experiments.
     fn propensities(&mut self, k: usize, arms: &[usize]) -> Result<Vec<f64>, RsError> {
         let version = self.bandit.version;
         let n_arms = self.bandit.len();
         let pick = |p: &[f64]| arms.iter().map(|&a| p[a]).collect::<Vec<f64>>();
-        if let Some(c) = self.cached(k) {
-            if c.version == version && c.p.len() == n_arms {
-                return Ok(pick(&c.p));
-            }
-        }
         let n_active = self.bandit.n_active().max(1);
-        let affordable = n_active * PROPENSITY_DRAWS <= INLINE_PROPENSITY_WORK;
-        if !affordable {
-            if let Some(c) = self.cached(k).filter(|c| c.p.len() == n_arms) {
+        let exact = self.bandit.propensities_are_exact(k);
+        if let Some(c) = self.cached(k).filter(|c| c.p.len() == n_arms) {
+            let inline_exact = exact && n_active <= INLINE_EXACT_ARMS;
+            if c.version == version || !inline_exact {
                 return Ok(pick(&c.p));
             }
         }
-        let draws = if affordable {
-            PROPENSITY_DRAWS
-        } else {
-            (INLINE_PROPENSITY_WORK / n_active).clamp(50, PROPENSITY_DRAWS)
-        };
+        let draws = (INLINE_PROPENSITY_WORK / n_active).clamp(50, PROPENSITY_DRAWS);
         let p = self
             .bandit
             .inclusion_probabilities(&mut self.rng, k, draws)?;
@@ -384,20 +381,34 @@ impl PyBandit {
         self.with_quick(py, quick, |s| s.bandit.apply_rewards(&arms, &values))
     }
 
-    /// Fresh Monte Carlo inclusion probabilities for slates of k (GIL released).
+    /// Fresh Monte Carlo inclusion probabilities for slates of k (GIL released). The estimate
+    /// runs on a snapshot of the posterior, outside the state lock: decisions keep being served
+    /// while a large experiment's propensities are refreshed.
     #[pyo3(signature = (k=1, draws=PROPENSITY_DRAWS))]
     fn refresh_propensities(&self, py: Python<'_>, k: usize, draws: usize) -> PyResult<Vec<f64>> {
+        let (mut snapshot, seed) = self.with(py, |state| {
+            let seed: u64 = state.rng.scalar.random();
+            Ok((state.bandit.clone(), seed))
+        })?;
+        let version = snapshot.version;
+        let p = py.detach(|| {
+            let mut rng = KernelRng::seed_from_u64(seed);
+            snapshot.inclusion_probabilities(&mut rng, k, draws)
+        })?;
         self.with(py, |state| {
-            let version = state.bandit.version;
-            let p = state
-                .bandit
-                .inclusion_probabilities(&mut state.rng, k, draws)?;
-            state.store(PropensityCache {
-                version,
-                k,
-                draws,
-                p: p.clone(),
-            });
+            // Tagged with the snapshot's version: if the posterior moved meanwhile, the entry
+            // is already stale and the next refresh replaces it.
+            let newer = state
+                .cached(k)
+                .is_some_and(|c| c.version > version && c.draws >= draws);
+            if !newer {
+                state.store(PropensityCache {
+                    version,
+                    k,
+                    draws,
+                    p: p.clone(),
+                });
+            }
             Ok(p)
         })
     }

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import threading
 import time
 import zlib
@@ -36,7 +35,14 @@ from banditd.ops import (
     RecordRewards,
     ResolvedReward,
 )
-from banditd.store import SPECS_COUNTER, STATS_COUNTER, DecisionRecord, ExperimentChanges, Store
+from banditd.store import (
+    SPECS_COUNTER,
+    STATS_COUNTER,
+    DecisionRecord,
+    ExperimentChanges,
+    Store,
+    new_decision_id,
+)
 from banditd.validation import check_id, check_reward_value
 from banditd.writer import Writer, wait_for
 
@@ -69,17 +75,21 @@ class DecisionResult:
 ArmStatsRow = ArmView
 
 
-def new_decision_id() -> str:
-    """Time-ordered (ms, hex) then random: sorts by age, which keeps expiry scans cheap."""
-    return f"{now_ms():011x}{os.urandom(6).hex()}"
-
-
 # How long a pool process waits for another process to commit the decisions a reward batch
 # names (once per batch, not per reward).
 DECISION_WAIT_S = 0.25
 # Propensity refresher: at least this often, and at most this share of one core.
 PROPENSITY_REFRESH_S = 0.1
 PROPENSITY_CPU_SHARE = 0.1
+# Monte Carlo draws per refresh: at least 2,000 (standard error <= 0.5/sqrt(2000) = 0.011),
+# more for small experiments while a refresh stays within this many arm-draws.
+MIN_DRAWS, MAX_DRAWS, DRAW_BUDGET = 2_000, 20_000, 200_000
+
+
+def propensity_draws(n_arms: int) -> int:
+    return max(MIN_DRAWS, min(MAX_DRAWS, DRAW_BUDGET // max(1, n_arms)))
+
+
 # Maturation sweep of min_age experiments: at most this often.
 MATURE_EVERY_S = 0.2
 
@@ -200,16 +210,16 @@ class Engine:
 
     # Background work (off the request path).
     def refresh_propensities(self) -> float:
-        """Brings every experiment's cached Thompson propensities up to its posterior (the
-        small ones are refreshed inline by the core anyway). Returns the seconds spent."""
+        """Brings every experiment's cached propensities up to its posterior: Monte Carlo
+        estimates (Thompson) always, exact ones of experiments too large to recompute inline.
+        Runs on a snapshot of the posterior, so decisions are not held up. Returns the
+        seconds spent."""
         started = time.perf_counter()
         for rt in list(self._runtimes.values()):
-            if rt.spec.policy != "thompson":
-                continue
             for k in list(rt.slate_sizes):
                 try:
                     if k <= rt.bandit.n_arms and rt.bandit.propensities_stale(k):
-                        rt.bandit.refresh_propensities(k)
+                        rt.bandit.refresh_propensities(k, propensity_draws(len(rt.arm_ids)))
                 except _core.CoreError:  # e.g. k above the active arms after a retirement
                     rt.slate_sizes.discard(k)
         return time.perf_counter() - started
@@ -368,8 +378,9 @@ class Engine:
         sticky_hit: bool,
         context: dict[str, str] | None,
     ) -> DecisionResult:
+        ts = now_ms()
         record = DecisionRecord(
-            new_decision_id(), rt.spec.id, arms, props, unit_id, now_ms(), rt.bandit.version, context
+            new_decision_id(ts), rt.spec.id, arms, props, unit_id, ts, rt.bandit.version, context
         )
         self._pending[record.decision_id] = record
         try:

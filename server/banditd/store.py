@@ -71,6 +71,12 @@ def key(*parts: str) -> bytes:
     return SEP.join(p.encode() for p in parts)
 
 
+def new_decision_id(ms: int) -> str:
+    """Time-ordered (ms, hex) then random: sorts by age, which keeps expiry and maturation
+    scans to a prefix of the database."""
+    return f"{ms:011x}{os.urandom(6).hex()}"
+
+
 def decision_time_prefix(ms: int) -> bytes:
     return f"{ms:011x}".encode()
 
@@ -307,13 +313,44 @@ class Store:
     @contextmanager
     def reading(self) -> Iterator[Any]:
         """A read transaction that map growth waits for (use for every read)."""
-        with self._growth.shared(), self.env.begin() as txn:
-            yield txn
+        while True:
+            with self._growth.shared():
+                try:
+                    txn = self.env.begin()
+                except lmdb.MapResizedError:
+                    pass  # another process grew the map: adopt its size (below), then retry
+                else:
+                    with txn:
+                        yield txn
+                    return
+            self.adopt_map_size()
+
+    def begin_write(self) -> Any:
+        """A write transaction (writer thread), on the map size another process grew to."""
+        try:
+            return self.env.begin(write=True)
+        except lmdb.MapResizedError:
+            self.adopt_map_size()
+            return self.env.begin(write=True)
+
+    def abort_write(self, txn: Any) -> None:
+        """Aborts a write transaction while no read of this process is in flight: py-lmdb (3.0)
+        makes the abort wait until no operation at all is in flight on the environment, which
+        reads from two busy threads can postpone forever."""
+        with self._growth.exclusive():
+            txn.abort()
+
+    def adopt_map_size(self) -> None:
+        """Takes over the map size another process grew to (after MDB_MAP_RESIZED): LMDB
+        needs no read transaction of this process open for it, as for growth."""
+        with self._growth.exclusive():
+            self.env.set_mapsize(0)
 
     def grow(self) -> None:
         """Doubles the map after MapFullError (writer thread, no write txn open). Waits until
         no read transaction of this process is open: LMDB requires it for set_mapsize. Other
-        processes adopt the new size when their next transaction sees it."""
+        processes adopt the new size when their next transaction sees it (MDB_MAP_RESIZED,
+        see `reading` and `begin_write`)."""
         with self._growth.exclusive():
             new_size = self.env.info()["map_size"] * 2
             log.warning("LMDB map full; growing map to %d bytes", new_size)

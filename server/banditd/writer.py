@@ -179,7 +179,7 @@ class Writer:
     def _commit(self, ops: list[WriteOp]) -> None:
         started = time.perf_counter()
         while True:
-            txn = self.store.env.begin(write=True)
+            txn = self.store.begin_write()
             results: list[tuple[bool, Any]] = []
             try:
                 batch = WriteTxn(self.store, txn)
@@ -199,12 +199,12 @@ class Writer:
                 txn.commit()
                 break
             except lmdb.MapFullError:
-                txn.abort()
+                self.store.abort_write(txn)
                 if self.store.env.info()["map_size"] * 2 > MAX_MAP_SIZE:
                     raise
                 self.store.grow()
             except BaseException:
-                txn.abort()
+                self.store.abort_write(txn)
                 raise
         if self.on_commit is not None and batch.changes:
             try:
@@ -231,8 +231,10 @@ class Writer:
 def wait_for(future: Future[Any], timeout: float | None) -> Any:
     """The result of a queued write, or DEADLINE_EXCEEDED when the caller's deadline passes
     first. The write may still commit after that: retry with the same event id."""
+    # No deadline: None, or gRPC's "infinite" one (beyond what a lock wait accepts).
+    no_deadline = timeout is None or timeout >= threading.TIMEOUT_MAX
     try:
-        return future.result(timeout=DEFAULT_WAIT_S if timeout is None else timeout)
+        return future.result(timeout=DEFAULT_WAIT_S if no_deadline else timeout)
     except FutureTimeout:
         raise DeadlineExceeded(
             "the deadline passed before the write was durable; it may still commit: retry with the same "

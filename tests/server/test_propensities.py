@@ -68,6 +68,8 @@ def test_propensities_match_selection_frequencies_at_10_arms(engine: Engine) -> 
     _moved_posterior(engine, 10, 150, 0.2, 1.0)
     counts, logged = _measure(engine)
     assert max(counts.values()) < 0.9 * DECISIONS  # the check is not trivial
+    worst = max(abs(n / DECISIONS - logged[arm]) for arm, n in counts.items())
+    print(f"10 arms: {len(counts)} arms chosen, largest |frequency - propensity| {worst:.4f}")
     for arm, n in counts.items():
         assert abs(n / DECISIONS - logged[arm]) < 0.02, (arm, n / DECISIONS, logged[arm])
 
@@ -76,6 +78,12 @@ def test_propensities_match_selection_frequencies_at_1000_arms(engine: Engine) -
     _moved_posterior(engine, 1000, 4000, 0.5, 6.0)
     counts, logged = _measure(engine)
     checked = 0
+    z = [
+        abs(n / DECISIONS - logged[a]) / (max(logged[a], 1e-4) * (1 / DECISIONS + 1 / 2000)) ** 0.5
+        for a, n in counts.items()
+    ]
+    share = sum(x > 2 for x in z) / len(z)
+    print(f"1,000 arms: {len(counts)} arms chosen, largest |z| {max(z):.2f}, share |z| > 2: {share:.3f}")
     for arm, n in counts.items():
         p = logged[arm]
         freq = n / DECISIONS

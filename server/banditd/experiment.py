@@ -7,6 +7,7 @@ import threading
 import time
 from collections import Counter, deque
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from typing import Any
 
 from banditd import _core
@@ -56,8 +57,9 @@ class ExperimentSpec:
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
-    @property
+    @cached_property
     def rule(self) -> OutcomeRule:
+        """The outcome rule (validated; computed once: it is on the write path of every reward)."""
         return OutcomeRule.for_experiment(self.reward_type == "binary", **self.outcomes)
 
     @property

@@ -68,7 +68,7 @@ class SchemaError(RuntimeError):
 
 def key(*parts: str) -> bytes:
     """Composite key; ids are validated to contain no NUL, so the separator is unambiguous."""
-    return SEP.join(p.encode() for p in parts)
+    return "\x00".join(parts).encode()
 
 
 def new_decision_id(ms: int) -> str:

@@ -387,4 +387,3 @@ def test_decisions_racing_arm_additions_name_known_arms(tmp_path: Path) -> None:
     finally:
         writer.close()
         store.close()
-

@@ -29,8 +29,20 @@ class ServerConfig:
     # longest attribution window: the default window is 7 days).
     retention_hours: float = 8 * 24
     retention_sweep_s: float = 60.0
+    # Client streams served at once (beyond: RESOURCE_EXHAUSTED); 0 = half the RPC threads,
+    # so streams can never take every thread from Decide.
+    max_streams: int = 0
+    # A client stream that sends nothing for this long is cancelled.
+    stream_idle_s: float = 30.0
+    # SIGTERM: calls in flight get this long to finish; the process exits at most a few
+    # seconds later whatever they do.
+    shutdown_grace_s: float = 5.0
     # Set on the processes a pool starts (not a user option).
     pool_member: bool = False
+
+    @property
+    def stream_limit(self) -> int:
+        return self.max_streams if self.max_streams > 0 else max(1, self.threads // 2)
 
     @property
     def worker_count(self) -> int:
@@ -88,6 +100,18 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         "--retention-sweep-s", type=float, default=_env("retention_sweep_s", d.retention_sweep_s, float),
         help="seconds between retention sweeps (BANDITD_RETENTION_SWEEP_S)",
     )
+    p.add_argument(
+        "--max-streams", type=int, default=_env("max_streams", d.max_streams, int),
+        help="client streams served at once; 0 = half of --threads (BANDITD_MAX_STREAMS)",
+    )
+    p.add_argument(
+        "--stream-idle-s", type=float, default=_env("stream_idle_s", d.stream_idle_s, float),
+        help="cancel a client stream silent for this long (BANDITD_STREAM_IDLE_S)",
+    )
+    p.add_argument(
+        "--shutdown-grace-s", type=float, default=_env("shutdown_grace_s", d.shutdown_grace_s, float),
+        help="on SIGTERM, time for calls in flight to finish (BANDITD_SHUTDOWN_GRACE_S)",
+    )
     p.add_argument("--pool-member", action="store_true", help=argparse.SUPPRESS)
 
 
@@ -108,4 +132,7 @@ def from_args(ns: argparse.Namespace) -> ServerConfig:
         pool_member=ns.pool_member,
         retention_hours=ns.retention_hours,
         retention_sweep_s=ns.retention_sweep_s,
+        max_streams=ns.max_streams,
+        stream_idle_s=ns.stream_idle_s,
+        shutdown_grace_s=ns.shutdown_grace_s,
     )

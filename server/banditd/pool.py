@@ -40,6 +40,8 @@ def member_command(config: ServerConfig, index: int) -> list[str]:
         "--decision-linger-ms", str(config.decision_linger_ms),
         "--refresh-ms", str(config.refresh_ms), "--log-level", config.log_level,
         "--retention-hours", str(config.retention_hours), "--retention-sweep-s", str(config.retention_sweep_s),
+        "--max-streams", str(config.max_streams), "--stream-idle-s", str(config.stream_idle_s),
+        "--shutdown-grace-s", str(config.shutdown_grace_s),
     ]  # fmt: skip
     if config.seed is not None:
         cmd += ["--seed", str(config.seed + index)]

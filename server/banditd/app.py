@@ -12,16 +12,18 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from banditd.auth import AuthInterceptor, KeyRing, server_credentials
 from banditd.config import ServerConfig
 from banditd.engine import Engine
 from banditd.retention import Janitor
-from banditd.service import BanditdService
+from banditd.service import BanditdService, add_service
 from banditd.store import Store
 from banditd.writer import Writer
 from banditd_client.v1 import banditd_pb2 as pb
-from banditd_client.v1 import banditd_pb2_grpc as pb_grpc
 
 log = logging.getLogger("banditd")
+# After the grace period, how long handlers that ignore cancellation may delay the exit.
+STOP_BOUND_S = 5.0
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Banditd"].full_name
 
 
@@ -37,17 +39,24 @@ class Server:
         )
         self.engine = Engine(self.store, self.writer, seed=config.seed)
         self.health = health.HealthServicer()
+        self.keys = KeyRing(self.store)  # API keys (auth.py): auth is on while one is unrevoked
         self.grpc = grpc.server(
             futures.ThreadPoolExecutor(max_workers=config.threads, thread_name_prefix="banditd-rpc"),
             maximum_concurrent_rpcs=config.max_concurrent_rpcs,
             options=[("grpc.so_reuseport", 1)],
+            interceptors=[AuthInterceptor(self.keys)],
         )
-        pb_grpc.add_BanditdServicer_to_server(BanditdService(self.engine), self.grpc)
+        add_service(BanditdService(self.engine, config.stream_limit, config.stream_idle_s), self.grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc
         )
-        self.port = self.grpc.add_insecure_port(f"{config.host}:{config.port}")
+        address = f"{config.host}:{config.port}"
+        credentials = server_credentials(config)  # TLS only when --tls-cert/--tls-key are set
+        if credentials is None:
+            self.port = self.grpc.add_insecure_port(address)
+        else:
+            self.port = self.grpc.add_secure_port(address, credentials)
         if self.port == 0:
             raise RuntimeError(f"could not bind {config.host}:{config.port}")
         self._stopped = threading.Event()
@@ -69,14 +78,18 @@ class Server:
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info("serving", extra={"fields": {"port": self.port, **self.config.as_dict()}})
 
-    def stop(self, grace: float = 5.0) -> None:
-        """Stops taking calls, lets running ones finish, commits queued writes, closes."""
+    def stop(self, grace: float | None = None) -> None:
+        """Stops taking calls, lets running ones finish (at most `grace` seconds, then they
+        are cancelled; a handler that still does not return is abandoned after STOP_BOUND_S),
+        commits queued writes, closes."""
         if self._stopped.is_set():
             return
+        grace = self.config.shutdown_grace_s if grace is None else grace
         self._stopped.set()
         self.janitor.stop()
         self.health.enter_graceful_shutdown()
-        self.grpc.stop(grace).wait()
+        if not self.grpc.stop(grace).wait(grace + STOP_BOUND_S):
+            log.warning("calls still running %.0f s after the grace period; stopping anyway", STOP_BOUND_S)
         self.writer.close()
         self.store.close()
         log.info("stopped")
@@ -112,3 +125,7 @@ def serve(config: ServerConfig) -> None:
     signal.signal(signal.SIGINT, on_signal)
     done.wait()
     server.stop()
+    # Handler threads stuck in a client's stream would keep the interpreter alive (the thread
+    # pool joins them at exit): everything durable is committed and closed, so leave now.
+    logging.shutdown()
+    os._exit(0)

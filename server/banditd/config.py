@@ -37,8 +37,19 @@ class ServerConfig:
     # SIGTERM: calls in flight get this long to finish; the process exits at most a few
     # seconds later whatever they do.
     shutdown_grace_s: float = 5.0
+    # TLS: server certificate chain and key (PEM files); with both the server listens with
+    # TLS only. With a client CA too, clients must present a certificate it signed (mTLS).
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""
     # Set on the processes a pool starts (not a user option).
     pool_member: bool = False
+
+    def __post_init__(self) -> None:
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("--tls-cert and --tls-key go together")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ValueError("--tls-client-ca needs --tls-cert and --tls-key (mTLS is TLS plus client certificates)")
 
     @property
     def stream_limit(self) -> int:
@@ -112,10 +123,26 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         "--shutdown-grace-s", type=float, default=_env("shutdown_grace_s", d.shutdown_grace_s, float),
         help="on SIGTERM, time for calls in flight to finish (BANDITD_SHUTDOWN_GRACE_S)",
     )
+    p.add_argument(
+        "--tls-cert", default=_env("tls_cert", d.tls_cert),
+        help="PEM certificate chain; with --tls-key the server listens with TLS only (BANDITD_TLS_CERT)",
+    )
+    p.add_argument("--tls-key", default=_env("tls_key", d.tls_key), help="PEM private key (BANDITD_TLS_KEY)")
+    p.add_argument(
+        "--tls-client-ca", default=_env("tls_client_ca", d.tls_client_ca),
+        help="PEM CA bundle: require client certificates signed by it, mTLS (BANDITD_TLS_CLIENT_CA)",
+    )
     p.add_argument("--pool-member", action="store_true", help=argparse.SUPPRESS)
 
 
 def from_args(ns: argparse.Namespace) -> ServerConfig:
+    try:
+        return _from_args(ns)
+    except ValueError as exc:
+        raise SystemExit(f"banditd serve: {exc}") from None
+
+
+def _from_args(ns: argparse.Namespace) -> ServerConfig:
     return ServerConfig(
         host=ns.host,
         port=ns.port,
@@ -135,4 +162,7 @@ def from_args(ns: argparse.Namespace) -> ServerConfig:
         max_streams=ns.max_streams,
         stream_idle_s=ns.stream_idle_s,
         shutdown_grace_s=ns.shutdown_grace_s,
+        tls_cert=ns.tls_cert,
+        tls_key=ns.tls_key,
+        tls_client_ca=ns.tls_client_ca,
     )

@@ -25,6 +25,7 @@ from banditd.errors import (
     FailedPrecondition,
     InvalidArgument,
     OutsideAttributionWindow,
+    ResourceExhausted,
 )
 from banditd.experiment import ArmSpec, ExperimentRuntime, ExperimentSpec, now_ms
 from banditd.ops import (
@@ -43,8 +44,15 @@ from banditd.store import (
     Store,
     new_decision_id,
 )
-from banditd.validation import check_id, check_reward_value
-from banditd.writer import Writer, wait_for
+from banditd.validation import (
+    MAX_ARMS,
+    check_context,
+    check_id,
+    check_k,
+    check_prior,
+    check_reward_value,
+)
+from banditd.writer import Probe, Writer, wait_for
 
 log = logging.getLogger("banditd.engine")
 REJECTED = "rejected"
@@ -56,6 +64,8 @@ class RewardInput:
     value: float
     event_id: str = ""
     arm_id: str = ""
+    # Set when the message itself was refused at the edge (undecodable, over a limit).
+    refused: str = ""
 
 
 @dataclass(slots=True)
@@ -92,6 +102,15 @@ def propensity_draws(n_arms: int) -> int:
 
 # Maturation sweep of min_age experiments: at most this often.
 MATURE_EVERY_S = 0.2
+
+
+def _plausible_decision_id(decision_id: str) -> bool:
+    """Worth looking up (the lookup of anything else is refused by `_resolve`'s checks)."""
+    try:
+        check_id("decision id", decision_id)
+    except InvalidArgument:
+        return False
+    return True
 
 
 class Engine:
@@ -239,6 +258,8 @@ class Engine:
         wait = PROPENSITY_REFRESH_S
         while not stopped.wait(wait):
             try:
+                if self.writer.storage_error is not None:
+                    self.writer.submit(Probe())  # clears the error once a commit succeeds
                 spent = self.refresh_propensities()
                 wait = max(PROPENSITY_REFRESH_S, spent / PROPENSITY_CPU_SHARE)
                 self.propensity_lag_s = wait + spent
@@ -290,8 +311,12 @@ class Engine:
             old = rt.spec
             arms = [replace(a) for a in old.arms]
             by_id = {a.id: a for a in arms}
+            if len(arms) + len(add_arms) > MAX_ARMS:
+                raise InvalidArgument(f"experiment {experiment_id!r} would have more than {MAX_ARMS} arms")
             for arm in add_arms:
                 check_id("arm id", arm.id)
+                check_id("group", arm.group, required=False)
+                check_prior(arm.prior, old.reward_type == "binary", f"prior of arm {arm.id!r}")
                 if arm.id in by_id:
                     raise AlreadyExists(
                         f"arm {arm.id!r} already exists in experiment {experiment_id!r}"
@@ -332,7 +357,12 @@ class Engine:
             raise ExperimentPaused(
                 f"experiment {experiment_id!r} is paused; resume it to get decisions"
             )
-        k = k or 1
+        k = check_k(k or 1, 0)
+        check_context(context)
+        if self.writer.storage_error is not None:
+            raise ResourceExhausted(
+                f"decisions are refused while the store cannot write ({self.writer.storage_error.message})"
+            )
         if unit_id:
             check_id("unit id", unit_id)
         elif spec.sticky:
@@ -401,7 +431,11 @@ class Engine:
     def _resolve(
         self, index: int, r: RewardInput, now: int, found: dict[str, DecisionRecord]
     ) -> ResolvedReward:
+        if r.refused:
+            raise InvalidArgument(r.refused)
         check_id("decision id", r.decision_id)
+        check_id("event id", r.event_id, required=False)
+        check_id("arm id", r.arm_id, required=False)
         if not math.isfinite(r.value):
             raise InvalidArgument(f"reward value {r.value} is not a finite number")
         rec = self._pending.get(r.decision_id) or found.get(r.decision_id)
@@ -453,7 +487,7 @@ class Engine:
         results: list[RewardResult] = [RewardResult(REJECTED)] * len(rewards)
         resolved: list[ResolvedReward] = []
         now = now_ms()
-        found = self._find_decisions([r.decision_id for r in rewards if r.decision_id and "\x00" not in r.decision_id])
+        found = self._find_decisions([r.decision_id for r in rewards if _plausible_decision_id(r.decision_id)])
         for i, r in enumerate(rewards):
             try:
                 resolved.append(self._resolve(i, r, now, found))

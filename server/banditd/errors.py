@@ -72,8 +72,12 @@ def map_errors(method: F) -> F:
     @functools.wraps(method)
     def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
         try:
+            if hasattr(request, "error") and type(request).__name__ == "Undecodable":
+                raise InvalidArgument(f"the request could not be decoded: {request.error}")
             return method(self, request, context)
         except Exception as exc:  # noqa: BLE001 - every failure must become a status
+            if not context.is_active():
+                return None  # cancelled (idle stream, client gone): nobody gets an answer
             _abort(context, exc)
 
     return wrapper  # type: ignore[return-value]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import math
 import os
 import threading
 import time
@@ -16,13 +18,14 @@ from banditd.diagnostics import LearningMonitor
 from banditd.errors import InvalidArgument
 from banditd.outcomes import OutcomeRule
 from banditd.store import ArmRow, PolicyState
-from banditd.validation import check_id
+from banditd.validation import MAX_ARMS, MAX_WINDOW_SECONDS, check_id, check_prior
 from banditd_client._convert import POLICY_PARAMS
 
 POLICIES = ("thompson", "ucb1", "kl_ucb", "epsilon_greedy", "softmax", "greedy", "uniform")
 DEFAULT_WINDOW_SECONDS = 7 * 24 * 3600
 DEFAULT_PRIORS = {"binary": (1.0, 1.0), "continuous": (0.0, 1.0)}
 RECENT_DECISIONS = 1000
+log = logging.getLogger("banditd")
 # Units per sticky experiment whose assignment is kept in memory (BANDITD_ASSIGNMENT_CACHE).
 ASSIGNMENT_CACHE = int(os.environ.get("BANDITD_ASSIGNMENT_CACHE", "200000"))
 # Core parameters that are not the core constructor's (applied after construction).
@@ -79,9 +82,15 @@ class ExperimentSpec:
         check_id("experiment id", self.id)
         if not self.arms:
             raise InvalidArgument(f"experiment {self.id!r} needs at least one arm; the arm list is empty")
+        if len(self.arms) > MAX_ARMS:
+            raise InvalidArgument(f"experiment {self.id!r} has {len(self.arms)} arms; at most {MAX_ARMS} allowed")
+        binary = self.reward_type == "binary"
+        check_prior(self.prior, binary, "experiment prior")
         seen: set[str] = set()
         for arm in self.arms:
             check_id("arm id", arm.id)
+            check_id("group", arm.group, required=False)
+            check_prior(arm.prior, binary, f"prior of arm {arm.id!r}")
             if arm.id in seen:
                 raise InvalidArgument(f"duplicate arm id {arm.id!r}; arm ids must be unique")
             seen.add(arm.id)
@@ -89,8 +98,14 @@ class ExperimentSpec:
             raise InvalidArgument(f"unknown policy {self.policy!r}; expected one of {', '.join(POLICIES)}")
         if self.reward_type not in DEFAULT_PRIORS:
             raise InvalidArgument(f"unknown reward type {self.reward_type!r}")
-        if self.window_seconds < 0:
-            raise InvalidArgument(f"attribution window must be >= 0 seconds, got {self.window_seconds}")
+        if not 0 <= self.window_seconds <= MAX_WINDOW_SECONDS:
+            raise InvalidArgument(
+                f"attribution window must be between 0 and {MAX_WINDOW_SECONDS} seconds (366 days), "
+                f"got {self.window_seconds}"
+            )
+        for name, value in self.params.items():
+            if not math.isfinite(value):
+                raise InvalidArgument(f"policy parameter {name} must be a finite number, got {value}")
         rule = self.rule  # validates
         if self.window_seconds and rule.min_age_s > self.window_seconds:
             raise InvalidArgument(
@@ -203,12 +218,28 @@ class ExperimentRuntime:
             else:
                 scale = 1.0
             if changed:
-                rs = [self.rows[i] for i in changed]
+                rs = [self._usable(i) for i in changed]
                 self.bandit.set_stats_many(
                     changed, [r.n * scale for r in rs], [r.sum * scale for r in rs], [r.sumsq * scale for r in rs]
                 )
             self.bandit.set_counters(policy.decisions, policy.clock)
             self.bandit.maintain()
+
+    def _usable(self, idx: int) -> ArmRow:
+        """The row, or an empty posterior when its stored statistics cannot be one (a damaged
+        or foreign record): the arm keeps serving from its prior and the log says why."""
+        row = self.rows[idx]
+        values = (row.n, row.sum, row.sumsq)
+        ok = all(math.isfinite(v) for v in values) and row.n >= 0
+        if ok and self.binary:
+            ok = -1e-9 <= row.sum <= row.n * (1 + 1e-9) + 1e-9
+        if ok:
+            return row
+        log.error(
+            "experiment %r arm %r: stored statistics n=%r sum=%r sumsq=%r are not a valid posterior; "
+            "serving it from its prior", self.spec.id, self.arm_ids[idx], *values,
+        )
+        return ArmRow(pulls=row.pulls)
 
     def recent_shares(self) -> list[float]:
         counts = Counter(self.recent)

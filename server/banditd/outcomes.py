@@ -73,6 +73,8 @@ class OutcomeRule:
             raise InvalidArgument(f"default reward {self.default_reward} is not a finite number")
         if binary and not 0.0 <= self.default_reward <= 1.0:
             raise InvalidArgument(f"default reward {self.default_reward} is outside [0, 1] (binary experiment)")
+        if abs(self.default_reward) > 1e12:
+            raise InvalidArgument(f"default reward {self.default_reward:g} is outside [-1e12, 1e12]")
         if not (math.isfinite(self.min_age_s) and 0.0 <= self.min_age_s <= MAX_MIN_AGE_S):
             raise InvalidArgument(
                 f"min_age must be between 0 and {MAX_MIN_AGE_S:.0f} seconds, got {self.min_age_s}"

@@ -45,12 +45,20 @@ def member_command(config: ServerConfig, index: int) -> list[str]:
     ]  # fmt: skip
     if config.seed is not None:
         cmd += ["--seed", str(config.seed + index)]
+    for flag, value in (
+        ("--tls-cert", config.tls_cert), ("--tls-key", config.tls_key), ("--tls-client-ca", config.tls_client_ca),
+    ):
+        if value:
+            cmd += [flag, value]
     return cmd
 
 
 def run_pool(config: ServerConfig) -> None:
     if config.port == 0:
         raise SystemExit("--workers > 1 needs an explicit --port (the processes share it)")
+    from banditd.auth import server_credentials
+
+    server_credentials(config)  # unreadable TLS files: fail here, not in a restart loop
     n = config.worker_count
     stopping = threading.Event()
     procs: list[subprocess.Popen[bytes]] = []

@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import logging
+import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import grpc
 
 from banditd.engine import Engine, RewardInput, RewardResult
-from banditd.errors import InvalidArgument, map_all_errors
+from banditd.errors import InvalidArgument, ResourceExhausted, map_all_errors
 from banditd.experiment import DEFAULT_WINDOW_SECONDS, POLICY_PARAMS, ArmSpec, ExperimentSpec
+from banditd.validation import MAX_REWARDS_PER_MESSAGE
 from banditd_client.v1 import banditd_pb2 as pb
 from banditd_client.v1 import banditd_pb2_grpc as pb_grpc
+
+log = logging.getLogger("banditd")
 
 REWARD_TYPE_NAMES = {pb.REWARD_TYPE_UNSPECIFIED: "binary", pb.BINARY: "binary", pb.CONTINUOUS: "continuous"}
 REWARD_TYPE_ENUM = {"binary": pb.BINARY, "continuous": pb.CONTINUOUS}
@@ -23,6 +30,7 @@ MODE_ENUM = {"decision": pb.DECISION, "explicit": pb.EXPLICIT}
 AGGREGATION_NAMES = {pb.AGGREGATION_UNSPECIFIED: "", pb.MAX: "max", pb.SUM: "sum", pb.FIRST: "first", pb.LAST: "last"}
 AGGREGATION_ENUM = {v: k for k, v in AGGREGATION_NAMES.items() if v}
 STREAM_CHUNK = 4096
+SERVICE = pb.DESCRIPTOR.services_by_name["Banditd"]
 MAX_REPORTED_REJECTIONS = 100
 # Chunks of one stream queued for commit before the handler waits for the oldest.
 MAX_CHUNKS_IN_FLIGHT = 4
@@ -105,10 +113,100 @@ def _timeout(context: grpc.ServicerContext) -> float | None:
     return remaining if remaining is not None and remaining > 0 else None
 
 
+class Undecodable:
+    """A request message that could not be parsed (garbage bytes, invalid UTF-8): the
+    handler refuses it with INVALID_ARGUMENT instead of grpc answering INTERNAL."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: str) -> None:
+        self.error = error
+
+
+def _tolerant(message_cls: Any) -> Callable[[bytes], Any]:
+    def parse(data: bytes) -> Any:
+        try:
+            return message_cls.FromString(data)
+        except Exception as exc:  # noqa: BLE001 - any parse failure is the caller's bytes
+            return Undecodable(f"{message_cls.DESCRIPTOR.name}: {type(exc).__name__}: {exc}")
+
+    return parse
+
+
+def _reward_input(r: pb.RewardRequest | Undecodable) -> RewardInput:
+    if isinstance(r, Undecodable):
+        return RewardInput("", 0.0, refused=f"undecodable RewardRequest message ({r.error})")
+    return RewardInput(r.decision_id, r.value, r.event_id, r.arm_id)
+
+
+class StreamGuard:
+    """Caps the client streams served at once and cancels the ones that go silent, so
+    streams can never hold every handler thread away from Decide."""
+
+    def __init__(self, limit: int, idle_s: float) -> None:
+        self.limit = limit
+        self.idle_s = idle_s
+        self._slots = threading.BoundedSemaphore(limit)
+        self._lock = threading.Lock()
+        self._live: dict[int, list[Any]] = {}
+        self._watcher: threading.Thread | None = None
+        self.cancelled_idle = 0
+
+    @contextmanager
+    def admit(self, context: grpc.ServicerContext) -> Iterator[Callable[[], None]]:
+        if not self._slots.acquire(blocking=False):
+            raise ResourceExhausted(
+                f"{self.limit} client streams are open already (--max-streams); retry with backoff"
+            )
+        entry: list[Any] = [time.monotonic(), context]
+        with self._lock:
+            self._live[id(entry)] = entry
+            if self._watcher is None:
+                self._watcher = threading.Thread(target=self._watch, name="banditd-streams", daemon=True)
+                self._watcher.start()
+        try:
+            yield lambda: entry.__setitem__(0, time.monotonic())
+        finally:
+            with self._lock:
+                self._live.pop(id(entry), None)
+            self._slots.release()
+
+    def _watch(self) -> None:
+        while True:
+            time.sleep(min(1.0, self.idle_s / 4))
+            now = time.monotonic()
+            with self._lock:
+                idle = [e for e in self._live.values() if now - e[0] > self.idle_s]
+            for entry in idle:
+                log.info("cancelling a client stream silent for %.0f s", now - entry[0])
+                self.cancelled_idle += 1
+                entry[0] = float("inf")
+                entry[1].cancel()
+
+
+def add_service(servicer: BanditdService, server: grpc.Server) -> None:
+    """Registers the service with request parsers that never raise (see `Undecodable`)."""
+    handlers = {}
+    for method in SERVICE.methods:
+        request_cls = getattr(pb, method.input_type.name)
+        response_cls = getattr(pb, method.output_type.name)
+        factory = (
+            grpc.stream_unary_rpc_method_handler if method.client_streaming else grpc.unary_unary_rpc_method_handler
+        )
+        handlers[method.name] = factory(
+            getattr(servicer, method.name),
+            request_deserializer=_tolerant(request_cls),
+            response_serializer=response_cls.SerializeToString,
+        )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE.full_name, handlers),))
+    server.add_registered_method_handlers(SERVICE.full_name, handlers)
+
+
 @map_all_errors
 class BanditdService(pb_grpc.BanditdServicer):
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, max_streams: int = 8, stream_idle_s: float = 30.0) -> None:
         self.engine = engine
+        self.streams = StreamGuard(max_streams, stream_idle_s)
 
     def CreateExperiment(self, request: pb.CreateExperimentRequest, context: grpc.ServicerContext) -> pb.Experiment:
         spec = self.engine.create_experiment(spec_from_proto(request.experiment), _timeout(context))
@@ -159,26 +257,41 @@ class BanditdService(pb_grpc.BanditdServicer):
     def RewardStream(
         self, request_iterator: Iterator[pb.RewardRequest], context: grpc.ServicerContext
     ) -> pb.RewardStreamResponse:
-        def chunks() -> Iterator[list[RewardInput]]:
-            chunk: list[RewardInput] = []
-            for r in request_iterator:
-                chunk.append(RewardInput(r.decision_id, r.value, r.event_id, r.arm_id))
-                if len(chunk) >= STREAM_CHUNK:
-                    yield chunk
-                    chunk = []
-            if chunk:
-                yield chunk
+        with self.streams.admit(context) as touch:
 
-        return self._ingest(chunks(), context)
+            def chunks() -> Iterator[list[RewardInput]]:
+                chunk: list[RewardInput] = []
+                for r in request_iterator:
+                    touch()
+                    chunk.append(_reward_input(r))
+                    if len(chunk) >= STREAM_CHUNK:
+                        yield chunk
+                        chunk = []
+                if chunk:
+                    yield chunk
+
+            return self._ingest(chunks(), context)
 
     def RewardBatchStream(
         self, request_iterator: Iterator[pb.RewardBatch], context: grpc.ServicerContext
     ) -> pb.RewardStreamResponse:
-        batches = (
-            [RewardInput(r.decision_id, r.value, r.event_id, r.arm_id) for r in batch.rewards]
-            for batch in request_iterator
-        )
-        return self._ingest(batches, context)
+        with self.streams.admit(context) as touch:
+
+            def batches() -> Iterator[list[RewardInput]]:
+                for batch in request_iterator:
+                    touch()
+                    if isinstance(batch, Undecodable):
+                        yield [RewardInput("", 0.0, refused=f"undecodable RewardBatch message ({batch.error})")]
+                        continue
+                    items = [_reward_input(r) for r in batch.rewards]
+                    for item in items[MAX_REWARDS_PER_MESSAGE:]:
+                        item.refused = (
+                            f"this RewardBatch has {len(items)} rewards; at most {MAX_REWARDS_PER_MESSAGE} "
+                            "per message are taken"
+                        )
+                    yield items
+
+            return self._ingest(batches(), context)
 
     def _ingest(self, chunks: Iterable[list[RewardInput]], context: grpc.ServicerContext) -> pb.RewardStreamResponse:
         """Resolves each chunk while earlier ones are being committed (a few in flight), then

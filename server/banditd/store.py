@@ -7,6 +7,7 @@ One LMDB environment with named databases (keys join ids with NUL; ids never con
 | meta        | b"schema_version"        | version number (ASCII)                                  |
 |             | b"stats\\0" + experiment | change counter of the experiment's statistics (ASCII)   |
 |             | b"specs"                 | change counter of experiment definitions (ASCII)        |
+|             | b"keys"                  | change counter of API keys (ASCII)                      |
 | experiments | experiment               | ExperimentSpec as JSON                                  |
 | arms        | experiment\\0arm         | ArmRow, 8 little-endian doubles                         |
 | policy      | experiment               | PolicyState: decisions u64, clock f64, base f64         |
@@ -15,6 +16,8 @@ One LMDB environment with named databases (keys join ids with NUL; ids never con
 | maturing    | experiment\\0decision id | empty: decisions waiting for their min_age              |
 | events      | experiment\\0event key   | [decision id, arm, value, unix ms]: idempotency + log   |
 | assignments | experiment\\0unit        | [arms] of a sticky unit (JSON)                          |
+| keys        | key id                   | ApiKeyRecord: name, sha256 of the key, scopes, prefix,  |
+|             |                          | created / expires / revoked unix ms (JSON)              |
 
 Decision ids start with their creation time (11 hex digits of unix ms), so the decisions and
 outcomes databases are in time order: expiry and maturation are prefix scans.
@@ -25,7 +28,10 @@ instead of rewriting every arm per observation: the clock counts observations; a
 made at clock t is stored with weight d^-(t - base), and the discounted statistic is the stored
 one times d^(clock - base) (see `ops.Accounting`).
 
-Writes happen only on the writer thread, inside a `WriteTxn`; reads from any thread.
+Writes happen only on the writer thread, inside a `WriteTxn`; reads from any thread. The one
+exception is API keys: `banditd keys` writes them from its own process, one short transaction
+each (`add_api_key`, `revoke_api_key`), and bumps the `keys` counter that servers poll. A store
+written before the keys database existed and opened read-only has none: no keys.
 `Store.open_readonly` is what `banditd export` uses while a server keeps serving.
 """
 
@@ -51,12 +57,15 @@ DEFAULT_MAP_SIZE = 1 << 30
 SEP = b"\x00"
 DATABASES = (
     "meta", "experiments", "arms", "policy", "decisions", "outcomes", "maturing", "events", "assignments",
+    "keys",
 )  # fmt: skip
 
 # meta keys: per-experiment counter of committed changes to arm statistics, and a counter of
 # experiment definition changes (polled by the other processes of a worker pool).
 STATS_COUNTER = b"stats\0"
 SPECS_COUNTER = b"specs"
+# meta key: counter of API key changes (created, revoked), polled by servers.
+KEYS_COUNTER = b"keys"
 SCHEMA_KEY = b"schema_version"
 # Characters of a decision id that encode its creation time.
 DECISION_TIME_CHARS = 11
@@ -206,6 +215,38 @@ class EventRecord:
     def decode(cls, raw: bytes) -> EventRecord:
         d, a, v, t = orjson.loads(raw)
         return cls(d, a, v, t)
+
+
+@dataclass(slots=True)
+class ApiKeyRecord:
+    """An API key as stored: never the key itself, only its sha256 (hex)."""
+
+    key_id: str
+    name: str
+    digest: str
+    scopes: tuple[str, ...]
+    prefix: str = ""  # experiment ids the key may touch start with this ("" = any)
+    created_ms: int = 0
+    expires_ms: int | None = None
+    revoked_ms: int | None = None
+
+    def encode(self) -> bytes:
+        return orjson.dumps(
+            {
+                "n": self.name,
+                "h": self.digest,
+                "s": self.scopes,
+                "p": self.prefix,
+                "c": self.created_ms,
+                "x": self.expires_ms,
+                "r": self.revoked_ms,
+            }
+        )
+
+    @classmethod
+    def decode(cls, key_id: str, raw: bytes) -> ApiKeyRecord:
+        d = orjson.loads(raw)
+        return cls(key_id, d["n"], d["h"], tuple(d["s"]), d["p"], d["c"], d.get("x"), d.get("r"))
 
 
 @dataclass(slots=True)
@@ -442,6 +483,50 @@ class Store:
     def is_maturing(self, experiment_id: str, decision_id: str) -> bool:
         with self.reading() as txn:
             return txn.get(key(experiment_id, decision_id), db=self.maturing) is not None
+
+    # API keys (read by servers from any thread; written by `banditd keys` in its own process).
+    def api_keys(self) -> dict[str, ApiKeyRecord]:
+        """Every stored key, revoked and expired ones included ({} when there is no keys
+        database: a read-only store written before it existed)."""
+        if self.keys is None:
+            return {}
+        with self.reading() as txn:
+            return {k.decode(): ApiKeyRecord.decode(k.decode(), bytes(v)) for k, v in txn.cursor(db=self.keys)}
+
+    def api_keys_version(self) -> int:
+        """The keys counter: moves whenever a key is added or revoked."""
+        return self.counter(KEYS_COUNTER)
+
+    def add_api_key(self, rec: ApiKeyRecord) -> None:
+        """Stores a new key in its own short transaction; ValueError if the id exists."""
+        self._write_key(rec, overwrite=False)
+
+    def revoke_api_key(self, key_id: str, now_ms: int) -> ApiKeyRecord | None:
+        """Marks a key revoked (kept, so `list` can show it); None if there is no such key.
+        Revoking a revoked key keeps its first revocation time."""
+        with self.reading() as txn:
+            raw = txn.get(key_id.encode(), db=self.keys) if self.keys is not None else None
+        if raw is None:
+            return None
+        rec = ApiKeyRecord.decode(key_id, bytes(raw))
+        if rec.revoked_ms is None:
+            rec.revoked_ms = now_ms
+            self._write_key(rec, overwrite=True)
+        return rec
+
+    def _write_key(self, rec: ApiKeyRecord, overwrite: bool) -> None:
+        if self.readonly or self.keys is None:
+            raise PermissionError(f"store at {self.path} is open read-only")
+        txn = self.begin_write()
+        try:
+            if not txn.put(rec.key_id.encode(), rec.encode(), db=self.keys, overwrite=overwrite):
+                raise ValueError(f"key id {rec.key_id!r} exists")
+            raw = txn.get(KEYS_COUNTER, db=self.meta)
+            txn.put(KEYS_COUNTER, str(int(raw or b"0") + 1).encode(), db=self.meta)
+        except BaseException:
+            self.abort_write(txn)
+            raise
+        txn.commit()
 
     def stat(self) -> dict[str, int]:
         info = self.env.info()

@@ -1,27 +1,95 @@
-"""Input checks shared by the service and the engine; each failure says what would be right."""
+"""Input limits and checks, applied at the edge before anything is queued; each failure says
+what was wrong and what would be right.
+
+Ids are limited in UTF-8 *bytes*, not characters: they become parts of LMDB keys, which hold
+at most 511 bytes. The longest key is experiment id + NUL + event id (or unit id):
+128 + 1 + 256 = 385 bytes, leaving room. Values are bounded so that every stored sum stays a
+finite double: |continuous reward| <= 1e12 gives sums of squares <= 1e24 per observation, far
+from 1.8e308 even after 10^15 observations.
+"""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 from banditd.errors import InvalidArgument
 
-MAX_ID_LEN = 256
+# (kind, bytes): the README's limits table is this table.
+ID_LIMITS = {
+    "experiment id": 128,
+    "arm id": 128,
+    "group": 128,
+    "unit id": 256,
+    "event id": 256,
+    "decision id": 64,
+}
+MAX_ARMS = 100_000  # per experiment
+MAX_K = 1_000  # arms per slate
+MAX_CONTEXT_ENTRIES = 64
+MAX_CONTEXT_KEY_BYTES = 128
+MAX_CONTEXT_VALUE_BYTES = 1024
+MAX_ABS_REWARD = 1e12  # continuous rewards and default rewards
+MAX_PRIOR = 1e9  # Beta shapes, prior strength; |prior mean| <= MAX_ABS_REWARD
+MAX_REWARDS_PER_MESSAGE = 10_000  # one RewardBatch
+MAX_WINDOW_SECONDS = 366 * 24 * 3600
 
 
-def check_id(kind: str, value: str) -> str:
+def check_id(kind: str, value: str, required: bool = True) -> str:
+    limit = ID_LIMITS[kind]
     if not value:
-        raise InvalidArgument(f"{kind} must not be empty")
-    if len(value) > MAX_ID_LEN:
-        raise InvalidArgument(f"{kind} is {len(value)} characters; at most {MAX_ID_LEN} allowed")
+        if required:
+            raise InvalidArgument(f"{kind} must not be empty")
+        return value
+    size = len(value.encode("utf-8", "surrogatepass"))
+    if size > limit:
+        raise InvalidArgument(f"{kind} is {size} bytes in UTF-8; at most {limit} bytes allowed")
     if "\x00" in value:
         raise InvalidArgument(f"{kind} must not contain NUL characters")
     return value
 
 
-def check_reward_value(value: float, binary: bool) -> float:
+def check_reward_value(value: float, binary: bool, what: str = "reward value") -> float:
     if not math.isfinite(value):
-        raise InvalidArgument(f"reward value {value} is not a finite number")
+        raise InvalidArgument(f"{what} {value} is not a finite number")
     if binary and not 0.0 <= value <= 1.0:
-        raise InvalidArgument(f"reward value {value} is outside [0, 1], the range of a binary experiment")
+        raise InvalidArgument(f"{what} {value} is outside [0, 1], the range of a binary experiment")
+    if abs(value) > MAX_ABS_REWARD:
+        raise InvalidArgument(f"{what} {value:g} is outside [-1e12, 1e12], the range banditd accepts")
     return value
+
+
+def check_k(k: int, n_active: int) -> int:
+    if k > MAX_K:
+        raise InvalidArgument(f"k={k} is larger than {MAX_K}, the largest slate")
+    return k
+
+
+def check_context(context: Mapping[str, str] | None) -> None:
+    if not context:
+        return
+    if len(context) > MAX_CONTEXT_ENTRIES:
+        raise InvalidArgument(f"context has {len(context)} entries; at most {MAX_CONTEXT_ENTRIES} allowed")
+    for key, value in context.items():
+        if len(key.encode("utf-8", "surrogatepass")) > MAX_CONTEXT_KEY_BYTES:
+            raise InvalidArgument(f"context key {key[:40]!r}... is longer than {MAX_CONTEXT_KEY_BYTES} bytes")
+        if len(value.encode("utf-8", "surrogatepass")) > MAX_CONTEXT_VALUE_BYTES:
+            raise InvalidArgument(f"context value of {key!r} is longer than {MAX_CONTEXT_VALUE_BYTES} bytes")
+
+
+def check_prior(prior: tuple[float, float] | None, binary: bool, what: str) -> None:
+    if prior is None:
+        return
+    a, b = prior
+    if not (math.isfinite(a) and math.isfinite(b)):
+        raise InvalidArgument(f"{what} ({a}, {b}) must be finite numbers")
+    if binary:
+        if not (0.0 < a <= MAX_PRIOR and 0.0 < b <= MAX_PRIOR):
+            raise InvalidArgument(
+                f"{what}: a Beta prior needs alpha > 0 and beta > 0 (at most {MAX_PRIOR:g}), got alpha={a}, beta={b}"
+            )
+    elif not (abs(a) <= MAX_ABS_REWARD and 0.0 < b <= MAX_PRIOR):
+        raise InvalidArgument(
+            f"{what}: a continuous prior needs |mean| <= 1e12 and 0 < strength <= {MAX_PRIOR:g}, "
+            f"got mean={a}, strength={b}"
+        )

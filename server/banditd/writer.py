@@ -58,6 +58,13 @@ class WriteOp:
         """Called when the op's batch could not be committed (nothing of it is stored)."""
 
 
+class Probe(WriteOp):
+    """A tiny write that tells whether the store can write again after a storage error."""
+
+    def write(self, batch: WriteTxn) -> None:
+        batch.bump(b"probe")
+
+
 class _Barrier(WriteOp):
     def __init__(self) -> None:
         self.future = Future()
@@ -97,6 +104,9 @@ class Writer:
         self.ops_committed = 0
         self.failed_commits = 0
         self.last_commit_seconds = 0.0
+        # The error of the last commit the store refused (disk or map full, I/O error); None
+        # once a commit succeeds again. Decisions are refused meanwhile: they could not be stored.
+        self.storage_error: BanditdError | None = None
         # Called after each commit with the statistics it changed, before any op is resolved.
         self.on_commit: Callable[[dict[str, ExperimentChanges]], None] | None = None
 
@@ -168,6 +178,8 @@ class Writer:
     def _fail(self, ops: list[WriteOp], exc: BaseException) -> None:
         self.failed_commits += 1
         error = exc if isinstance(exc, BanditdError) else storage_error(exc)
+        if isinstance(error, ResourceExhausted):
+            self.storage_error = error
         for op in ops:
             try:
                 op.failed(error)
@@ -223,6 +235,7 @@ class Writer:
                     op.future.set_result(value)
                 else:
                     op.future.set_exception(value)
+        self.storage_error = None
         self.commits += 1
         self.ops_committed += len(ops)
         self.last_commit_seconds = time.perf_counter() - started

@@ -166,9 +166,13 @@ def test_a_decision_whose_record_fails_to_commit_is_not_pending_forever(tmp_path
             writer.sync(timeout=10)  # fails in the same broken state, after the decision's batch
         assert writer.failed_commits >= 1
         assert lost not in engine._pending
+        # While the store cannot write, decisions are refused (they could not be stored).
+        with pytest.raises(ResourceExhausted, match="cannot write"):
+            engine.decide("e", "u-refused", 1)
         restore()
         with pytest.raises(DecisionNotFound):
             engine.reward(RewardInput(lost, 1.0), timeout=10)
+        writer.sync(timeout=10)  # a commit succeeds again (the server's background thread probes)
         kept = engine.decide("e", "u2", 1).record.decision_id
         writer.sync(timeout=10)
         assert not engine._pending

@@ -1,0 +1,1072 @@
+"""Bounded wire fuzzer (issue 16): every RPC of banditd.v1.Banditd gets mutated request bytes.
+
+A live server (conftest.ServerProcess) gets two *guarded* experiments (binary + sticky,
+continuous + slates) with decisions and rewards, and three *fuzz* experiments. Their
+state is snapshotted (ListExperiments, GetArmStats, the stable GetDiagnostics counters).
+Then, for FUZZ_SECONDS (and at most FUZZ_MAX_CALLS calls), raw request bytes are sent
+with identity serializers to "/banditd.v1.Banditd/<Method>": valid requests, valid requests
+with hostile field values (empty / 256+ byte / emoji / NUL / invalid UTF-8 ids, NaN, inf,
++-1e308, huge k, unknown enum numbers, 10,000-entry contexts, ...), and byte- and
+field-level mutations of valid requests (flips, truncation, insertions, duplicated fields,
+huge and overlong varints, wrong wire types, bad lengths, unknown fields). The two
+client-streaming methods get streams mixing good and garbage messages. Mutations never
+carry the guarded ids (a payload that does is regenerated).
+
+Checked for every call: the status is never INTERNAL or UNKNOWN (nor anything outside the
+allowed set) and the call returns before its 5 s deadline. For a sample of refused unary
+calls: ListExperiments and GetArmStats of the fuzz experiments are unchanged by the call.
+At the end: the process is alive and SERVING (gRPC health), the guarded experiments'
+snapshot is unchanged, and SIGTERM makes the server exit within 15 s.
+
+Bounded for CI: BANDITD_FUZZ_SECONDS (default 60), BANDITD_FUZZ_MAX_CALLS. Replay a run
+with its printed seed: BANDITD_FUZZ_SEED=<seed> pytest tests/fuzz -s (the request sequence
+depends only on the seed; the server's answers, e.g. decision ids, do not steer it).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import re
+import signal
+import struct
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+from google.protobuf import text_format
+from google.protobuf.message import DecodeError, Message
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from banditd_client.v1 import banditd_pb2 as pb
+from banditd_client.v1 import banditd_pb2_grpc as pb_grpc
+from conftest import ServerProcess
+
+# The time budget of the fuzzing phase (setup and shutdown add a few seconds).
+FUZZ_SECONDS = float(os.environ.get("BANDITD_FUZZ_SECONDS", "60"))
+# And a bound on the number of calls, whichever comes first.
+FUZZ_MAX_CALLS = int(os.environ.get("BANDITD_FUZZ_MAX_CALLS", "50000"))
+FUZZ_SEED = int(os.environ.get("BANDITD_FUZZ_SEED", "16"))
+# Optional directory for a JSON file of the failures with their full payloads (hex).
+FUZZ_ARTIFACTS = os.environ.get("BANDITD_FUZZ_ARTIFACTS", "")
+
+CALL_DEADLINE_S = 5.0
+# A call that took this long ran into its deadline: the server hung on it.
+HANG_S = CALL_DEADLINE_S - 0.25
+# About one call in this many gets a before/after state check (when it is refused).
+STATE_CHECK_ONE_IN = 25
+SIGTERM_EXIT_S = 15.0
+
+SERVICE = pb.DESCRIPTOR.services_by_name["Banditd"]
+PREFIX = f"/{SERVICE.full_name}/"
+METHODS = [m.name for m in SERVICE.methods]
+STREAMING = {m.name for m in SERVICE.methods if m.client_streaming}
+REQUEST_TYPES: dict[str, type[Message]] = {m.name: getattr(pb, m.input_type.name) for m in SERVICE.methods}
+
+SC = grpc.StatusCode
+ALLOWED = {
+    SC.OK, SC.INVALID_ARGUMENT, SC.NOT_FOUND, SC.ALREADY_EXISTS, SC.FAILED_PRECONDITION,
+    SC.RESOURCE_EXHAUSTED, SC.DEADLINE_EXCEEDED, SC.CANCELLED, SC.OUT_OF_RANGE,
+    SC.UNAUTHENTICATED, SC.PERMISSION_DENIED, SC.UNIMPLEMENTED,
+}
+# Refusals after which the call may still have written (README: retry with the same event id).
+MAY_HAVE_WRITTEN = {SC.OK, SC.DEADLINE_EXCEEDED, SC.CANCELLED}
+
+# Guarded experiments: never named by a fuzzed request.
+GUARD_BINARY = "guard-binary-sticky"
+GUARD_CONT = "guard-continuous-slates"
+GUARDED = (GUARD_BINARY, GUARD_CONT)
+# Fuzz targets: real experiments so that mutated requests reach the deep paths.
+FZ_BIN, FZ_CONT, FZ_PLAIN = "fz-bin", "fz-cont", "fz-plain"
+FZ_IDS = (FZ_BIN, FZ_CONT, FZ_PLAIN)
+POLICIES = ("thompson", "ucb1", "kl_ucb", "epsilon_greedy", "softmax", "greedy", "uniform")
+
+# GetDiagnostics fields that only move with decisions and rewards (not with the clock).
+DIAG_STABLE = (
+    "experiment_id", "policy", "decisions", "rewards", "rise_checks", "rise_ok", "fall_checks", "fall_ok",
+    "score_histogram", "scores_out_of_range", "top_arm", "top_share", "uniform_share", "traffic_entropy",
+    "exploration_share", "join_rate", "dominated_arms", "outcome_mode", "observations", "no_event_share",
+)
+ARM_DIAG_STABLE = (
+    "arm_id", "group", "active", "pulls", "rewards", "reward_sum", "mean", "low", "high", "recent_share",
+    "dominated", "observations", "rewarded",
+)
+
+NAN, INF = float("nan"), float("inf")
+HOSTILE_FLOATS = (NAN, INF, -INF, 1e308, -1e308, 1.7976931348623157e308, 5e-324, -0.0, -1.0, 2.0, 1e-300, 1e30)
+HOSTILE_INTS = (0, 1, 2, 3, 4, 7, 100, 2**31 - 1, 2**31, 2**32 - 1, 2**32, 2**63 - 1, 2**63, 2**64 - 1)
+HOSTILE_STRS = (
+    "", " ", "\x00", "fz-bin\x00", "\x00fz-bin", "a" * 256, "a" * 257, "b" * 5000,
+    "\U0001f600" * 200,  # 200 characters, 800 UTF-8 bytes
+    "\U0001f600" * 257, "\u00e9" * 256, "\u202e\u200b\ufeff", "\U0010ffff" * 64, "\n\r\t\x7f\x1b[2J",
+    "../../../../etc/passwd", "%s%n%x{0}", "fz-bin ", "FZ-BIN", "fz-bin/../fz-cont", "'; DROP TABLE x; --",
+    "\ud7ff\ue000", "0" * 64, "-1", "null",
+)
+# Proto3 strings must be UTF-8: these can only be sent as raw bytes.
+INVALID_UTF8 = (
+    b"\xff", b"\xc3\x28", b"\xed\xa0\x80", b"fz-bin\xff", b"\xf4\x90\x80\x80", b"\xc0\x80", b"\xe2\x82", b"\x80" * 300,
+)
+
+
+# ---------------------------------------------------------------------------------------
+# Wire format helpers.
+
+def varint(n: int) -> bytes:
+    n &= (1 << 64) - 1
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+def tag(field_no: int, wire_type: int) -> bytes:
+    return varint(field_no << 3 | wire_type)
+
+
+def f_varint(field_no: int, n: int) -> bytes:
+    return tag(field_no, 0) + varint(n)
+
+
+def f_bytes(field_no: int, data: bytes) -> bytes:
+    return tag(field_no, 2) + varint(len(data)) + data
+
+
+def f_double(field_no: int, x: float) -> bytes:
+    return tag(field_no, 1) + struct.pack("<d", x)
+
+
+def read_varint(data: bytes, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        if pos >= len(data) or shift >= 70:
+            raise ValueError("bad varint")
+        b = data[pos]
+        pos += 1
+        result |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return result, pos
+        shift += 7
+
+
+@dataclass(frozen=True)
+class WireField:
+    number: int
+    wire_type: int
+    start: int  # of the key
+    key_end: int
+    payload: int  # start of the value (after the length for wire type 2)
+    end: int
+
+
+def split_fields(data: bytes) -> list[WireField] | None:
+    """The top-level fields of a message, or None when it does not split cleanly."""
+    out: list[WireField] = []
+    pos = 0
+    try:
+        while pos < len(data):
+            start = pos
+            key, pos = read_varint(data, pos)
+            number, wt = key >> 3, key & 7
+            key_end = payload = pos
+            if wt == 0:
+                _, pos = read_varint(data, pos)
+            elif wt == 1:
+                pos += 8
+            elif wt == 2:
+                n, pos = read_varint(data, pos)
+                payload = pos
+                pos += n
+            elif wt == 5:
+                pos += 4
+            else:
+                return None
+            if pos > len(data):
+                return None
+            out.append(WireField(number, wt, start, key_end, payload, pos))
+    except ValueError:
+        return None
+    return out
+
+
+def ser(msg: Message, *raw: bytes) -> bytes:
+    """A message's bytes with raw fields appended (a later scalar wins, sub-messages merge)."""
+    return msg.SerializeToString() + b"".join(raw)
+
+
+# ---------------------------------------------------------------------------------------
+# Mutations of bytes.
+
+def _flip_bits(rng: random.Random, d: bytes) -> tuple[bytes, str]:
+    if not d:
+        return bytes([rng.randrange(256)]), "flip(empty->1 byte)"
+    b = bytearray(d)
+    for _ in range(rng.randint(1, 8)):
+        b[rng.randrange(len(b))] ^= 1 << rng.randrange(8)
+    return bytes(b), "flip bits"
+
+
+def _overwrite(rng: random.Random, d: bytes) -> tuple[bytes, str]:
+    if not d:
+        return b"\xff", "overwrite(empty)"
+    b = bytearray(d)
+    for _ in range(rng.randint(1, 4)):
+        b[rng.randrange(len(b))] = rng.choice((0x00, 0xFF, 0x7F, 0x80, 0x01, 0x0A, 0x12, 0x1A, 0x22))
+    return bytes(b), "overwrite bytes"
+
+
+def _truncate(rng: random.Random, d: bytes) -> tuple[bytes, str]:
+    if len(d) < 2:
+        return b"", "truncate to empty"
+    cut = rng.randrange(1, len(d))
+    return d[:cut], f"truncate {len(d)}->{cut}"
+
+
+def _insert(rng: random.Random, d: bytes) -> tuple[bytes, str]:
+    pos = rng.randint(0, len(d))
+    junk = rng.randbytes(rng.randint(1, 64))
+    return d[:pos] + junk + d[pos:], f"insert {len(junk)} random bytes at {pos}"
+
+
+def _delete(rng: random.Random, d: bytes) -> tuple[bytes, str]:
+    if not d:
+        return d, "delete(empty)"
+    a = rng.randrange(len(d))
+    b = min(len(d), a + rng.randint(1, 16))
+    return d[:a] + d[b:], f"delete [{a}:{b}]"
+
+
+def _garbage(rng: random.Random, d: bytes) -> tuple[bytes, str]:
+    return rng.randbytes(rng.randint(1, 256)), "random bytes"
+
+
+def _dup_field(rng: random.Random, d: bytes) -> tuple[bytes, str]:
+    fields = split_fields(d)
+    if not fields:
+        return _insert(rng, d)
+    f = rng.choice(fields)
+    copy = d[f.start:f.end] * rng.randint(1, 3)
+    at = rng.choice([x.start for x in fields] + [len(d)])
+    return d[:at] + copy + d[at:], f"duplicate field {f.number}"
+
+
+def _huge_varint(rng: random.Random, d: bytes) -> tuple[bytes, str]:
+    fields = split_fields(d) or []
+    choice = rng.randrange(4)
+    if choice == 0 and any(f.wire_type == 0 for f in fields):
+        f = rng.choice([f for f in fields if f.wire_type == 0])
+        v = rng.choice((2**64 - 1, 2**63, 2**32, 2**32 - 1, 2**31, 2**31 - 1))
+        return d[:f.payload] + varint(v) + d[f.end:], f"field {f.number} varint = {v}"
+    if choice == 1 and fields:
+        f = rng.choice(fields)
+        overlong = b"\xff" * rng.randint(10, 20) + b"\x01"
+        return d[:f.payload] + overlong + d[f.end:], f"field {f.number}: overlong varint"
+    if choice == 2 and any(f.wire_type == 2 for f in fields):
+        f = rng.choice([f for f in fields if f.wire_type == 2])
+        n = rng.choice((2**31, 2**32 - 1, 2**63, 2**64 - 1, f.end - f.payload + 1, 1 << 24))
+        return d[:f.key_end] + varint(n) + d[f.payload:], f"field {f.number}: length {n}"
+    number = rng.choice((1, 2, 3, 4, 5, 6, 11, 99))
+    return d + f_varint(number, rng.choice((2**64 - 1, 2**63))), f"append huge varint field {number}"
+
+
+def _wrong_wire_type(rng: random.Random, d: bytes) -> tuple[bytes, str]:
+    fields = split_fields(d)
+    if fields and rng.random() < 0.6:
+        f = rng.choice(fields)
+        wt = rng.choice([w for w in range(8) if w != f.wire_type])
+        return d[:f.start] + tag(f.number, wt) + d[f.key_end:], f"field {f.number}: wire type {f.wire_type}->{wt}"
+    number = rng.choice((1, 2, 3, 4, 5, 6, 7, 11))
+    wt = rng.choice((0, 1, 2, 3, 4, 5, 6, 7))
+    payload = {
+        0: varint(rng.choice((0, 1, 2**63))),
+        1: struct.pack("<d", rng.choice(HOSTILE_FLOATS)),
+        2: varint(3) + b"abc",
+        5: b"\x00\x00\x80\x7f",
+    }.get(wt, b"")
+    return d + tag(number, wt) + payload, f"append field {number} with wire type {wt}"
+
+
+def _unknown_field(rng: random.Random, d: bytes) -> tuple[bytes, str]:
+    number = rng.choice((0, 12, 15, 1000, 19000, 2**29 - 1, 2**29, 2**32))
+    kind = rng.randrange(4)
+    if kind == 0:
+        raw = f_varint(number, rng.randrange(2**64))
+    elif kind == 1:
+        raw = f_bytes(number, rng.randbytes(rng.randint(0, 40)))
+    elif kind == 2:  # a group, closed or not
+        raw = tag(number, 3) + f_varint(1, 1) + (tag(number, 4) if rng.random() < 0.7 else b"")
+    else:
+        raw = tag(number, 5) + rng.randbytes(4)
+    return d + raw, f"unknown field {number} kind {kind}"
+
+
+def _bad_length(rng: random.Random, d: bytes) -> tuple[bytes, str]:
+    fields = [f for f in split_fields(d) or [] if f.wire_type == 2]
+    if not fields:
+        return _truncate(rng, d)
+    f = rng.choice(fields)
+    n = max(0, f.end - f.payload + rng.choice((-3, -2, -1, 1, 2, 3, 100)))
+    return d[:f.key_end] + varint(n) + d[f.payload:], f"field {f.number}: length off by {n - (f.end - f.payload)}"
+
+
+def _nested(rng: random.Random, d: bytes) -> tuple[bytes, str]:
+    fields = [f for f in split_fields(d) or [] if f.wire_type == 2 and f.end > f.payload]
+    if not fields:
+        return _flip_bits(rng, d)
+    f = rng.choice(fields)
+    inner, how = mutate_once(rng, d[f.payload:f.end])
+    return d[:f.start] + f_bytes(f.number, inner) + d[f.end:], f"inside field {f.number}: {how}"
+
+
+def _shuffle(rng: random.Random, d: bytes) -> tuple[bytes, str]:
+    fields = split_fields(d)
+    if not fields:
+        return _flip_bits(rng, d)
+    parts = [d[f.start:f.end] for f in fields]
+    rng.shuffle(parts)
+    return b"".join(parts), "shuffle field order"
+
+
+MUTATORS: tuple[Callable[[random.Random, bytes], tuple[bytes, str]], ...] = (
+    _flip_bits, _overwrite, _truncate, _insert, _delete, _garbage, _dup_field, _dup_field, _huge_varint,
+    _huge_varint, _wrong_wire_type, _wrong_wire_type, _unknown_field, _bad_length, _nested, _nested, _shuffle,
+)
+
+
+def mutate_once(rng: random.Random, d: bytes) -> tuple[bytes, str]:
+    return rng.choice(MUTATORS)(rng, d)
+
+
+def mutate(rng: random.Random, d: bytes) -> tuple[bytes, str]:
+    hows = []
+    for _ in range(rng.choice((1, 1, 1, 2, 2, 3))):
+        d, how = mutate_once(rng, d)
+        hows.append(how)
+    return d, " + ".join(hows)
+
+
+# ---------------------------------------------------------------------------------------
+# Requests: valid ones and ones with hostile values.
+
+@dataclass
+class World:
+    """What the fuzzer knows of the server: fixed at setup, so the sequence of generated
+    requests depends only on the seed."""
+
+    arms: dict[str, list[str]]  # fuzz experiment -> arm ids
+    decisions: list[tuple[str, str, tuple[str, ...]]]  # (decision id, experiment, arms)
+    guarded_bytes: tuple[bytes, ...]
+    created: int = 0
+
+
+def hostile_str(rng: random.Random) -> str:
+    return rng.choice(HOSTILE_STRS)
+
+
+def hostile_float(rng: random.Random) -> float:
+    return rng.choice(HOSTILE_FLOATS)
+
+
+def big_context(rng: random.Random, n: int = 10_000) -> dict[str, str]:
+    alphabet = "abcxyz019_-.:/\u00e9\U0001f600\x00 "
+    ctx = {}
+    for i in range(n):
+        key = f"k{i}" + "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 12)))
+        ctx[key] = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 24)))
+    return ctx
+
+
+def some_exp_id(rng: random.Random) -> str:
+    return rng.choice((*FZ_IDS, *FZ_IDS, "fz-missing", f"fz-new-{rng.randrange(40)}"))
+
+
+def valid_experiment(rng: random.Random, w: World) -> pb.Experiment:
+    w.created += 1
+    reward_type = rng.choice((pb.BINARY, pb.CONTINUOUS, pb.REWARD_TYPE_UNSPECIFIED))
+    binary = reward_type != pb.CONTINUOUS
+    policy = rng.choice([p for p in POLICIES if binary or p != "kl_ucb"])
+    arms = [pb.Arm(id=f"a{i}", group=rng.choice(("", "", "g1", "g2"))) for i in range(rng.randint(1, 5))]
+    return pb.Experiment(
+        id=f"fz-new-{w.created}",
+        arms=arms,
+        policy=pb.Policy(name=policy),
+        reward_type=reward_type,
+        sticky=rng.random() < 0.3,
+        outcomes=pb.Outcomes(mode=rng.choice((0, 1, 2)), aggregation=rng.choice((0, 1, 3, 4))),
+    )
+
+
+def valid_reward(rng: random.Random, w: World) -> pb.RewardRequest:
+    decision_id, exp_id, arms = rng.choice(w.decisions)
+    value = rng.choice((0.0, 1.0, 0.5)) if exp_id != FZ_CONT else rng.uniform(-10, 10)
+    return pb.RewardRequest(
+        decision_id=decision_id,
+        value=value,
+        event_id=rng.choice(("", f"ev-{rng.randrange(10**9)}")),
+        arm_id=rng.choice(("", *arms)),
+    )
+
+
+def valid_request(method: str, rng: random.Random, w: World) -> bytes:
+    if method == "CreateExperiment":
+        return ser(pb.CreateExperimentRequest(experiment=valid_experiment(rng, w)))
+    if method == "GetExperiment":
+        return ser(pb.GetExperimentRequest(experiment_id=some_exp_id(rng)))
+    if method == "ListExperiments":
+        return b""
+    if method == "UpdateExperiment":
+        exp_id = rng.choice(FZ_IDS)
+        req = pb.UpdateExperimentRequest(
+            experiment_id=exp_id, set_state=rng.choice((pb.RUNNING, pb.RUNNING, pb.STATE_UNSPECIFIED, pb.PAUSED))
+        )
+        if rng.random() < 0.3:
+            req.add_arms.add(id=f"n{rng.randrange(10**6)}")
+        if rng.random() < 0.2:
+            req.retire_arm_ids.append(rng.choice(w.arms[exp_id]))
+        return ser(req)
+    if method == "Decide":
+        exp_id = rng.choice(FZ_IDS)
+        return ser(pb.DecideRequest(
+            experiment_id=exp_id,
+            unit_id=f"u{rng.randrange(50)}",
+            k=rng.choice((0, 1, 1, 2)) if exp_id != FZ_CONT else rng.choice((1, 2, 3)),
+            context={"country": rng.choice(("de", "fr")), "n": str(rng.randrange(9))} if rng.random() < 0.5 else {},
+        ))
+    if method in ("Reward", "RewardStream"):
+        return ser(valid_reward(rng, w))
+    if method == "RewardBatchStream":
+        return ser(pb.RewardBatch(rewards=[valid_reward(rng, w) for _ in range(rng.randint(1, 5))]))
+    if method == "GetArmStats":
+        return ser(pb.GetArmStatsRequest(experiment_id=some_exp_id(rng)))
+    if method == "GetDiagnostics":
+        return ser(pb.GetDiagnosticsRequest(experiment_id=some_exp_id(rng)))
+    raise AssertionError(method)
+
+
+def raw_id(rng: random.Random, field_no: int) -> bytes:
+    """A string field as raw bytes: hostile but valid UTF-8, or invalid UTF-8."""
+    if rng.random() < 0.5:
+        return f_bytes(field_no, rng.choice(INVALID_UTF8))
+    return f_bytes(field_no, hostile_str(rng).encode("utf-8", "surrogatepass"))
+
+
+def hostile_experiment(rng: random.Random, w: World) -> bytes:
+    exp = valid_experiment(rng, w)
+    raw: list[bytes] = []
+    for _ in range(rng.randint(1, 3)):
+        t = rng.randrange(14)
+        if t == 0:
+            raw.append(raw_id(rng, 1))
+        elif t == 1:
+            del exp.arms[:]
+        elif t == 2:
+            exp.arms.add(id=exp.arms[0].id if exp.arms else "a0")
+        elif t == 3:
+            for _ in range(rng.randint(1, 3)):
+                exp.arms.append(pb.Arm(id=hostile_str(rng), group=rng.choice(("", hostile_str(rng)))))
+        elif t == 4:
+            n = rng.choice((300, 1000))
+            exp.arms.extend(pb.Arm(id=f"m{i}") for i in range(n))
+        elif t == 5:
+            arm = exp.arms.add(id=f"p{rng.randrange(100)}")
+            arm.prior.alpha, arm.prior.beta = hostile_float(rng), hostile_float(rng)
+            arm.prior.mean, arm.prior.strength = hostile_float(rng), hostile_float(rng)
+        elif t == 6:
+            exp.policy.name = rng.choice((*POLICIES, *HOSTILE_STRS))
+        elif t == 7:
+            param = rng.choice(pb.Policy.DESCRIPTOR.fields[1:])
+            setattr(exp.policy, param.name, hostile_float(rng))
+        elif t == 8:  # unknown enums: reward type, outcome mode, aggregation, state
+            raw.append(rng.choice((
+                f_varint(4, rng.choice((7, 3, 2**31 - 1, 2**64 - 1))),
+                f_bytes(11, f_varint(1, rng.choice((9, 3, 2**64 - 1)))),
+                f_bytes(11, f_varint(2, rng.choice((9, 5, 2**64 - 1)))),
+                f_varint(8, rng.choice((99, 2**64 - 1))),
+            )))
+        elif t == 9:
+            exp.outcomes.default_reward = hostile_float(rng)
+            if rng.random() < 0.5:
+                exp.outcomes.min_age_seconds = hostile_float(rng)
+        elif t == 10:
+            exp.attribution_window_seconds = rng.choice((-1, 1, 2**63 - 1, -(2**63), 10**12))
+            if rng.random() < 0.5:
+                exp.outcomes.min_age_seconds = rng.choice((1.0, 3600.0, 2.0 * 30 * 24 * 3600))
+        elif t == 11:
+            exp.prior.alpha, exp.prior.beta = hostile_float(rng), hostile_float(rng)
+            exp.prior.mean, exp.prior.strength = hostile_float(rng), hostile_float(rng)
+        elif t == 12:  # output-only fields set by the caller
+            exp.version = rng.choice((-1, 2**63 - 1))
+            exp.created_unix_ms = rng.choice((-1, 2**63 - 1))
+            exp.state = pb.PAUSED
+            exp.arms.add(id="inactive", active=False)
+        else:
+            raw.append(f_bytes(2, raw_id(rng, 1)))  # an arm whose id is raw bytes
+    return f_bytes(1, ser(exp, *raw))
+
+
+def hostile_reward(rng: random.Random, w: World) -> bytes:
+    req = valid_reward(rng, w)
+    raw: list[bytes] = []
+    for _ in range(rng.randint(1, 3)):
+        t = rng.randrange(6)
+        if t == 0:
+            req.value = hostile_float(rng)
+        elif t == 1:
+            req.decision_id = hostile_str(rng)
+        elif t == 2:
+            raw.append(raw_id(rng, rng.choice((1, 3, 4))))
+        elif t == 3:
+            req.event_id = hostile_str(rng)
+        elif t == 4:
+            req.arm_id = rng.choice((hostile_str(rng), "a0", "nope"))
+        else:
+            req.decision_id = req.decision_id[:-1] + rng.choice("0aZ\x00")
+    return ser(req, *raw)
+
+
+def hostile_request(method: str, rng: random.Random, w: World) -> bytes:
+    if method == "CreateExperiment":
+        return hostile_experiment(rng, w)
+    if method in ("GetExperiment", "GetArmStats"):
+        return raw_id(rng, 1) if rng.random() < 0.5 else f_bytes(1, hostile_str(rng).encode())
+    if method == "GetDiagnostics":
+        req = pb.GetDiagnosticsRequest(experiment_id=rng.choice((*FZ_IDS, hostile_str(rng))))
+        req.reward_silence_seconds = hostile_float(rng)
+        return ser(req, *([raw_id(rng, 1)] if rng.random() < 0.3 else []))
+    if method == "ListExperiments":
+        return rng.choice((f_bytes(1, b"x"), f_varint(1, 2**64 - 1), f_bytes(1000, rng.randbytes(100))))
+    if method == "UpdateExperiment":
+        exp_id = rng.choice(FZ_IDS)
+        req = pb.UpdateExperimentRequest(experiment_id=exp_id)
+        raw: list[bytes] = []
+        for _ in range(rng.randint(1, 3)):
+            t = rng.randrange(8)
+            if t == 0:
+                raw.append(raw_id(rng, 1))
+            elif t == 1:
+                req.add_arms.add(id=hostile_str(rng), group=rng.choice(("", hostile_str(rng))))
+            elif t == 2:
+                arm = req.add_arms.add(id=f"np{rng.randrange(10**6)}")
+                arm.prior.alpha, arm.prior.beta = hostile_float(rng), hostile_float(rng)
+                arm.prior.mean, arm.prior.strength = hostile_float(rng), hostile_float(rng)
+            elif t == 3:
+                req.add_arms.add(id=rng.choice(w.arms[exp_id]))  # already exists
+            elif t == 4:
+                req.retire_arm_ids.extend(w.arms[exp_id])  # every arm
+            elif t == 5:
+                req.retire_arm_ids.append(rng.choice(("nope", *HOSTILE_STRS)))
+            elif t == 6:
+                raw.append(f_varint(4, rng.choice((99, 3, 2**31 - 1, 2**64 - 1))))
+            else:
+                raw.append(rng.choice((f_bytes(2, raw_id(rng, 1)), raw_id(rng, 3))))
+        return ser(req, *raw)
+    if method == "Decide":
+        exp_id = rng.choice(FZ_IDS)
+        req = pb.DecideRequest(experiment_id=exp_id, unit_id=f"u{rng.randrange(50)}")
+        raw = []
+        for _ in range(rng.randint(1, 3)):
+            t = rng.randrange(7)
+            if t == 0:
+                raw.append(raw_id(rng, rng.choice((1, 2))))
+            elif t == 1:
+                req.unit_id = hostile_str(rng)
+            elif t == 2:
+                raw.append(f_varint(3, rng.choice(HOSTILE_INTS)))
+            elif t == 3:
+                req.context.update(big_context(rng, rng.choice((10_000, 10_000, 100))))
+            elif t == 4:
+                req.context.update({hostile_str(rng): hostile_str(rng) for _ in range(rng.randint(1, 8))})
+            elif t == 5:  # map entries with invalid UTF-8, missing or repeated key/value
+                entry = rng.choice((
+                    raw_id(rng, 1) + f_bytes(2, b"v"),
+                    f_bytes(1, b"k") + raw_id(rng, 2),
+                    f_bytes(2, b"only-value"),
+                    f_bytes(1, b"k") + f_bytes(1, b"k2") + f_varint(3, 7),
+                    b"",
+                ))
+                raw.append(f_bytes(4, entry))
+            else:
+                req.experiment_id = hostile_str(rng)
+        return ser(req, *raw)
+    if method in ("Reward", "RewardStream"):
+        return hostile_reward(rng, w)
+    if method == "RewardBatchStream":
+        return b"".join(
+            f_bytes(1, hostile_reward(rng, w) if rng.random() < 0.6 else ser(valid_reward(rng, w)))
+            for _ in range(rng.randint(1, 6))
+        )
+    raise AssertionError(method)
+
+
+def one_message(method: str, rng: random.Random, w: World) -> tuple[bytes, str]:
+    r = rng.random()
+    if r < 0.15:
+        return valid_request(method, rng, w), "valid"
+    if r < 0.5:
+        return hostile_request(method, rng, w), "hostile values"
+    base = valid_request(method, rng, w) if rng.random() < 0.7 else hostile_request(method, rng, w)
+    if rng.random() < 0.1:  # splice two requests (fields merge)
+        base += valid_request(method, rng, w)
+    mutated, how = mutate(rng, base)
+    return mutated, f"mutated: {how}"
+
+
+def rare_message(method: str, rng: random.Random, w: World) -> tuple[bytes, str] | None:
+    """Now and then: requests near and above the 4 MB receive limit, and long streams."""
+    if method == "Decide" and rng.random() < 0.02:
+        size = rng.choice((3 << 20, 5 << 20))
+        req = pb.DecideRequest(experiment_id=rng.choice(FZ_IDS), unit_id="u-big", context={"blob": "x" * size})
+        return ser(req), f"context of {size} bytes"
+    if method == "CreateExperiment" and rng.random() < 0.01:
+        exp = valid_experiment(rng, w)
+        width = rng.choice((1, 200))
+        exp.arms.extend(pb.Arm(id="z" * width + str(i)) for i in range(20_000))
+        return f_bytes(1, ser(exp)), f"20,000 arms with ids of {width}+ chars"
+    return None
+
+
+@dataclass
+class Case:
+    method: str
+    payload: bytes | list[bytes]
+    label: str
+    # A stream with messages that may have been accepted before it failed (not checked per call).
+    may_write: bool = False
+
+    @property
+    def size(self) -> int:
+        return len(self.payload) if isinstance(self.payload, bytes) else sum(len(p) for p in self.payload)
+
+
+def make_case(method: str, rng: random.Random, w: World) -> Case:
+    if method not in STREAMING:
+        rare = rare_message(method, rng, w)
+        if rare is not None:
+            return Case(method, *rare)
+        return Case(method, *one_message(method, rng, w))
+    msgs: list[bytes] = []
+    kinds: Counter[str] = Counter()
+    if rng.random() < 0.02:  # long stream crossing the 4,096-reward chunk of RewardStream
+        n = 4_100 if method == "RewardStream" else 300
+        msgs = [valid_request(method, rng, w) for _ in range(n)]
+        msgs.insert(rng.randrange(n), mutate(rng, msgs[0])[0])
+        return Case(method, msgs, f"long stream of {n} + 1 mutated", may_write=True)
+    for _ in range(rng.randint(0, 8)):
+        r = rng.random()
+        if r < 0.35:
+            msgs.append(valid_request(method, rng, w))
+            kinds["good"] += 1
+        elif r < 0.6:
+            msgs.append(hostile_request(method, rng, w))
+            kinds["hostile"] += 1
+        elif r < 0.95:
+            msgs.append(mutate(rng, valid_request(method, rng, w))[0])
+            kinds["mutated"] += 1
+        else:
+            msgs.append(rng.randbytes(rng.randint(0, 64)))
+            kinds["garbage"] += 1
+    label = "stream " + (", ".join(f"{n} {k}" for k, n in sorted(kinds.items())) or "of no message")
+    return Case(method, msgs, label, may_write=bool(kinds["good"] or kinds["hostile"] or kinds["mutated"]))
+
+
+def contains_guarded(case: Case, w: World) -> bool:
+    payloads = [case.payload] if isinstance(case.payload, bytes) else case.payload
+    return any(g in p for p in payloads for g in w.guarded_bytes)
+
+
+def generate(method: str, rng: random.Random, w: World) -> Case:
+    for _ in range(100):
+        case = make_case(method, rng, w)
+        if not contains_guarded(case, w):
+            return case
+    raise AssertionError("could not generate a request without the guarded ids")
+
+
+# ---------------------------------------------------------------------------------------
+# Calls, state and reporting.
+
+@dataclass
+class Outcome:
+    code: grpc.StatusCode
+    details: str
+    elapsed: float
+
+
+def call(channel: grpc.Channel, case: Case) -> Outcome:
+    path = PREFIX + case.method
+    started = time.monotonic()
+    try:
+        if isinstance(case.payload, bytes):
+            channel.unary_unary(path)(case.payload, timeout=CALL_DEADLINE_S)
+        else:
+            channel.stream_unary(path)(iter(case.payload), timeout=CALL_DEADLINE_S)
+        code, details = SC.OK, ""
+    except grpc.RpcError as err:
+        code, details = err.code(), err.details() or ""
+    return Outcome(code, details, time.monotonic() - started)
+
+
+def fuzz_state(stub: pb_grpc.BanditdStub) -> list[bytes | str]:
+    """ListExperiments (every experiment) and GetArmStats of the fuzz experiments, as bytes."""
+    out: list[bytes | str] = []
+    try:
+        out.append(stub.ListExperiments(pb.ListExperimentsRequest(), timeout=10).SerializeToString(deterministic=True))
+    except grpc.RpcError as err:
+        out.append(f"ListExperiments: {err.code().name}: {err.details()}")
+    for exp_id in FZ_IDS:
+        try:
+            stats = stub.GetArmStats(pb.GetArmStatsRequest(experiment_id=exp_id), timeout=10)
+            out.append(stats.SerializeToString(deterministic=True))
+        except grpc.RpcError as err:
+            out.append(f"GetArmStats {exp_id}: {err.code().name}: {err.details()}")
+    return out
+
+
+def settled_fuzz_state(stub: pb_grpc.BanditdStub) -> list[bytes | str]:
+    """The state once decision records written behind earlier responses have committed."""
+    last = fuzz_state(stub)
+    deadline = time.monotonic() + 2.0
+    while time.monotonic() < deadline:
+        time.sleep(0.02)
+        now = fuzz_state(stub)
+        if now == last:
+            return now
+        last = now
+    return last
+
+
+def guarded_snapshot(stub: pb_grpc.BanditdStub) -> dict[str, Any]:
+    snap: dict[str, Any] = {}
+    listed = stub.ListExperiments(pb.ListExperimentsRequest(), timeout=10)
+    for exp in listed.experiments:
+        if exp.id in GUARDED:
+            snap[f"ListExperiments[{exp.id}]"] = text_format.MessageToString(exp, as_one_line=True)
+    for exp_id in GUARDED:
+        stats = stub.GetArmStats(pb.GetArmStatsRequest(experiment_id=exp_id), timeout=10)
+        snap[f"GetArmStats[{exp_id}]"] = text_format.MessageToString(stats, as_one_line=True)
+        diag = stub.GetDiagnostics(pb.GetDiagnosticsRequest(experiment_id=exp_id), timeout=10)
+        for name in DIAG_STABLE:
+            snap[f"GetDiagnostics[{exp_id}].{name}"] = repr(getattr(diag, name))
+        for arm in diag.arms:
+            for name in ARM_DIAG_STABLE:
+                snap[f"GetDiagnostics[{exp_id}].arms[{arm.arm_id}].{name}"] = repr(getattr(arm, name))
+    return snap
+
+
+def wait_for_pulls(stub: pb_grpc.BanditdStub, exp_id: str, pulls: int) -> None:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        stats = stub.GetArmStats(pb.GetArmStatsRequest(experiment_id=exp_id), timeout=10)
+        if sum(a.pulls for a in stats.arms) >= pulls:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"decisions of {exp_id} not committed within 10 s")
+
+
+def _normalize(details: str) -> str:
+    d = re.sub(r"'[^']*'|\"[^\"]*\"", "'…'", details)
+    d = re.sub(r"\b[0-9a-f]{16,}\b", "<hex>", d)
+    d = re.sub(r"-?\d+(\.\d+)?(e[-+]?\d+)?", "N", d)
+    return d[:120]
+
+
+@dataclass
+class Failure:
+    kind: str  # status | hang | state changed
+    method: str
+    code: str
+    details: str
+    label: str
+    payload: bytes | list[bytes]
+    index: int
+    count: int = 1
+    extra: str = ""
+
+    def size(self) -> int:
+        return len(self.payload) if isinstance(self.payload, bytes) else sum(len(p) for p in self.payload)
+
+    def payload_hex(self, limit: int = 600) -> str:
+        if isinstance(self.payload, bytes):
+            h = self.payload.hex()
+            return h if len(h) <= limit else f"{h[:limit]}… ({len(self.payload)} bytes)"
+        shown = [p.hex() if len(p) <= limit // 2 else f"{p[:limit // 2].hex()}…({len(p)} bytes)" for p in self.payload[:8]]
+        more = f" … (+{len(self.payload) - 8} messages)" if len(self.payload) > 8 else ""
+        return "stream [" + ", ".join(shown) + "]" + more
+
+    def parsed(self) -> str:
+        req_type = REQUEST_TYPES[self.method]
+        payloads = [self.payload] if isinstance(self.payload, bytes) else self.payload[:4]
+        out = []
+        for p in payloads:
+            try:
+                text = text_format.MessageToString(req_type.FromString(p), as_one_line=True)
+                out.append(text if len(text) < 300 else text[:300] + "…")
+            except DecodeError as exc:
+                out.append(f"<does not parse: {exc}>")
+        return " | ".join(out)
+
+
+@dataclass
+class Report:
+    table: dict[str, Counter[str]] = field(default_factory=lambda: defaultdict(Counter))
+    failures: dict[tuple[str, str, str, str], Failure] = field(default_factory=dict)
+    state_checks: int = 0
+    seconds: Counter[str] = field(default_factory=Counter)  # generate | call | state checks
+    slowest: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+
+    def record(self, case: Case, out: Outcome) -> None:
+        self.table[case.method][out.code.name] += 1
+        self.slowest[case.method] = max(self.slowest[case.method], out.elapsed)
+
+    def fail(self, kind: str, case: Case, out: Outcome, index: int, extra: str = "") -> None:
+        key = (kind, case.method, out.code.name, _normalize(out.details))
+        new = Failure(kind, case.method, out.code.name, out.details, case.label, case.payload, index, extra=extra)
+        old = self.failures.get(key)
+        if old is None:
+            self.failures[key] = new
+        else:
+            old.count += 1
+            if new.size() < old.size():  # keep the smallest reproducer
+                new.count = old.count
+                self.failures[key] = new
+
+    def summary(self) -> str:
+        codes = sorted({c for counts in self.table.values() for c in counts}, key=lambda c: (c != "OK", c))
+        width = max(len(m) for m in METHODS)
+        short = {c: c.replace("INVALID_ARGUMENT", "INVALID_ARG").replace("FAILED_PRECONDITION", "FAILED_PRECOND")
+                 .replace("RESOURCE_EXHAUSTED", "RES_EXHAUSTED").replace("DEADLINE_EXCEEDED", "DEADLINE") for c in codes}
+        cols = [max(len(short[c]), 6) for c in codes]
+        lines = [f"{'method':<{width}}  {'calls':>6}  " + "  ".join(f"{short[c]:>{n}}" for c, n in zip(codes, cols, strict=True))
+                 + "  slowest"]
+        totals: Counter[str] = Counter()
+        for m in METHODS:
+            counts = self.table.get(m, Counter())
+            totals.update(counts)
+            lines.append(
+                f"{m:<{width}}  {sum(counts.values()):>6}  "
+                + "  ".join(f"{counts.get(c, 0):>{n}}" for c, n in zip(codes, cols, strict=True))
+                + f"  {self.slowest.get(m, 0.0):6.2f}s"
+            )
+        lines.append(
+            f"{'total':<{width}}  {sum(totals.values()):>6}  "
+            + "  ".join(f"{totals.get(c, 0):>{n}}" for c, n in zip(codes, cols, strict=True))
+        )
+        return "\n".join(lines)
+
+    def failure_text(self) -> str:
+        out = []
+        for i, f in enumerate(sorted(self.failures.values(), key=lambda f: (f.method, f.kind, f.code)), 1):
+            out.append(
+                f"[{i}] {f.kind}: {f.method} -> {f.code} ({f.count} calls, first at call #{f.index})\n"
+                f"    details: {f.details[:400]!r}\n"
+                f"    request ({f.label}): {f.payload_hex()}\n"
+                f"    parsed: {f.parsed()}"
+                + (f"\n    {f.extra}" if f.extra else "")
+            )
+        return "\n".join(out)
+
+
+def server_log_errors(log_path: Path, limit: int = 12) -> str:
+    """Distinct errors and tracebacks in the server's JSON log (the last line of each)."""
+    if not log_path.exists():
+        return "(no server log)"
+    seen: dict[str, str] = {}
+    for line in log_path.read_text(errors="replace").splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            if line.strip() and ("Error" in line or "Traceback" in line or "panicked" in line):
+                seen.setdefault(line.strip()[:200], line.strip()[:600])
+            continue
+        if not isinstance(entry, dict) or entry.get("level") not in ("error", "critical", "warning"):
+            continue
+        exc = str(entry.get("exc", ""))
+        last = exc.strip().splitlines()[-1] if exc.strip() else ""
+        key = f"{entry.get('msg')} | {_normalize(last)}"
+        if key not in seen:
+            tail = "\n      ".join(exc.strip().splitlines()[-8:])
+            seen[key] = f"{entry.get('level')}: {entry.get('logger')}: {str(entry.get('msg'))[:300]}" + (
+                f"\n      {tail}" if tail else ""
+            )
+    if not seen:
+        return "(no errors in the server log)"
+    items = list(seen.values())
+    more = f"\n  … and {len(items) - limit} more distinct entries" if len(items) > limit else ""
+    return "\n".join(f"  - {t}" for t in items[:limit]) + more
+
+
+# ---------------------------------------------------------------------------------------
+# The test.
+
+def _setup(stub: pb_grpc.BanditdStub) -> World:
+    def create(exp: pb.Experiment) -> None:
+        stub.CreateExperiment(pb.CreateExperimentRequest(experiment=exp), timeout=10)
+
+    create(pb.Experiment(
+        id=GUARD_BINARY, arms=[pb.Arm(id=a) for a in ("a", "b", "c")], policy=pb.Policy(name="thompson"),
+        reward_type=pb.BINARY, sticky=True,
+    ))
+    create(pb.Experiment(
+        id=GUARD_CONT, arms=[pb.Arm(id=a) for a in ("w", "x", "y", "z")], policy=pb.Policy(name="ucb1"),
+        reward_type=pb.CONTINUOUS,
+    ))
+    guarded_ids = []
+    for i in range(12):
+        d = stub.Decide(pb.DecideRequest(experiment_id=GUARD_BINARY, unit_id=f"g{i % 6}"), timeout=10)
+        guarded_ids.append(d.decision_id)
+        if i % 3 == 0:
+            stub.Reward(pb.RewardRequest(decision_id=d.decision_id, value=1.0), timeout=10)
+        elif i % 3 == 1:
+            stub.Reward(pb.RewardRequest(decision_id=d.decision_id, value=0.0), timeout=10)
+    for i in range(8):
+        d = stub.Decide(pb.DecideRequest(experiment_id=GUARD_CONT, unit_id=f"g{i}", k=2,
+                                         context={"segment": "s" + str(i % 2)}), timeout=10)
+        guarded_ids.append(d.decision_id)
+        stub.Reward(pb.RewardRequest(decision_id=d.decision_id, value=2.5 * i - 3, arm_id=d.arms[1].arm_id),
+                    timeout=10)
+
+    arms = {FZ_BIN: ["a0", "a1", "a2", "a3"], FZ_CONT: ["c0", "c1", "c2", "c3"], FZ_PLAIN: ["p0", "p1", "p2"]}
+    create(pb.Experiment(id=FZ_BIN, arms=[pb.Arm(id=a) for a in arms[FZ_BIN]], policy=pb.Policy(name="thompson"),
+                         reward_type=pb.BINARY, sticky=True))
+    create(pb.Experiment(id=FZ_CONT, arms=[pb.Arm(id=a) for a in arms[FZ_CONT]],
+                         policy=pb.Policy(name="epsilon_greedy", epsilon=0.2), reward_type=pb.CONTINUOUS))
+    create(pb.Experiment(id=FZ_PLAIN, arms=[pb.Arm(id=a, group="g") for a in arms[FZ_PLAIN]],
+                         policy=pb.Policy(name="uniform"), reward_type=pb.BINARY))
+    decisions = []
+    for exp_id in FZ_IDS:
+        for i in range(8):
+            k = 2 if exp_id == FZ_CONT else 1
+            d = stub.Decide(pb.DecideRequest(experiment_id=exp_id, unit_id=f"u{i}", k=k), timeout=10)
+            decisions.append((d.decision_id, exp_id, tuple(a.arm_id for a in d.arms)))
+    wait_for_pulls(stub, GUARD_BINARY, 12)
+    wait_for_pulls(stub, GUARD_CONT, 16)
+    for exp_id in FZ_IDS:
+        wait_for_pulls(stub, exp_id, 16 if exp_id == FZ_CONT else 8)
+    guarded_bytes = tuple(s.encode() for s in (*GUARDED, *guarded_ids))
+    return World(arms=arms, decisions=decisions, guarded_bytes=guarded_bytes)
+
+
+def test_wire_fuzz(tmp_path: Path) -> None:
+    print(f"\nwire fuzz: seed {FUZZ_SEED} (BANDITD_FUZZ_SEED), {FUZZ_SECONDS:g} s (BANDITD_FUZZ_SECONDS), "
+          f"at most {FUZZ_MAX_CALLS} calls (BANDITD_FUZZ_MAX_CALLS)")
+    srv = ServerProcess(tmp_path / "data")
+    srv.start()
+    assert srv.proc is not None
+    problems: list[str] = []
+    report = Report()
+    try:
+        channel = grpc.insecure_channel(srv.target)
+        stub = pb_grpc.BanditdStub(channel)
+        world = _setup(stub)
+        before = guarded_snapshot(stub)
+        time.sleep(0.3)
+        assert guarded_snapshot(stub) == before, "the guarded snapshot is not stable by itself"
+
+        rng = random.Random(FUZZ_SEED)
+        check_rng = random.Random(FUZZ_SEED + 1)  # state checks do not shift the request sequence
+        started = time.monotonic()
+        calls = 0
+        while calls < FUZZ_MAX_CALLS and time.monotonic() - started < FUZZ_SECONDS:
+            method = METHODS[calls % len(METHODS)] if calls < 4 * len(METHODS) else rng.choice(METHODS)
+            t0 = time.monotonic()
+            case = generate(method, rng, world)
+            checked = not case.may_write and check_rng.randrange(STATE_CHECK_ONE_IN) == 0
+            t1 = time.monotonic()
+            state_before = settled_fuzz_state(stub) if checked else None
+            t2 = time.monotonic()
+            out = call(channel, case)
+            report.seconds["generate"] += t1 - t0
+            report.seconds["state checks"] += t2 - t1
+            report.seconds["calls"] += out.elapsed
+            calls += 1
+            report.record(case, out)
+            if out.code not in ALLOWED:
+                report.fail("status", case, out, calls)
+            if out.elapsed >= HANG_S:
+                report.fail("hang", case, out, calls, extra=f"took {out.elapsed:.2f} s of a {CALL_DEADLINE_S} s deadline")
+            if state_before is not None and out.code not in MAY_HAVE_WRITTEN:
+                report.state_checks += 1
+                t3 = time.monotonic()
+                time.sleep(0.03)  # a decision record is written up to --decision-linger-ms behind
+                state_after = settled_fuzz_state(stub)
+                report.seconds["state checks"] += time.monotonic() - t3
+                if state_after != state_before:
+                    changed = [i for i, (a, b) in enumerate(zip(state_before, state_after, strict=True)) if a != b]
+                    names = ["ListExperiments", *(f"GetArmStats[{e}]" for e in FZ_IDS)]
+                    report.fail("state changed by a refused call", case, out, calls,
+                                extra="changed: " + ", ".join(names[i] for i in changed))
+            if srv.proc.poll() is not None:
+                problems.append(f"the server process died (exit code {srv.proc.returncode}) at call #{calls} "
+                                f"({case.method}, {case.label})")
+                report.fail("server died", case, out, calls)
+                break
+        elapsed = time.monotonic() - started
+        channel.close()
+
+        print(f"\n{calls} calls in {elapsed:.1f} s ({calls / max(elapsed, 1e-9):.0f}/s), seed {FUZZ_SEED}, "
+              f"{report.state_checks} refused calls checked for state changes; seconds spent: "
+              + ", ".join(f"{k} {v:.1f}" for k, v in report.seconds.items()))
+        print(report.summary())
+        missing = [m for m in METHODS if not report.table.get(m)]
+        if missing:
+            problems.append(f"methods never called: {missing}")
+
+        alive = srv.proc.poll() is None
+        if not alive:
+            problems.append(f"the server is not running after the fuzz run (exit code {srv.proc.returncode})")
+        else:
+            with grpc.insecure_channel(srv.target) as ch:
+                try:
+                    health = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+                    if health.status != health_pb2.HealthCheckResponse.SERVING:
+                        problems.append(f"health after the run: {health_pb2.HealthCheckResponse.ServingStatus.Name(health.status)}")
+                except grpc.RpcError as err:
+                    problems.append(f"health check after the run failed: {err.code().name}: {err.details()}")
+                try:
+                    after = guarded_snapshot(pb_grpc.BanditdStub(ch))
+                    diff = [f"{k}: {before.get(k)!r} -> {after.get(k)!r}" for k in sorted(before.keys() | after.keys())
+                            if before.get(k) != after.get(k)]
+                    if diff:
+                        problems.append("the guarded experiments changed during the fuzz run:\n  " + "\n  ".join(diff[:20]))
+                except grpc.RpcError as err:
+                    problems.append(f"reading the guarded experiments after the run failed: {err.code().name}: {err.details()}")
+
+            srv.proc.send_signal(signal.SIGTERM)
+            t0 = time.monotonic()
+            try:
+                code = srv.proc.wait(timeout=SIGTERM_EXIT_S)
+                print(f"SIGTERM: exited with {code} after {time.monotonic() - t0:.2f} s")
+            except Exception:  # noqa: BLE001 - subprocess.TimeoutExpired
+                problems.append(f"the server did not exit within {SIGTERM_EXIT_S:g} s of SIGTERM")
+
+        if report.failures:
+            text = report.failure_text()
+            print(f"\n{len(report.failures)} distinct failures:\n{text}")
+            problems.append(f"{len(report.failures)} distinct failures (seed {FUZZ_SEED}):\n{text}")
+            if FUZZ_ARTIFACTS:
+                path = Path(FUZZ_ARTIFACTS) / f"wire-fuzz-{FUZZ_SEED}.json"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(json.dumps([
+                    {"kind": f.kind, "method": f.method, "code": f.code, "details": f.details, "label": f.label,
+                     "count": f.count, "index": f.index,
+                     "payload_hex": f.payload.hex() if isinstance(f.payload, bytes) else [p.hex() for p in f.payload]}
+                    for f in report.failures.values()
+                ], indent=1))
+                print(f"failures with full payloads: {path}")
+        if problems:
+            log_text = server_log_errors(srv.log_path)
+            print(f"\nserver log ({srv.log_path}):\n{log_text}")
+            problems.append(f"server log ({srv.log_path}):\n{log_text}")
+    finally:
+        srv.kill()
+    assert not problems, "\n\n".join(problems)

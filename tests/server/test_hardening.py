@@ -100,7 +100,10 @@ def test_3_and_6_bad_items_in_a_stream_are_rejected_one_by_one(server: ServerPro
     assert counts.rejected == 2, counts
     assert {r.index: r.code for r in counts.rejections} == {1: "INVALID_ARGUMENT", 2: "INVALID_ARGUMENT"}
     with grpc.insecure_channel(server.target) as ch:
-        messages = [pb.RewardRequest(decision_id=i["decision_id"], value=1.0, event_id=i.get("event_id", "")) for i in items]
+        messages = [
+            pb.RewardRequest(decision_id=str(i["decision_id"]), value=1.0, event_id=str(i.get("event_id", "")))
+            for i in items
+        ]
         answer = pb_grpc.BanditdStub(ch).RewardStream(iter(messages), timeout=10)
     assert (answer.accepted, answer.duplicate, answer.rejected) == (0, 2, 2)
     # The good ones were counted once (the second stream's were duplicates) and applied.

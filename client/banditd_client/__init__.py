@@ -14,7 +14,9 @@ from banditd_client.errors import (
     InvalidArgument,
     NotFound,
     OutsideAttributionWindow,
+    PermissionDenied,
     ResourceExhausted,
+    Unauthenticated,
     Unavailable,
 )
 from banditd_client.types import (
@@ -51,7 +53,9 @@ __all__ = [
     "InvalidArgument",
     "NotFound",
     "OutsideAttributionWindow",
+    "PermissionDenied",
     "ResourceExhausted",
     "RewardCounts",
+    "Unauthenticated",
     "Unavailable",
 ]

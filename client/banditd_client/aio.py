@@ -9,6 +9,7 @@ import grpc
 import grpc.aio
 
 from banditd_client import _convert as conv
+from banditd_client._channel import Pem, connect
 from banditd_client.client import DEFAULT_TIMEOUT, STREAM_TIMEOUT
 from banditd_client.errors import from_rpc_error
 from banditd_client.types import ArmStat, Decision, Diagnostics, ExperimentInfo, RewardCounts
@@ -19,7 +20,10 @@ T = TypeVar("T")
 
 
 class AsyncClient:
-    """`async with AsyncClient("localhost:50051") as c: d = await c.decide(...)`"""
+    """`async with AsyncClient("localhost:50051") as c: d = await c.decide(...)`
+
+    Same options as Client: `api_key` (default: $BANDITD_API_KEY), `tls`,
+    `root_certificates`, `client_cert`, `client_key`."""
 
     def __init__(
         self,
@@ -27,8 +31,16 @@ class AsyncClient:
         *,
         timeout: float = DEFAULT_TIMEOUT,
         channel: grpc.aio.Channel | None = None,
+        api_key: str | None = None,
+        tls: bool = False,
+        root_certificates: Pem | None = None,
+        client_cert: Pem | None = None,
+        client_key: Pem | None = None,
     ) -> None:
-        self._channel = channel or grpc.aio.insecure_channel(target)
+        self._channel, self._metadata = connect(
+            grpc.aio, target, channel, api_key=api_key, tls=tls, root_certificates=root_certificates,
+            client_cert=client_cert, client_key=client_key,
+        )
         self._stub = pb_grpc.BanditdStub(self._channel)
         self.timeout = timeout
 
@@ -43,7 +55,7 @@ class AsyncClient:
 
     async def _call(self, method: Callable[..., Awaitable[T]], request: Any, timeout: float | None) -> T:
         try:
-            return await method(request, timeout=timeout or self.timeout)
+            return await method(request, timeout=timeout or self.timeout, metadata=self._metadata)
         except grpc.RpcError as err:
             raise from_rpc_error(err) from None
 

@@ -8,6 +8,7 @@ from typing import Any, TypeVar
 import grpc
 
 from banditd_client import _convert as conv
+from banditd_client._channel import Pem, connect
 from banditd_client.errors import from_rpc_error
 from banditd_client.types import ArmStat, Decision, Diagnostics, ExperimentInfo, RewardCounts
 from banditd_client.v1 import banditd_pb2 as pb
@@ -25,6 +26,10 @@ class Client:
     >>> c = Client("localhost:50051")
     >>> d = c.decide("subject-lines", unit_id="u-17")
     >>> c.reward(d.decision_id, 1.0)
+
+    `api_key` (default: $BANDITD_API_KEY) is sent with every call. TLS: `tls=True` verifies
+    the server with the system's roots, `root_certificates` (PEM bytes or a file path) with
+    those; `client_cert` and `client_key` (PEM bytes or paths) add a client certificate (mTLS).
     """
 
     def __init__(
@@ -33,8 +38,16 @@ class Client:
         *,
         timeout: float = DEFAULT_TIMEOUT,
         channel: grpc.Channel | None = None,
+        api_key: str | None = None,
+        tls: bool = False,
+        root_certificates: Pem | None = None,
+        client_cert: Pem | None = None,
+        client_key: Pem | None = None,
     ) -> None:
-        self._channel = channel or grpc.insecure_channel(target)
+        self._channel, self._metadata = connect(
+            grpc, target, channel, api_key=api_key, tls=tls, root_certificates=root_certificates,
+            client_cert=client_cert, client_key=client_key,
+        )
         self._stub = pb_grpc.BanditdStub(self._channel)
         self.timeout = timeout
 
@@ -49,7 +62,7 @@ class Client:
 
     def _call(self, method: Callable[..., T], request: Any, timeout: float | None) -> T:
         try:
-            return method(request, timeout=timeout or self.timeout)
+            return method(request, timeout=timeout or self.timeout, metadata=self._metadata)
         except grpc.RpcError as err:
             raise from_rpc_error(err) from None
 

@@ -78,6 +78,18 @@ class Internal(BanditdError):
     code = grpc.StatusCode.INTERNAL
 
 
+class Unauthenticated(BanditdError):
+    """No API key, or a wrong, expired or revoked one."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDenied(BanditdError):
+    """The API key lacks the scope the call needs, or the experiment is outside its prefix."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
 def _all_subclasses(cls: type[BanditdError]) -> list[type[BanditdError]]:
     out = [cls]
     for sub in cls.__subclasses__():

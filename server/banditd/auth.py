@@ -209,13 +209,14 @@ class KeyRing:
         with self._lock:
             if not force and now < self._next_check:
                 return
+            started = time.monotonic()  # before the read: what it sees is at least this new
             try:
                 version = self.store.api_keys_version()
                 if version != self._version:
                     self._load(version)
             except Exception:  # keep the keys we have; the next check retries
                 log.exception("reading API keys failed; keeping the previous ones")
-            self._next_check = time.monotonic() + self.interval
+            self._next_check = started + self.interval
 
     def _load(self, version: int) -> None:
         records = self.store.api_keys()  # read after the counter: at least that new

@@ -337,3 +337,29 @@ def test_cli_refusals(tmp_path: Path) -> None:
         assert cli.main(["keys", "revoke", "abcd", "--data-dir", str(data)]) == 1
     assert "no key 'abcd'" in err.getvalue()
     assert os.path.exists(data / "data.mdb")
+
+
+def test_every_rpc_has_a_scope() -> None:
+    """A new RPC must be classified here (until then it needs admin)."""
+    assert set(METHOD_SCOPES) == {m.name for m in pb.DESCRIPTOR.services_by_name["Banditd"].methods}
+
+
+def test_a_read_only_store_without_the_keys_database_has_no_keys(tmp_path: Path) -> None:
+    import lmdb
+
+    from banditd.auth import KeyRing, new_key
+
+    path = tmp_path / "store"
+    Store(path).close()
+    env = lmdb.open(str(path), max_dbs=16)
+    with env.begin(write=True) as txn:
+        txn.drop(env.open_db(b"keys", txn=txn), delete=True)
+    env.close()
+    store = Store.open_readonly(path)
+    try:
+        assert store.keys is None and store.api_keys() == {}
+        assert KeyRing(store).enabled is False
+        with pytest.raises(PermissionError):
+            store.add_api_key(new_key(["read"])[1])
+    finally:
+        store.close()

@@ -77,7 +77,8 @@ def map_errors(method: F) -> F:
             return method(self, request, context)
         except Exception as exc:  # noqa: BLE001 - every failure must become a status
             if not context.is_active():
-                return None  # cancelled (idle stream, client gone): nobody gets an answer
+                # Cancelled (an idle stream, a client gone): nobody waits for an answer.
+                context.abort(grpc.StatusCode.CANCELLED, "the call was cancelled")
             _abort(context, exc)
 
     return wrapper  # type: ignore[return-value]

@@ -39,7 +39,10 @@ create_exception!(
 
 impl From<RsError> for PyErr {
     fn from(e: RsError) -> PyErr {
-        CoreError::new_err(e.to_string())
+        match e {
+            RsError::Invalid(m) => CoreError::new_err(m),
+            RsError::Internal(m) => PyRuntimeError::new_err(m),
+        }
     }
 }
 
@@ -132,7 +135,7 @@ impl PyBandit {
         f: impl FnOnce(&mut State) -> Result<T, RsError> + Send,
     ) -> PyResult<T> {
         let out = py.detach(|| match self.state.lock() {
-            Ok(mut guard) => Ok(f(&mut guard)),
+            Ok(mut guard) => Ok(guarded(&mut guard, f)),
             Err(_) => Err(()),
         });
         match out {
@@ -152,7 +155,7 @@ impl PyBandit {
     ) -> PyResult<T> {
         if quick {
             match self.state.try_lock() {
-                Ok(mut guard) => return Ok(f(&mut guard)?),
+                Ok(mut guard) => return Ok(guarded(&mut guard, f)?),
                 Err(std::sync::TryLockError::Poisoned(_)) => return Err(poisoned()),
                 Err(std::sync::TryLockError::WouldBlock) => {}
             }
@@ -186,6 +189,25 @@ impl PyBandit {
     /// Arms below which a decision is quick enough to keep the GIL.
     fn quick_choice(&self) -> bool {
         self.arms_hint.load(std::sync::atomic::Ordering::Relaxed) < QUICK_ARMS
+    }
+}
+
+/// Runs `f` on the state, turning a panic (a bug) into an error before it can cross the FFI
+/// boundary or poison the lock: the experiment keeps serving and the caller gets the cause.
+fn guarded<T>(
+    state: &mut State,
+    f: impl FnOnce(&mut State) -> Result<T, RsError>,
+) -> Result<T, RsError> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(state))) {
+        Ok(result) => result,
+        Err(payload) => {
+            let msg = payload
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".to_string());
+            Err(RsError::internal(format!("decision core failed: {msg}")))
+        }
     }
 }
 

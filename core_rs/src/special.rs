@@ -106,12 +106,22 @@ fn ln_lower_tail(x: f64, a: f64, b: f64) -> f64 {
 /// rounding: safeguarded Newton in ln x on ln CDF (which is close to linear there), with a
 /// bisection bracket so it always converges.
 fn lower_quantile(q: f64, a: f64, b: f64) -> f64 {
+    // Degenerate shapes (0, subnormal products, NaN) have no interior quantile; answer at
+    // the edge instead of iterating on NaN (never panic).
+    if !(a > 0.0 && b > 0.0 && a.is_finite() && b.is_finite() && q.is_finite()) {
+        return if b > 0.0 { 0.0 } else { 1.0 };
+    }
     let target = q.ln();
     let (mut lo, mut hi) = (0.0f64, 1.0f64);
     let mean = a / (a + b);
     let sd = (a * b / ((a + b).powi(2) * (a + b + 1.0))).sqrt();
     let z = (-2.0 * q.ln()).sqrt();
-    let mut x = (mean - z * sd).clamp(mean * 1e-3, mean).max(1e-300);
+    let start = mean - z * sd;
+    let mut x = if start.is_finite() && mean > 0.0 {
+        start.max(mean * 1e-3).min(mean).max(1e-300)
+    } else {
+        0.5
+    };
     for _ in 0..100 {
         let g = ln_lower_tail(x, a, b) - target;
         if g.abs() < 1e-12 {
@@ -172,6 +182,23 @@ pub fn beta_upper_bound(tail: f64, a: f64, b: f64) -> f64 {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn degenerate_shapes_give_an_edge_not_a_panic() {
+        for (a, b) in [
+            (0.0, 0.0),
+            (f64::NAN, 1.0),
+            (1.0, 0.0),
+            (5e-324, 5e-324),
+            (f64::INFINITY, 1.0),
+        ] {
+            let q = beta_quantile(0.025, a, b);
+            assert!((0.0..=1.0).contains(&q), "a={a} b={b} gave {q}");
+            let u = beta_upper_bound(1e-9, a, b);
+            assert!(!u.is_nan(), "a={a} b={b} gave {u}");
+        }
+    }
+
     use super::*;
 
     #[test]

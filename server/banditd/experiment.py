@@ -18,7 +18,7 @@ from banditd.diagnostics import LearningMonitor
 from banditd.errors import InvalidArgument
 from banditd.outcomes import OutcomeRule
 from banditd.store import ArmRow, PolicyState
-from banditd.validation import MAX_ARMS, MAX_WINDOW_SECONDS, check_id, check_prior
+from banditd.validation import MAX_ARMS, MAX_WINDOW_SECONDS, check_id, check_params, check_prior
 from banditd_client._convert import POLICY_PARAMS
 
 POLICIES = ("thompson", "ucb1", "kl_ucb", "epsilon_greedy", "softmax", "greedy", "uniform")
@@ -103,9 +103,7 @@ class ExperimentSpec:
                 f"attribution window must be between 0 and {MAX_WINDOW_SECONDS} seconds (366 days), "
                 f"got {self.window_seconds}"
             )
-        for name, value in self.params.items():
-            if not math.isfinite(value):
-                raise InvalidArgument(f"policy parameter {name} must be a finite number, got {value}")
+        check_params(self.params)
         rule = self.rule  # validates
         if self.window_seconds and rule.min_age_s > self.window_seconds:
             raise InvalidArgument(
@@ -185,11 +183,13 @@ class ExperimentRuntime:
         """Brings the runtime in line with an updated definition (arms added or retired)."""
         with self.lock:
             known = len(self.arm_ids)
+            was_active = [a.active for a in self.spec.arms]
             self.spec = new
             self._add_arms(new.arms[known:])
-            for arm in new.arms[:known]:
-                self.bandit.set_active(self.index[arm.id], arm.active)
-            self._sync_groups()
+            # Only arms whose state changed: with groups each change re-pools every arm.
+            for i, arm in enumerate(new.arms[:known]):
+                if i >= len(was_active) or arm.active != was_active[i]:
+                    self.bandit.set_active(self.index[arm.id], arm.active)
 
     def apply_state(self, policy: PolicyState, rows: dict[str, ArmRow], counter: int, full: bool) -> None:
         """Makes the posterior equal to stored statistics: the policy counters and the given

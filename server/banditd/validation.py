@@ -31,6 +31,18 @@ MAX_CONTEXT_KEY_BYTES = 128
 MAX_CONTEXT_VALUE_BYTES = 1024
 MAX_ABS_REWARD = 1e12  # continuous rewards and default rewards
 MAX_PRIOR = 1e9  # Beta shapes, prior strength; |prior mean| <= MAX_ABS_REWARD
+MIN_PRIOR = 1e-6  # smaller shapes underflow to Beta(0, 0) in products (no posterior)
+# Policy parameters: (low, high) when set (0 = the default); the core checks the policy's own rules.
+PARAM_RANGES = {
+    "exploitation": (1e-3, 1e4),
+    "epsilon": (0.0, 1.0),
+    "epsilon_decay": (0.0, 1e12),
+    "temperature": (1e-6, 1e6),
+    "ucb_c": (0.0, 1e6),
+    "half_life": (1.0, 1e12),  # in observations: below 1 every weight over- or underflows
+    "group_prior_strength": (1e-3, 1e9),
+    "prune_epsilon": (1e-300, 0.5),
+}
 MAX_REWARDS_PER_MESSAGE = 10_000  # one RewardBatch
 MAX_WINDOW_SECONDS = 366 * 24 * 3600
 
@@ -77,6 +89,15 @@ def check_context(context: Mapping[str, str] | None) -> None:
             raise InvalidArgument(f"context value of {key!r} is longer than {MAX_CONTEXT_VALUE_BYTES} bytes")
 
 
+def check_params(params: Mapping[str, float]) -> None:
+    for name, value in params.items():
+        if not math.isfinite(value):
+            raise InvalidArgument(f"policy parameter {name} must be a finite number, got {value}")
+        low, high = PARAM_RANGES.get(name, (-math.inf, math.inf))
+        if value and not low <= value <= high:
+            raise InvalidArgument(f"policy parameter {name}={value:g} is outside [{low:g}, {high:g}] (0 = default)")
+
+
 def check_prior(prior: tuple[float, float] | None, binary: bool, what: str) -> None:
     if prior is None:
         return
@@ -84,11 +105,12 @@ def check_prior(prior: tuple[float, float] | None, binary: bool, what: str) -> N
     if not (math.isfinite(a) and math.isfinite(b)):
         raise InvalidArgument(f"{what} ({a}, {b}) must be finite numbers")
     if binary:
-        if not (0.0 < a <= MAX_PRIOR and 0.0 < b <= MAX_PRIOR):
+        if not (MIN_PRIOR <= a <= MAX_PRIOR and MIN_PRIOR <= b <= MAX_PRIOR):
             raise InvalidArgument(
-                f"{what}: a Beta prior needs alpha > 0 and beta > 0 (at most {MAX_PRIOR:g}), got alpha={a}, beta={b}"
+                f"{what}: a Beta prior needs alpha > 0 and beta > 0 (in [{MIN_PRIOR:g}, {MAX_PRIOR:g}]), "
+                f"got alpha={a}, beta={b}"
             )
-    elif not (abs(a) <= MAX_ABS_REWARD and 0.0 < b <= MAX_PRIOR):
+    elif not (abs(a) <= MAX_ABS_REWARD and MIN_PRIOR <= b <= MAX_PRIOR):
         raise InvalidArgument(
             f"{what}: a continuous prior needs |mean| <= 1e12 and 0 < strength <= {MAX_PRIOR:g}, "
             f"got mean={a}, strength={b}"

@@ -1,45 +1,57 @@
 """Bounded wire fuzzer (issue 16): every RPC of banditd.v1.Banditd gets mutated request bytes.
 
 A live server (conftest.ServerProcess) gets two *guarded* experiments (binary + sticky,
-continuous + slates) with decisions and rewards, and three *fuzz* experiments. Their
+continuous + slates) with decisions and rewards, and three *fuzz* experiments. The guarded
 state is snapshotted (ListExperiments, GetArmStats, the stable GetDiagnostics counters).
-Then, for FUZZ_SECONDS (and at most FUZZ_MAX_CALLS calls), raw request bytes are sent
-with identity serializers to "/banditd.v1.Banditd/<Method>": valid requests, valid requests
-with hostile field values (empty / 256+ byte / emoji / NUL / invalid UTF-8 ids, NaN, inf,
-+-1e308, huge k, unknown enum numbers, 10,000-entry contexts, ...), and byte- and
-field-level mutations of valid requests (flips, truncation, insertions, duplicated fields,
-huge and overlong varints, wrong wire types, bad lengths, unknown fields). The two
-client-streaming methods get streams mixing good and garbage messages. Mutations never
-carry the guarded ids (a payload that does is regenerated).
+Then, for FUZZ_SECONDS (and at most FUZZ_MAX_CALLS calls), raw request bytes are sent with
+identity serializers to "/banditd.v1.Banditd/<Method>":
 
-Checked for every call: the status is never INTERNAL or UNKNOWN (nor anything outside the
-allowed set) and the call returns before its 5 s deadline. For a sample of refused unary
-calls: ListExperiments and GetArmStats of the fuzz experiments are unchanged by the call.
-At the end: the process is alive and SERVING (gRPC health), the guarded experiments'
-snapshot is unchanged, and SIGTERM makes the server exit within 15 s.
+1. an edge sweep (deterministic, at most EDGE_SHARE of the budget): each policy parameter,
+   prior and outcome setting at the edges of the contract (5e-324 ... 1e308) on a fresh
+   experiment with grouped arms, read before and after a decision and a reward; then a
+   20,001-arm experiment that is updated;
+2. random requests: valid ones, valid ones with hostile values (empty / 256+ byte / emoji /
+   NUL / invalid UTF-8 ids, NaN, inf, +-1e308, huge k, unknown enum numbers, 10,000-entry
+   contexts, ...), and byte- and field-level mutations (flips, truncation, insertions,
+   duplicated fields, huge and overlong varints, wrong wire types, bad lengths, unknown
+   fields); the client-streaming methods get streams mixing good and garbage messages.
+   Requests aim at the fuzz experiments and at what earlier fuzzed calls created;
+3. for the last CONCURRENT_SHARE of the budget, the same in bursts of CONCURRENT calls.
 
-Bounded for CI: BANDITD_FUZZ_SECONDS (default 60), BANDITD_FUZZ_MAX_CALLS. Replay a run
-with its printed seed: BANDITD_FUZZ_SEED=<seed> pytest tests/fuzz -s (the request sequence
-depends only on the seed; the server's answers, e.g. decision ids, do not steer it).
+Requests never carry the guarded ids (a payload that does is regenerated).
+
+Checked for every call: the status is never INTERNAL or UNKNOWN (nor outside the allowed set),
+the call returns before its 5 s deadline, and the server logs no error meanwhile (handler
+tracebacks, failed writer batches, Rust panics). For a sample of refused unary calls:
+ListExperiments and the fuzz experiments' GetArmStats are unchanged by the call. At the end:
+the process is alive and SERVING (gRPC health), the guarded snapshot is unchanged, and SIGTERM
+(with a silent client stream open) makes the server exit within 15 s without logging errors.
+
+Bounded for CI: BANDITD_FUZZ_SECONDS (default 60; setup and shutdown add ~10 s),
+BANDITD_FUZZ_MAX_CALLS. Replay with the printed seed: BANDITD_FUZZ_SEED=<seed> pytest
+tests/fuzz -s. The requests depend on the seed and on which earlier calls succeeded (ids
+learned from answers); BANDITD_FUZZ_ARTIFACTS=<dir> writes the failures' full payloads (hex).
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 import re
 import signal
 import struct
+import subprocess
+import threading
 import time
-from collections import Counter, defaultdict
-from collections.abc import Callable
+from collections import Counter, defaultdict, deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import grpc
+import pytest
 from google.protobuf import text_format
 from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -59,8 +71,15 @@ FUZZ_ARTIFACTS = os.environ.get("BANDITD_FUZZ_ARTIFACTS", "")
 CALL_DEADLINE_S = 5.0
 # A call that took this long ran into its deadline: the server hung on it.
 HANG_S = CALL_DEADLINE_S - 0.25
-# About one call in this many gets a before/after state check (when it is refused).
-STATE_CHECK_ONE_IN = 25
+# About one call in this many gets a before/after state check (when it is refused), while
+# the checks take at most this share of the time.
+STATE_CHECK_ONE_IN = 20
+STATE_CHECK_SHARE = 0.2
+# The edge sweep runs first, for at most this share of the budget.
+EDGE_SHARE = 0.4
+# The last share of the budget sends bursts of this many calls at once (races; no state checks).
+CONCURRENT_SHARE = 0.2
+CONCURRENT = 8
 SIGTERM_EXIT_S = 15.0
 
 SERVICE = pb.DESCRIPTOR.services_by_name["Banditd"]
@@ -100,6 +119,12 @@ ARM_DIAG_STABLE = (
 
 NAN, INF = float("nan"), float("inf")
 HOSTILE_FLOATS = (NAN, INF, -INF, 1e308, -1e308, 1.7976931348623157e308, 5e-324, -0.0, -1.0, 2.0, 1e-300, 1e30)
+# Finite values at the edges of what the contract allows (and a bit beyond).
+EXTREME_FINITE = (5e-324, 1e-300, 1e-12, 1e-3, 0.999999, 1.0, 1e6, 1e9, 1e9 + 1, 1e12, 1e15, 1e300, 1e308)
+EXTREME_REWARDS = {
+    True: (0.0, 1.0, 5e-324, 1.0 - 1e-16, -0.0, 0.5),
+    False: (1e12, -1e12, 1e12 - 1, 5e-324, -0.0, 999_999_999_999.9999, 1e-300, 1e11),
+}
 HOSTILE_INTS = (0, 1, 2, 3, 4, 7, 100, 2**31 - 1, 2**31, 2**32 - 1, 2**32, 2**63 - 1, 2**63, 2**64 - 1)
 HOSTILE_STRS = (
     "", " ", "\x00", "fz-bin\x00", "\x00fz-bin", "a" * 256, "a" * 257, "b" * 5000,
@@ -142,8 +167,12 @@ def f_bytes(field_no: int, data: bytes) -> bytes:
     return tag(field_no, 2) + varint(len(data)) + data
 
 
-def f_double(field_no: int, x: float) -> bytes:
-    return tag(field_no, 1) + struct.pack("<d", x)
+def f_fixed64(field_no: int, bits: int) -> bytes:
+    """A double field by its bit pattern (signalling NaN, NaN with payload, -NaN)."""
+    return tag(field_no, 1) + struct.pack("<Q", bits)
+
+
+ODD_DOUBLES = (0x7FF0000000000001, 0xFFF8000000000000, 0x7FF8DEADBEEF0001, 0x0000000000000001, 0x8000000000000000)
 
 
 def read_varint(data: bytes, pos: int) -> tuple[int, int]:
@@ -356,17 +385,43 @@ def mutate(rng: random.Random, d: bytes) -> tuple[bytes, str]:
 
 
 # ---------------------------------------------------------------------------------------
-# Requests: valid ones and ones with hostile values.
+# Requests: valid ones, ones with hostile values, and extreme but valid ones.
+
+Decision = tuple[str, str, tuple[str, ...]]  # decision id, experiment, arms
+
 
 @dataclass
 class World:
-    """What the fuzzer knows of the server: fixed at setup, so the sequence of generated
-    requests depends only on the seed."""
+    """What the fuzzer knows of the server: the fuzz experiments and decisions made at setup,
+    plus the experiments and decisions that fuzzed calls created (learned from OK answers)."""
 
-    arms: dict[str, list[str]]  # fuzz experiment -> arm ids
-    decisions: list[tuple[str, str, tuple[str, ...]]]  # (decision id, experiment, arms)
+    arms: dict[str, list[str]]  # experiment -> arm ids
+    binary: dict[str, bool]  # experiment -> binary rewards
+    decisions: list[Decision]  # made at setup
     guarded_bytes: tuple[bytes, ...]
-    created: int = 0
+    contexts: list[dict[str, str]]  # 10,000-entry contexts (built once: they are slow to build)
+    created: list[str] = field(default_factory=list)  # experiments created by fuzzed calls
+    live: deque[Decision] = field(default_factory=lambda: deque(maxlen=500))  # decisions of fuzzed calls
+    counter: int = 0
+
+    def learn(self, case: Case, response: bytes | None) -> None:
+        """Remembers what an OK answer created, so later requests can aim at it."""
+        if response is None or not isinstance(case.payload, bytes):
+            return
+        try:
+            if case.method in ("CreateExperiment", "UpdateExperiment"):
+                exp = pb.Experiment.FromString(response)
+                if exp.id and exp.id not in self.arms:
+                    self.created.append(exp.id)
+                self.arms[exp.id] = [a.id for a in exp.arms]
+                self.binary[exp.id] = exp.reward_type != pb.CONTINUOUS
+            elif case.method == "Decide":
+                d = pb.DecideResponse.FromString(response)
+                exp_id = pb.DecideRequest.FromString(case.payload).experiment_id
+                if d.decision_id:
+                    self.live.append((d.decision_id, exp_id, tuple(a.arm_id for a in d.arms)))
+        except DecodeError:
+            pass
 
 
 def hostile_str(rng: random.Random) -> str:
@@ -386,18 +441,34 @@ def big_context(rng: random.Random, n: int = 10_000) -> dict[str, str]:
     return ctx
 
 
-def some_exp_id(rng: random.Random) -> str:
-    return rng.choice((*FZ_IDS, *FZ_IDS, "fz-missing", f"fz-new-{rng.randrange(40)}"))
+def target(rng: random.Random, w: World) -> str:
+    """An experiment to aim at: a fuzz one, one a fuzzed call created, or a missing one."""
+    r = rng.random()
+    if r < 0.55 or not w.created:
+        return rng.choice(FZ_IDS)
+    if r < 0.93:
+        return rng.choice(w.created[-200:])
+    return rng.choice(("fz-missing", f"fz-new-{rng.randrange(w.counter + 1)}"))
+
+
+def pick_decision(rng: random.Random, w: World) -> Decision:
+    if w.live and rng.random() < 0.5:
+        return rng.choice(w.live)
+    return rng.choice(w.decisions)
+
+
+def new_id(w: World) -> str:
+    w.counter += 1
+    return f"fz-new-{w.counter}"
 
 
 def valid_experiment(rng: random.Random, w: World) -> pb.Experiment:
-    w.created += 1
     reward_type = rng.choice((pb.BINARY, pb.CONTINUOUS, pb.REWARD_TYPE_UNSPECIFIED))
     binary = reward_type != pb.CONTINUOUS
     policy = rng.choice([p for p in POLICIES if binary or p != "kl_ucb"])
     arms = [pb.Arm(id=f"a{i}", group=rng.choice(("", "", "g1", "g2"))) for i in range(rng.randint(1, 5))]
     return pb.Experiment(
-        id=f"fz-new-{w.created}",
+        id=new_id(w),
         arms=arms,
         policy=pb.Policy(name=policy),
         reward_type=reward_type,
@@ -406,40 +477,86 @@ def valid_experiment(rng: random.Random, w: World) -> pb.Experiment:
     )
 
 
+def extreme_experiment(rng: random.Random, w: World) -> pb.Experiment:
+    """Valid by the contract, at its edges: tiny and huge finite parameters and priors, short
+    windows with maturation delays, explicit outcomes, groups, many arms."""
+    exp = valid_experiment(rng, w)
+    binary = exp.reward_type != pb.CONTINUOUS
+    for _ in range(rng.randint(1, 4)):
+        t = rng.randrange(8)
+        if t == 0:
+            param = rng.choice(pb.Policy.DESCRIPTOR.fields[1:])
+            setattr(exp.policy, param.name, rng.choice(EXTREME_FINITE))
+        elif t == 1:
+            a, b = rng.choice(EXTREME_FINITE), rng.choice(EXTREME_FINITE)
+            exp.prior.alpha, exp.prior.beta, exp.prior.mean, exp.prior.strength = a, b, a, b
+        elif t == 2:
+            for arm in exp.arms:
+                a, b = rng.choice(EXTREME_FINITE), rng.choice(EXTREME_FINITE)
+                arm.prior.alpha, arm.prior.beta, arm.prior.mean, arm.prior.strength = a, b, -a, b
+        elif t == 3:
+            exp.outcomes.default_reward = rng.choice(EXTREME_REWARDS[binary])
+            exp.outcomes.mode = rng.choice((pb.DECISION, pb.EXPLICIT))
+            exp.outcomes.aggregation = rng.choice((pb.MAX, pb.FIRST, pb.LAST) + (() if binary else (pb.SUM,)))
+        elif t == 4:
+            exp.attribution_window_seconds = rng.choice((1, 2, 366 * 24 * 3600))
+            exp.outcomes.min_age_seconds = rng.choice((0.0, 5e-324, 0.001, 0.5, 1.0))
+        elif t == 5:
+            for i, arm in enumerate(exp.arms):
+                arm.group = ("g" + "\U0001f600" * 31)[: 1 + i % 2] if rng.random() < 0.5 else "x" * 128
+        elif t == 6:
+            n = rng.choice((64, 300, 1001, 2048))
+            exp.arms.extend(pb.Arm(id=f"m{i}", group=f"g{i % 3}") for i in range(n))
+        else:
+            exp.id = rng.choice(("\U0001f600" * 32, "x" * 128, "\u00e9" * 64, "a/b\\c:d*e?f", "%00", ".", "..", " "))
+            exp.id += str(w.counter)
+            exp.id = exp.id.encode()[:128].decode("utf-8", "ignore")
+    return exp
+
+
+def reward_value(rng: random.Random, w: World, exp_id: str) -> float:
+    if rng.random() < 0.3:
+        return rng.choice(EXTREME_REWARDS[w.binary.get(exp_id, True)])
+    return rng.choice((0.0, 1.0, 0.5)) if w.binary.get(exp_id, True) else rng.uniform(-10, 10)
+
+
 def valid_reward(rng: random.Random, w: World) -> pb.RewardRequest:
-    decision_id, exp_id, arms = rng.choice(w.decisions)
-    value = rng.choice((0.0, 1.0, 0.5)) if exp_id != FZ_CONT else rng.uniform(-10, 10)
+    decision_id, exp_id, arms = pick_decision(rng, w)
     return pb.RewardRequest(
         decision_id=decision_id,
-        value=value,
-        event_id=rng.choice(("", f"ev-{rng.randrange(10**9)}")),
+        value=reward_value(rng, w, exp_id),
+        event_id=rng.choice(("", f"ev-{rng.randrange(10**9)}", "same-event", "\U0001f600" * 64)),
         arm_id=rng.choice(("", *arms)),
     )
 
 
 def valid_request(method: str, rng: random.Random, w: World) -> bytes:
     if method == "CreateExperiment":
-        return ser(pb.CreateExperimentRequest(experiment=valid_experiment(rng, w)))
+        exp = valid_experiment(rng, w) if rng.random() < 0.5 else extreme_experiment(rng, w)
+        return ser(pb.CreateExperimentRequest(experiment=exp))
     if method == "GetExperiment":
-        return ser(pb.GetExperimentRequest(experiment_id=some_exp_id(rng)))
+        return ser(pb.GetExperimentRequest(experiment_id=target(rng, w)))
     if method == "ListExperiments":
         return b""
     if method == "UpdateExperiment":
-        exp_id = rng.choice(FZ_IDS)
+        exp_id = target(rng, w)
         req = pb.UpdateExperimentRequest(
             experiment_id=exp_id, set_state=rng.choice((pb.RUNNING, pb.RUNNING, pb.STATE_UNSPECIFIED, pb.PAUSED))
         )
         if rng.random() < 0.3:
-            req.add_arms.add(id=f"n{rng.randrange(10**6)}")
-        if rng.random() < 0.2:
+            arm = req.add_arms.add(id=f"n{rng.randrange(10**6)}", group=rng.choice(("", "g1", "new-group")))
+            if rng.random() < 0.3:
+                a, b = rng.choice(EXTREME_FINITE), rng.choice(EXTREME_FINITE)
+                arm.prior.alpha, arm.prior.beta, arm.prior.mean, arm.prior.strength = a, b, a, b
+        if rng.random() < 0.2 and w.arms.get(exp_id):
             req.retire_arm_ids.append(rng.choice(w.arms[exp_id]))
         return ser(req)
     if method == "Decide":
-        exp_id = rng.choice(FZ_IDS)
+        exp_id = target(rng, w)
         return ser(pb.DecideRequest(
             experiment_id=exp_id,
-            unit_id=f"u{rng.randrange(50)}",
-            k=rng.choice((0, 1, 1, 2)) if exp_id != FZ_CONT else rng.choice((1, 2, 3)),
+            unit_id=rng.choice((f"u{rng.randrange(50)}", "", "\U0001f600" * 64)),
+            k=rng.choice((0, 1, 1, 2, 3, len(w.arms.get(exp_id, ())))),
             context={"country": rng.choice(("de", "fr")), "n": str(rng.randrange(9))} if rng.random() < 0.5 else {},
         ))
     if method in ("Reward", "RewardStream"):
@@ -447,9 +564,11 @@ def valid_request(method: str, rng: random.Random, w: World) -> bytes:
     if method == "RewardBatchStream":
         return ser(pb.RewardBatch(rewards=[valid_reward(rng, w) for _ in range(rng.randint(1, 5))]))
     if method == "GetArmStats":
-        return ser(pb.GetArmStatsRequest(experiment_id=some_exp_id(rng)))
+        return ser(pb.GetArmStatsRequest(experiment_id=target(rng, w)))
     if method == "GetDiagnostics":
-        return ser(pb.GetDiagnosticsRequest(experiment_id=some_exp_id(rng)))
+        return ser(pb.GetDiagnosticsRequest(
+            experiment_id=target(rng, w), reward_silence_seconds=rng.choice((0.0, 0.0, 1.0, 5e-324, 1e12))
+        ))
     raise AssertionError(method)
 
 
@@ -458,6 +577,11 @@ def raw_id(rng: random.Random, field_no: int) -> bytes:
     if rng.random() < 0.5:
         return f_bytes(field_no, rng.choice(INVALID_UTF8))
     return f_bytes(field_no, hostile_str(rng).encode("utf-8", "surrogatepass"))
+
+
+def hostile_prior(rng: random.Random, prior: pb.Prior) -> None:
+    prior.alpha, prior.beta = hostile_float(rng), hostile_float(rng)
+    prior.mean, prior.strength = hostile_float(rng), hostile_float(rng)
 
 
 def hostile_experiment(rng: random.Random, w: World) -> bytes:
@@ -475,12 +599,9 @@ def hostile_experiment(rng: random.Random, w: World) -> bytes:
             for _ in range(rng.randint(1, 3)):
                 exp.arms.append(pb.Arm(id=hostile_str(rng), group=rng.choice(("", hostile_str(rng)))))
         elif t == 4:
-            n = rng.choice((300, 1000))
-            exp.arms.extend(pb.Arm(id=f"m{i}") for i in range(n))
+            exp.id = hostile_str(rng)
         elif t == 5:
-            arm = exp.arms.add(id=f"p{rng.randrange(100)}")
-            arm.prior.alpha, arm.prior.beta = hostile_float(rng), hostile_float(rng)
-            arm.prior.mean, arm.prior.strength = hostile_float(rng), hostile_float(rng)
+            hostile_prior(rng, exp.arms.add(id=f"p{rng.randrange(100)}").prior)
         elif t == 6:
             exp.policy.name = rng.choice((*POLICIES, *HOSTILE_STRS))
         elif t == 7:
@@ -498,19 +619,18 @@ def hostile_experiment(rng: random.Random, w: World) -> bytes:
             if rng.random() < 0.5:
                 exp.outcomes.min_age_seconds = hostile_float(rng)
         elif t == 10:
-            exp.attribution_window_seconds = rng.choice((-1, 1, 2**63 - 1, -(2**63), 10**12))
+            exp.attribution_window_seconds = rng.choice((-1, 1, 2**63 - 1, -(2**63), 10**12, 366 * 24 * 3600 + 1))
             if rng.random() < 0.5:
                 exp.outcomes.min_age_seconds = rng.choice((1.0, 3600.0, 2.0 * 30 * 24 * 3600))
         elif t == 11:
-            exp.prior.alpha, exp.prior.beta = hostile_float(rng), hostile_float(rng)
-            exp.prior.mean, exp.prior.strength = hostile_float(rng), hostile_float(rng)
+            hostile_prior(rng, exp.prior)
         elif t == 12:  # output-only fields set by the caller
             exp.version = rng.choice((-1, 2**63 - 1))
             exp.created_unix_ms = rng.choice((-1, 2**63 - 1))
             exp.state = pb.PAUSED
             exp.arms.add(id="inactive", active=False)
         else:
-            raw.append(f_bytes(2, raw_id(rng, 1)))  # an arm whose id is raw bytes
+            raw.append(f_bytes(2, raw_id(rng, rng.choice((1, 2)))))  # an arm whose id or group is raw bytes
     return f_bytes(1, ser(exp, *raw))
 
 
@@ -521,6 +641,8 @@ def hostile_reward(rng: random.Random, w: World) -> bytes:
         t = rng.randrange(6)
         if t == 0:
             req.value = hostile_float(rng)
+            if rng.random() < 0.3:
+                raw.append(f_fixed64(2, rng.choice(ODD_DOUBLES)))
         elif t == 1:
             req.decision_id = hostile_str(rng)
         elif t == 2:
@@ -529,8 +651,8 @@ def hostile_reward(rng: random.Random, w: World) -> bytes:
             req.event_id = hostile_str(rng)
         elif t == 4:
             req.arm_id = rng.choice((hostile_str(rng), "a0", "nope"))
-        else:
-            req.decision_id = req.decision_id[:-1] + rng.choice("0aZ\x00")
+        else:  # a decision id of the right shape that was never issued
+            req.decision_id = rng.choice((req.decision_id[:-1] + rng.choice("0aZ\x00"), "0" * 23, "f" * 23, "zz" * 12))
     return ser(req, *raw)
 
 
@@ -540,38 +662,46 @@ def hostile_request(method: str, rng: random.Random, w: World) -> bytes:
     if method in ("GetExperiment", "GetArmStats"):
         return raw_id(rng, 1) if rng.random() < 0.5 else f_bytes(1, hostile_str(rng).encode())
     if method == "GetDiagnostics":
-        req = pb.GetDiagnosticsRequest(experiment_id=rng.choice((*FZ_IDS, hostile_str(rng))))
+        req = pb.GetDiagnosticsRequest(experiment_id=rng.choice((target(rng, w), hostile_str(rng))))
         req.reward_silence_seconds = hostile_float(rng)
-        return ser(req, *([raw_id(rng, 1)] if rng.random() < 0.3 else []))
+        raw = [raw_id(rng, 1)] if rng.random() < 0.3 else []
+        if rng.random() < 0.2:
+            raw.append(f_fixed64(2, rng.choice(ODD_DOUBLES)))
+        return ser(req, *raw)
     if method == "ListExperiments":
         return rng.choice((f_bytes(1, b"x"), f_varint(1, 2**64 - 1), f_bytes(1000, rng.randbytes(100))))
     if method == "UpdateExperiment":
-        exp_id = rng.choice(FZ_IDS)
+        exp_id = target(rng, w)
         req = pb.UpdateExperimentRequest(experiment_id=exp_id)
         raw: list[bytes] = []
         for _ in range(rng.randint(1, 3)):
-            t = rng.randrange(8)
+            t = rng.randrange(9)
             if t == 0:
                 raw.append(raw_id(rng, 1))
             elif t == 1:
                 req.add_arms.add(id=hostile_str(rng), group=rng.choice(("", hostile_str(rng))))
             elif t == 2:
-                arm = req.add_arms.add(id=f"np{rng.randrange(10**6)}")
-                arm.prior.alpha, arm.prior.beta = hostile_float(rng), hostile_float(rng)
-                arm.prior.mean, arm.prior.strength = hostile_float(rng), hostile_float(rng)
+                hostile_prior(rng, req.add_arms.add(id=f"np{rng.randrange(10**6)}").prior)
             elif t == 3:
-                req.add_arms.add(id=rng.choice(w.arms[exp_id]))  # already exists
+                req.add_arms.add(id=rng.choice(w.arms.get(exp_id) or ["a0"]))  # already exists
             elif t == 4:
-                req.retire_arm_ids.extend(w.arms[exp_id])  # every arm
+                req.retire_arm_ids.extend(w.arms.get(exp_id, ()))  # every arm
             elif t == 5:
                 req.retire_arm_ids.append(rng.choice(("nope", *HOSTILE_STRS)))
             elif t == 6:
                 raw.append(f_varint(4, rng.choice((99, 3, 2**31 - 1, 2**64 - 1))))
+            elif t == 7:  # the same new arm twice, or added and retired at once
+                arm_id = f"twice{rng.randrange(10**6)}"
+                req.add_arms.add(id=arm_id)
+                if rng.random() < 0.5:
+                    req.add_arms.add(id=arm_id)
+                else:
+                    req.retire_arm_ids.append(arm_id)
             else:
-                raw.append(rng.choice((f_bytes(2, raw_id(rng, 1)), raw_id(rng, 3))))
+                raw.append(rng.choice((f_bytes(2, raw_id(rng, rng.choice((1, 2)))), raw_id(rng, 3))))
         return ser(req, *raw)
     if method == "Decide":
-        exp_id = rng.choice(FZ_IDS)
+        exp_id = target(rng, w)
         req = pb.DecideRequest(experiment_id=exp_id, unit_id=f"u{rng.randrange(50)}")
         raw = []
         for _ in range(rng.randint(1, 3)):
@@ -583,7 +713,7 @@ def hostile_request(method: str, rng: random.Random, w: World) -> bytes:
             elif t == 2:
                 raw.append(f_varint(3, rng.choice(HOSTILE_INTS)))
             elif t == 3:
-                req.context.update(big_context(rng, rng.choice((10_000, 10_000, 100))))
+                req.context.update(rng.choice(w.contexts))
             elif t == 4:
                 req.context.update({hostile_str(rng): hostile_str(rng) for _ in range(rng.randint(1, 8))})
             elif t == 5:  # map entries with invalid UTF-8, missing or repeated key/value
@@ -610,7 +740,7 @@ def hostile_request(method: str, rng: random.Random, w: World) -> bytes:
 
 def one_message(method: str, rng: random.Random, w: World) -> tuple[bytes, str]:
     r = rng.random()
-    if r < 0.15:
+    if r < 0.2:
         return valid_request(method, rng, w), "valid"
     if r < 0.5:
         return hostile_request(method, rng, w), "hostile values"
@@ -622,16 +752,20 @@ def one_message(method: str, rng: random.Random, w: World) -> tuple[bytes, str]:
 
 
 def rare_message(method: str, rng: random.Random, w: World) -> tuple[bytes, str] | None:
-    """Now and then: requests near and above the 4 MB receive limit, and long streams."""
+    """Now and then: requests near and above the 4 MB receive limit, many arms."""
     if method == "Decide" and rng.random() < 0.02:
         size = rng.choice((3 << 20, 5 << 20))
-        req = pb.DecideRequest(experiment_id=rng.choice(FZ_IDS), unit_id="u-big", context={"blob": "x" * size})
+        req = pb.DecideRequest(experiment_id=target(rng, w), unit_id="u-big", context={"blob": "x" * size})
         return ser(req), f"context of {size} bytes"
-    if method == "CreateExperiment" and rng.random() < 0.01:
+    if method == "CreateExperiment" and rng.random() < 0.005:
         exp = valid_experiment(rng, w)
         width = rng.choice((1, 200))
         exp.arms.extend(pb.Arm(id="z" * width + str(i)) for i in range(20_000))
         return f_bytes(1, ser(exp)), f"20,000 arms with ids of {width}+ chars"
+    if method == "UpdateExperiment" and rng.random() < 0.01:
+        req = pb.UpdateExperimentRequest(experiment_id=target(rng, w))
+        req.retire_arm_ids.extend(f"unknown-{i}" for i in range(rng.choice((10_000, 200_000))))
+        return ser(req), f"retire {len(req.retire_arm_ids)} unknown arms"
     return None
 
 
@@ -656,7 +790,7 @@ def make_case(method: str, rng: random.Random, w: World) -> Case:
         return Case(method, *one_message(method, rng, w))
     msgs: list[bytes] = []
     kinds: Counter[str] = Counter()
-    if rng.random() < 0.02:  # long stream crossing the 4,096-reward chunk of RewardStream
+    if rng.random() < 0.02:  # a long stream crossing the 4,096-reward chunk of RewardStream
         n = 4_100 if method == "RewardStream" else 300
         msgs = [valid_request(method, rng, w) for _ in range(n)]
         msgs.insert(rng.randrange(n), mutate(rng, msgs[0])[0])
@@ -693,6 +827,79 @@ def generate(method: str, rng: random.Random, w: World) -> Case:
 
 
 # ---------------------------------------------------------------------------------------
+# The edge sweep: every policy parameter, prior and outcome setting at the edges of the
+# contract, each on a fresh experiment with grouped arms that is then read, decided and
+# rewarded; and one large experiment (20,000 arms) that is updated. Deterministic, run first.
+
+POLICY_OF_PARAM = {
+    "exploitation": "thompson", "epsilon": "epsilon_greedy", "epsilon_decay": "epsilon_greedy",
+    "temperature": "softmax", "ucb_c": "ucb1", "half_life": "thompson", "group_prior_strength": "thompson",
+    "prune_epsilon": "thompson",
+}
+LARGE_ARMS = 20_000
+EDGE_VALUES = (5e-324, 1e-300, 1e-12, 1.0, 1e9, 1e12, 1e300, 1e308)
+
+
+def _edge_experiment(w: World, reward_type: int, policy: str) -> pb.Experiment:
+    w.counter += 1
+    arms = [pb.Arm(id="a", group="g"), pb.Arm(id="b", group="g"), pb.Arm(id="c")]
+    return pb.Experiment(id=f"fz-edge-{w.counter}", arms=arms, policy=pb.Policy(name=policy), reward_type=reward_type)
+
+
+def _edge_uses(w: World, exp: pb.Experiment, label: str) -> Iterator[Case]:
+    """Creates `exp`, reads it before and after a decision and a reward."""
+    yield Case("CreateExperiment", ser(pb.CreateExperimentRequest(experiment=exp)), f"edge: {label}")
+    if exp.id not in w.arms:
+        return  # refused
+    yield Case("GetArmStats", ser(pb.GetArmStatsRequest(experiment_id=exp.id)), f"edge: {label}")
+    yield Case("Decide", ser(pb.DecideRequest(experiment_id=exp.id, unit_id="u", k=2)), f"edge: {label}")
+    decision = next((d for d in reversed(w.live) if d[1] == exp.id), None)
+    if decision is not None:
+        binary = exp.reward_type != pb.CONTINUOUS
+        for value in EXTREME_REWARDS[binary][:2]:
+            req = pb.RewardRequest(decision_id=decision[0], value=value, event_id=f"e{value}", arm_id=decision[2][-1])
+            yield Case("Reward", ser(req), f"edge: {label}, reward {value!r}")
+    yield Case("GetDiagnostics", ser(pb.GetDiagnosticsRequest(experiment_id=exp.id)), f"edge: {label}, after a reward")
+
+
+def edge_cases(w: World) -> Iterator[Case]:
+    for reward_type in (pb.BINARY, pb.CONTINUOUS):
+        kind = "binary" if reward_type == pb.BINARY else "continuous"
+        for param, policy in POLICY_OF_PARAM.items():
+            for value in EDGE_VALUES:
+                exp = _edge_experiment(w, reward_type, policy)
+                setattr(exp.policy, param, value)
+                yield from _edge_uses(w, exp, f"{kind} {policy} {param}={value!r}")
+        for a, b in sorted({(v, 1.0) for v in EDGE_VALUES} | {(v, v) for v in EDGE_VALUES}):
+            exp = _edge_experiment(w, reward_type, "thompson")
+            mean = a if reward_type == pb.BINARY else -a
+            exp.prior.alpha, exp.prior.beta, exp.prior.mean, exp.prior.strength = a, b, mean, b
+            yield from _edge_uses(w, exp, f"{kind} prior ({mean!r}, {b!r})")
+        for default in EXTREME_REWARDS[reward_type == pb.BINARY]:
+            for mode in (pb.DECISION, pb.EXPLICIT):
+                exp = _edge_experiment(w, reward_type, "thompson")
+                exp.outcomes.default_reward, exp.outcomes.mode = default, mode
+                exp.outcomes.aggregation = pb.LAST
+                yield from _edge_uses(w, exp, f"{kind} default_reward={default!r} mode={mode}")
+    # A large experiment (a fifth of the 100,000-arm limit) with one grouped arm.
+    w.counter += 1
+    exp_id = f"fz-large-{w.counter}"
+    arms = [pb.Arm(id="a0", group="g1"), *(pb.Arm(id=f"z{i}") for i in range(LARGE_ARMS))]
+    exp = pb.Experiment(id=exp_id, arms=arms, policy=pb.Policy(name="thompson"))
+    label = f"edge: {LARGE_ARMS + 1} arms, one in a group"
+    yield Case("CreateExperiment", ser(pb.CreateExperimentRequest(experiment=exp)), label)
+    for method, req in (
+        ("Decide", pb.DecideRequest(experiment_id=exp_id, unit_id="u", k=1000)),
+        ("UpdateExperiment", pb.UpdateExperimentRequest(experiment_id=exp_id, set_state=pb.RUNNING)),
+        ("UpdateExperiment", pb.UpdateExperimentRequest(experiment_id=exp_id, add_arms=[pb.Arm(id="n0")])),
+        ("GetArmStats", pb.GetArmStatsRequest(experiment_id=exp_id)),
+        ("GetDiagnostics", pb.GetDiagnosticsRequest(experiment_id=exp_id)),
+        ("ListExperiments", pb.ListExperimentsRequest()),
+    ):
+        yield Case(method, ser(req), label)
+
+
+# ---------------------------------------------------------------------------------------
 # Calls, state and reporting.
 
 @dataclass
@@ -700,20 +907,22 @@ class Outcome:
     code: grpc.StatusCode
     details: str
     elapsed: float
+    response: bytes | None = None
 
 
 def call(channel: grpc.Channel, case: Case) -> Outcome:
     path = PREFIX + case.method
     started = time.monotonic()
+    response = None
     try:
         if isinstance(case.payload, bytes):
-            channel.unary_unary(path)(case.payload, timeout=CALL_DEADLINE_S)
+            response = channel.unary_unary(path)(case.payload, timeout=CALL_DEADLINE_S)
         else:
-            channel.stream_unary(path)(iter(case.payload), timeout=CALL_DEADLINE_S)
+            response = channel.stream_unary(path)(iter(case.payload), timeout=CALL_DEADLINE_S)
         code, details = SC.OK, ""
     except grpc.RpcError as err:
         code, details = err.code(), err.details() or ""
-    return Outcome(code, details, time.monotonic() - started)
+    return Outcome(code, details, time.monotonic() - started, response)
 
 
 def fuzz_state(stub: pb_grpc.BanditdStub) -> list[bytes | str]:
@@ -730,6 +939,9 @@ def fuzz_state(stub: pb_grpc.BanditdStub) -> list[bytes | str]:
         except grpc.RpcError as err:
             out.append(f"GetArmStats {exp_id}: {err.code().name}: {err.details()}")
     return out
+
+
+STATE_NAMES = ["ListExperiments", *(f"GetArmStats[{e}]" for e in FZ_IDS)]
 
 
 def settled_fuzz_state(stub: pb_grpc.BanditdStub) -> list[bytes | str]:
@@ -780,9 +992,60 @@ def _normalize(details: str) -> str:
     return d[:120]
 
 
+class ServerLog:
+    """Follows the server's JSON log: new error entries (handler tracebacks, failed writer
+    batches, failed background rounds) after each call."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.offset = path.stat().st_size if path.exists() else 0
+        self.partial = b""
+
+    def new_errors(self) -> list[dict[str, Any]]:
+        try:
+            size = self.path.stat().st_size
+        except OSError:
+            return []
+        if size <= self.offset:
+            return []
+        with self.path.open("rb") as f:
+            f.seek(self.offset)
+            data = self.partial + f.read(size - self.offset)
+        self.offset = size
+        *lines, self.partial = data.split(b"\n")
+        out: list[dict[str, Any]] = []
+        block: list[str] = []  # consecutive lines that are not JSON (a Rust panic, a crash on stderr)
+
+        def flush() -> None:
+            text = "\n".join(block).strip()
+            block.clear()
+            if text and any(w in text for w in ("Traceback", "Error", "panicked", "Fatal", "Segmentation", "Abort")):
+                out.append({"level": "error", "logger": "stderr", "msg": text[:1500]})
+
+        for line in lines:
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                block.append(line.decode(errors="replace"))
+                continue
+            flush()
+            if isinstance(entry, dict) and entry.get("level") in ("error", "critical"):
+                out.append(entry)
+        flush()
+        return out
+
+
+def log_entry_text(entry: dict[str, Any], lines: int = 8) -> str:
+    exc = str(entry.get("exc", "")).strip()
+    tail = "\n      ".join(exc.splitlines()[-lines:])
+    return f"{entry.get('level')}: {entry.get('logger')}: {str(entry.get('msg'))[:300]}" + (
+        f"\n      {tail}" if tail else ""
+    )
+
+
 @dataclass
 class Failure:
-    kind: str  # status | hang | state changed
+    kind: str  # status | hang | state changed | server log error | server died
     method: str
     code: str
     details: str
@@ -799,7 +1062,8 @@ class Failure:
         if isinstance(self.payload, bytes):
             h = self.payload.hex()
             return h if len(h) <= limit else f"{h[:limit]}… ({len(self.payload)} bytes)"
-        shown = [p.hex() if len(p) <= limit // 2 else f"{p[:limit // 2].hex()}…({len(p)} bytes)" for p in self.payload[:8]]
+        half = limit // 2
+        shown = [p.hex() if len(p) <= half else f"{p[:half].hex()}…({len(p)} bytes)" for p in self.payload[:8]]
         more = f" … (+{len(self.payload) - 8} messages)" if len(self.payload) > 8 else ""
         return "stream [" + ", ".join(shown) + "]" + more
 
@@ -821,16 +1085,18 @@ class Report:
     table: dict[str, Counter[str]] = field(default_factory=lambda: defaultdict(Counter))
     failures: dict[tuple[str, str, str, str], Failure] = field(default_factory=dict)
     state_checks: int = 0
-    seconds: Counter[str] = field(default_factory=Counter)  # generate | call | state checks
+    seconds: Counter[str] = field(default_factory=Counter)  # generate | calls | state checks
     slowest: dict[str, float] = field(default_factory=lambda: defaultdict(float))
 
     def record(self, case: Case, out: Outcome) -> None:
         self.table[case.method][out.code.name] += 1
         self.slowest[case.method] = max(self.slowest[case.method], out.elapsed)
 
-    def fail(self, kind: str, case: Case, out: Outcome, index: int, extra: str = "") -> None:
-        key = (kind, case.method, out.code.name, _normalize(out.details))
-        new = Failure(kind, case.method, out.code.name, out.details, case.label, case.payload, index, extra=extra)
+    def fail(
+        self, kind: str, case: Case, code: str, details: str, index: int, extra: str = "", by_method: bool = True
+    ) -> None:
+        key = (kind, case.method if by_method else "", code if by_method else "", _normalize(details))
+        new = Failure(kind, case.method, code, details, case.label, case.payload, index, extra=extra)
         old = self.failures.get(key)
         if old is None:
             self.failures[key] = new
@@ -842,25 +1108,22 @@ class Report:
 
     def summary(self) -> str:
         codes = sorted({c for counts in self.table.values() for c in counts}, key=lambda c: (c != "OK", c))
-        width = max(len(m) for m in METHODS)
-        short = {c: c.replace("INVALID_ARGUMENT", "INVALID_ARG").replace("FAILED_PRECONDITION", "FAILED_PRECOND")
-                 .replace("RESOURCE_EXHAUSTED", "RES_EXHAUSTED").replace("DEADLINE_EXCEEDED", "DEADLINE") for c in codes}
+        short = {c: SHORT_CODES.get(c, c) for c in codes}
         cols = [max(len(short[c]), 6) for c in codes]
-        lines = [f"{'method':<{width}}  {'calls':>6}  " + "  ".join(f"{short[c]:>{n}}" for c, n in zip(codes, cols, strict=True))
-                 + "  slowest"]
+        width = max(len(m) for m in METHODS)
+
+        def row(name: str, counts: Counter[str], tail: str = "") -> str:
+            cells = "  ".join(f"{counts.get(c, 0):>{n}}" for c, n in zip(codes, cols, strict=True))
+            return f"{name:<{width}}  {sum(counts.values()):>6}  {cells}{tail}"
+
+        header = "  ".join(f"{short[c]:>{n}}" for c, n in zip(codes, cols, strict=True))
+        lines = [f"{'method':<{width}}  {'calls':>6}  {header}  slowest"]
         totals: Counter[str] = Counter()
         for m in METHODS:
             counts = self.table.get(m, Counter())
             totals.update(counts)
-            lines.append(
-                f"{m:<{width}}  {sum(counts.values()):>6}  "
-                + "  ".join(f"{counts.get(c, 0):>{n}}" for c, n in zip(codes, cols, strict=True))
-                + f"  {self.slowest.get(m, 0.0):6.2f}s"
-            )
-        lines.append(
-            f"{'total':<{width}}  {sum(totals.values()):>6}  "
-            + "  ".join(f"{totals.get(c, 0):>{n}}" for c, n in zip(codes, cols, strict=True))
-        )
+            lines.append(row(m, counts, f"  {self.slowest.get(m, 0.0):6.2f}s"))
+        lines.append(row("total", totals))
         return "\n".join(lines)
 
     def failure_text(self) -> str:
@@ -868,41 +1131,29 @@ class Report:
         for i, f in enumerate(sorted(self.failures.values(), key=lambda f: (f.method, f.kind, f.code)), 1):
             out.append(
                 f"[{i}] {f.kind}: {f.method} -> {f.code} ({f.count} calls, first at call #{f.index})\n"
-                f"    details: {f.details[:400]!r}\n"
+                f"    details: {f.details[:600]!r}\n"
                 f"    request ({f.label}): {f.payload_hex()}\n"
                 f"    parsed: {f.parsed()}"
                 + (f"\n    {f.extra}" if f.extra else "")
             )
         return "\n".join(out)
 
+    def write_artifacts(self, directory: str) -> Path:
+        path = Path(directory) / f"wire-fuzz-{FUZZ_SEED}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps([
+            {"kind": f.kind, "method": f.method, "code": f.code, "details": f.details, "label": f.label,
+             "count": f.count, "index": f.index, "extra": f.extra,
+             "payload_hex": f.payload.hex() if isinstance(f.payload, bytes) else [p.hex() for p in f.payload]}
+            for f in self.failures.values()
+        ], indent=1))
+        return path
 
-def server_log_errors(log_path: Path, limit: int = 12) -> str:
-    """Distinct errors and tracebacks in the server's JSON log (the last line of each)."""
-    if not log_path.exists():
-        return "(no server log)"
-    seen: dict[str, str] = {}
-    for line in log_path.read_text(errors="replace").splitlines():
-        try:
-            entry = json.loads(line)
-        except ValueError:
-            if line.strip() and ("Error" in line or "Traceback" in line or "panicked" in line):
-                seen.setdefault(line.strip()[:200], line.strip()[:600])
-            continue
-        if not isinstance(entry, dict) or entry.get("level") not in ("error", "critical", "warning"):
-            continue
-        exc = str(entry.get("exc", ""))
-        last = exc.strip().splitlines()[-1] if exc.strip() else ""
-        key = f"{entry.get('msg')} | {_normalize(last)}"
-        if key not in seen:
-            tail = "\n      ".join(exc.strip().splitlines()[-8:])
-            seen[key] = f"{entry.get('level')}: {entry.get('logger')}: {str(entry.get('msg'))[:300]}" + (
-                f"\n      {tail}" if tail else ""
-            )
-    if not seen:
-        return "(no errors in the server log)"
-    items = list(seen.values())
-    more = f"\n  … and {len(items) - limit} more distinct entries" if len(items) > limit else ""
-    return "\n".join(f"  - {t}" for t in items[:limit]) + more
+
+SHORT_CODES = {
+    "INVALID_ARGUMENT": "INVALID_ARG", "FAILED_PRECONDITION": "FAILED_PRECOND",
+    "RESOURCE_EXHAUSTED": "RES_EXHAUSTED", "DEADLINE_EXCEEDED": "DEADLINE",
+}
 
 
 # ---------------------------------------------------------------------------------------
@@ -924,10 +1175,8 @@ def _setup(stub: pb_grpc.BanditdStub) -> World:
     for i in range(12):
         d = stub.Decide(pb.DecideRequest(experiment_id=GUARD_BINARY, unit_id=f"g{i % 6}"), timeout=10)
         guarded_ids.append(d.decision_id)
-        if i % 3 == 0:
-            stub.Reward(pb.RewardRequest(decision_id=d.decision_id, value=1.0), timeout=10)
-        elif i % 3 == 1:
-            stub.Reward(pb.RewardRequest(decision_id=d.decision_id, value=0.0), timeout=10)
+        if i % 3 < 2:
+            stub.Reward(pb.RewardRequest(decision_id=d.decision_id, value=float(i % 3 == 0)), timeout=10)
     for i in range(8):
         d = stub.Decide(pb.DecideRequest(experiment_id=GUARD_CONT, unit_id=f"g{i}", k=2,
                                          context={"segment": "s" + str(i % 2)}), timeout=10)
@@ -952,8 +1201,212 @@ def _setup(stub: pb_grpc.BanditdStub) -> World:
     wait_for_pulls(stub, GUARD_CONT, 16)
     for exp_id in FZ_IDS:
         wait_for_pulls(stub, exp_id, 16 if exp_id == FZ_CONT else 8)
-    guarded_bytes = tuple(s.encode() for s in (*GUARDED, *guarded_ids))
-    return World(arms=arms, decisions=decisions, guarded_bytes=guarded_bytes)
+    context_rng = random.Random(FUZZ_SEED - 1)
+    return World(
+        arms={k: list(v) for k, v in arms.items()},
+        binary={FZ_BIN: True, FZ_CONT: False, FZ_PLAIN: True},
+        decisions=decisions,
+        guarded_bytes=tuple(s.encode() for s in (*GUARDED, *guarded_ids)),
+        contexts=[big_context(context_rng) for _ in range(3)],
+    )
+
+
+def _judge(
+    report: Report, case: Case, out: Outcome, index: int, context: str, errors: list[dict[str, Any]]
+) -> None:
+    """Checks one answer: an allowed status, before the deadline, and no error in the server
+    log (`errors`: the entries logged meanwhile) unless the answer already shows one."""
+    logged = "\n    ".join(log_entry_text(e) for e in errors[:2])
+    if out.code not in ALLOWED:
+        extra = f"server log:\n    {logged}" if logged else ""
+        report.fail("status", case, out.code.name, out.details, index, extra=extra)
+    else:  # errors the caller did not see (a write behind the answer, a background round)
+        for entry in errors:
+            exc_last = (str(entry.get("exc", "")).strip().splitlines() or [""])[-1]
+            report.fail("server log error", case, out.code.name, f"{entry.get('msg')} | {exc_last}", index,
+                        extra=f"logged during or just after this call ({context})\n    " + log_entry_text(entry),
+                        by_method=False)
+    if out.elapsed >= HANG_S:
+        report.fail("hang", case, out.code.name, out.details, index,
+                    extra=f"took {out.elapsed:.2f} s of its {CALL_DEADLINE_S:g} s deadline ({context})")
+
+
+def call_many(channel: grpc.Channel, cases: list[Case]) -> list[Outcome]:
+    """The cases at once (futures on one channel), each with its own deadline."""
+    started = time.monotonic()
+    pending = []
+    for case in cases:
+        path = PREFIX + case.method
+        if isinstance(case.payload, bytes):
+            fut = channel.unary_unary(path).future(case.payload, timeout=CALL_DEADLINE_S)
+        else:
+            fut = channel.stream_unary(path).future(iter(case.payload), timeout=CALL_DEADLINE_S)
+        done: list[float] = []
+        fut.add_done_callback(lambda _f, done=done: done.append(time.monotonic()))
+        pending.append((fut, done))
+    outs = []
+    for fut, done in pending:
+        try:
+            response, code, details = fut.result(), SC.OK, ""
+        except grpc.RpcError as err:
+            response, code, details = None, err.code(), err.details() or ""
+        outs.append(Outcome(code, details, (done[0] if done else time.monotonic()) - started, response))
+    return outs
+
+
+def _fuzz(srv: ServerProcess, stub: pb_grpc.BanditdStub, world: World, log: ServerLog, report: Report) -> int:
+    """The fuzzing phase; returns the number of calls made. One call at a time (with state
+    checks) for most of the budget, then CONCURRENT bursts of calls at once."""
+    assert srv.proc is not None
+    channel = grpc.insecure_channel(srv.target, options=[("grpc.max_receive_message_length", 64 << 20)])
+    rng = random.Random(FUZZ_SEED)
+    check_rng = random.Random(FUZZ_SEED + 1)  # state checks do not shift the request sequence
+    started = time.monotonic()
+    sequential_s = FUZZ_SECONDS * (1 - CONCURRENT_SHARE)
+    calls = 0
+    previous = ""
+    drawn = 0
+
+    def next_case() -> Case:
+        nonlocal drawn
+        # Every method early on, then at random.
+        method = METHODS[drawn % len(METHODS)] if drawn < 4 * len(METHODS) else rng.choice(METHODS)
+        drawn += 1
+        t0 = time.monotonic()
+        case = generate(method, rng, world)
+        report.seconds["generate"] += time.monotonic() - t0
+        return case
+
+    edges: Iterator[Case] | None = edge_cases(world)
+    try:
+        while calls < FUZZ_MAX_CALLS and time.monotonic() - started < sequential_s:
+            if edges is not None and time.monotonic() - started > EDGE_SHARE * FUZZ_SECONDS:
+                report.seconds["edge sweep cut at"] = time.monotonic() - started
+                edges = None
+            case = next(edges, None) if edges is not None else None
+            if case is None:
+                if edges is not None:
+                    report.seconds["edge sweep ended at"] = time.monotonic() - started
+                    edges = None
+                case = next_case()
+            elapsed = time.monotonic() - started
+            checked = (
+                not case.may_write
+                and check_rng.randrange(STATE_CHECK_ONE_IN) == 0
+                and report.seconds["state checks"] < STATE_CHECK_SHARE * elapsed
+            )
+            t1 = time.monotonic()
+            before = settled_fuzz_state(stub) if checked else None
+            report.seconds["state checks"] += time.monotonic() - t1
+            out = call(channel, case)
+            calls += 1
+            report.seconds["calls"] += out.elapsed
+            report.record(case, out)
+            if out.code == SC.OK:
+                world.learn(case, out.response)
+            _judge(report, case, out, calls, f"previous call: {previous}", log.new_errors())
+            if before is not None and out.code not in MAY_HAVE_WRITTEN:
+                report.state_checks += 1
+                t3 = time.monotonic()
+                time.sleep(0.05)  # a decision record is written up to --decision-linger-ms behind
+                after = fuzz_state(stub)
+                report.seconds["state checks"] += time.monotonic() - t3
+                if after != before:
+                    changed = [STATE_NAMES[i] for i, (a, b) in enumerate(zip(before, after, strict=True)) if a != b]
+                    report.fail("state changed by a refused call", case, out.code.name, out.details, calls,
+                                extra="changed: " + ", ".join(changed))
+            previous = f"#{calls} {case.method} ({case.label})"
+            if srv.proc.poll() is not None:
+                report.fail("server died", case, out.code.name, f"exit code {srv.proc.returncode}", calls)
+                return calls
+        report.seconds["concurrent bursts from"] = time.monotonic() - started
+        while calls < FUZZ_MAX_CALLS and time.monotonic() - started < FUZZ_SECONDS:
+            cases = [next_case() for _ in range(CONCURRENT)]
+            t0 = time.monotonic()
+            outs = call_many(channel, cases)
+            report.seconds["calls"] += time.monotonic() - t0
+            burst = ", ".join(c.method for c in cases)
+            # Log entries of a burst belong to the calls that failed visibly, else to the burst.
+            errors = log.new_errors()
+            failing = [i for i, out in enumerate(outs) if out.code not in ALLOWED]
+            for i, (case, out) in enumerate(zip(cases, outs, strict=True)):
+                calls += 1
+                report.record(case, out)
+                if out.code == SC.OK:
+                    world.learn(case, out.response)
+                mine = errors if (i in failing or (not failing and i == 0)) else []
+                _judge(report, case, out, calls, f"one of {CONCURRENT} concurrent calls: {burst}", mine)
+            if srv.proc.poll() is not None:
+                report.fail("server died", cases[0], "", f"exit code {srv.proc.returncode}", calls,
+                            extra=f"during a burst of concurrent calls: {burst}")
+                return calls
+    finally:
+        channel.close()
+        report.seconds["total"] = time.monotonic() - started
+    return calls
+
+
+def _sigterm_with_calls_in_flight(srv: ServerProcess, world: World) -> list[str]:
+    """SIGTERM while a client stream is open and silent: the server must still exit in time."""
+    assert srv.proc is not None
+    problems = []
+    release = threading.Event()
+    decision_id, _, _ = world.decisions[0]
+
+    def silent_stream() -> Iterator[bytes]:
+        yield pb.RewardRequest(decision_id=decision_id, value=1.0, event_id="sigterm-1").SerializeToString()
+        release.wait(SIGTERM_EXIT_S + 5)
+
+    with grpc.insecure_channel(srv.target) as ch:
+        stream = ch.stream_unary(PREFIX + "RewardStream").future(silent_stream(), timeout=SIGTERM_EXIT_S + 10)
+        time.sleep(0.3)  # the stream is open and its first message delivered
+        srv.proc.send_signal(signal.SIGTERM)
+        t0 = time.monotonic()
+        try:
+            code = srv.proc.wait(timeout=SIGTERM_EXIT_S)
+            print(f"SIGTERM (a client stream open): the server exited with {code} after {time.monotonic() - t0:.2f} s")
+        except subprocess.TimeoutExpired:
+            problems.append(f"the server did not exit within {SIGTERM_EXIT_S:g} s of SIGTERM (a client stream open)")
+        finally:
+            release.set()
+        try:
+            stream.result(timeout=5)
+            seen = "OK"
+        except grpc.RpcError as err:
+            seen = f"{err.code().name}: {err.details()}"
+        except grpc.FutureTimeoutError:
+            stream.cancel()
+            seen = "no answer"
+        print(f"  the open stream got: {seen}")
+    return problems
+
+
+def _after_run(srv: ServerProcess, world: World, before: dict[str, Any]) -> list[str]:
+    """Alive, SERVING, guarded experiments unchanged, and a prompt exit on SIGTERM."""
+    assert srv.proc is not None
+    problems = []
+    if srv.proc.poll() is not None:
+        return [f"the server is not running after the fuzz run (exit code {srv.proc.returncode})"]
+    with grpc.insecure_channel(srv.target) as ch:
+        try:
+            health = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+            if health.status != health_pb2.HealthCheckResponse.SERVING:
+                status = health_pb2.HealthCheckResponse.ServingStatus.Name(health.status)
+                problems.append(f"health after the run: {status}")
+        except grpc.RpcError as err:
+            problems.append(f"health check after the run failed: {err.code().name}: {err.details()}")
+        try:
+            after = guarded_snapshot(pb_grpc.BanditdStub(ch))
+            diff = [
+                f"{k}: {before.get(k)!r} -> {after.get(k)!r}"
+                for k in sorted(before.keys() | after.keys())
+                if before.get(k) != after.get(k)
+            ]
+            if diff:
+                problems.append("the guarded experiments changed during the fuzz run:\n  " + "\n  ".join(diff[:20]))
+        except grpc.RpcError as err:
+            problems.append(f"reading the guarded experiments failed: {err.code().name}: {err.details()}")
+    return problems + _sigterm_with_calls_in_flight(srv, world)
 
 
 def test_wire_fuzz(tmp_path: Path) -> None:
@@ -961,112 +1414,43 @@ def test_wire_fuzz(tmp_path: Path) -> None:
           f"at most {FUZZ_MAX_CALLS} calls (BANDITD_FUZZ_MAX_CALLS)")
     srv = ServerProcess(tmp_path / "data")
     srv.start()
-    assert srv.proc is not None
+    log = ServerLog(srv.log_path)
     problems: list[str] = []
     report = Report()
     try:
-        channel = grpc.insecure_channel(srv.target)
-        stub = pb_grpc.BanditdStub(channel)
-        world = _setup(stub)
-        before = guarded_snapshot(stub)
-        time.sleep(0.3)
-        assert guarded_snapshot(stub) == before, "the guarded snapshot is not stable by itself"
+        with grpc.insecure_channel(srv.target) as ch:
+            stub = pb_grpc.BanditdStub(ch)
+            world = _setup(stub)
+            before = guarded_snapshot(stub)
+            time.sleep(0.3)
+            assert guarded_snapshot(stub) == before, "the guarded snapshot is not stable by itself"
+            setup_errors = log.new_errors()
+            assert not setup_errors, "server log errors in setup:\n" + "\n".join(map(log_entry_text, setup_errors))
+            calls = _fuzz(srv, stub, world, log, report)
 
-        rng = random.Random(FUZZ_SEED)
-        check_rng = random.Random(FUZZ_SEED + 1)  # state checks do not shift the request sequence
-        started = time.monotonic()
-        calls = 0
-        while calls < FUZZ_MAX_CALLS and time.monotonic() - started < FUZZ_SECONDS:
-            method = METHODS[calls % len(METHODS)] if calls < 4 * len(METHODS) else rng.choice(METHODS)
-            t0 = time.monotonic()
-            case = generate(method, rng, world)
-            checked = not case.may_write and check_rng.randrange(STATE_CHECK_ONE_IN) == 0
-            t1 = time.monotonic()
-            state_before = settled_fuzz_state(stub) if checked else None
-            t2 = time.monotonic()
-            out = call(channel, case)
-            report.seconds["generate"] += t1 - t0
-            report.seconds["state checks"] += t2 - t1
-            report.seconds["calls"] += out.elapsed
-            calls += 1
-            report.record(case, out)
-            if out.code not in ALLOWED:
-                report.fail("status", case, out, calls)
-            if out.elapsed >= HANG_S:
-                report.fail("hang", case, out, calls, extra=f"took {out.elapsed:.2f} s of a {CALL_DEADLINE_S} s deadline")
-            if state_before is not None and out.code not in MAY_HAVE_WRITTEN:
-                report.state_checks += 1
-                t3 = time.monotonic()
-                time.sleep(0.03)  # a decision record is written up to --decision-linger-ms behind
-                state_after = settled_fuzz_state(stub)
-                report.seconds["state checks"] += time.monotonic() - t3
-                if state_after != state_before:
-                    changed = [i for i, (a, b) in enumerate(zip(state_before, state_after, strict=True)) if a != b]
-                    names = ["ListExperiments", *(f"GetArmStats[{e}]" for e in FZ_IDS)]
-                    report.fail("state changed by a refused call", case, out, calls,
-                                extra="changed: " + ", ".join(names[i] for i in changed))
-            if srv.proc.poll() is not None:
-                problems.append(f"the server process died (exit code {srv.proc.returncode}) at call #{calls} "
-                                f"({case.method}, {case.label})")
-                report.fail("server died", case, out, calls)
-                break
-        elapsed = time.monotonic() - started
-        channel.close()
-
-        print(f"\n{calls} calls in {elapsed:.1f} s ({calls / max(elapsed, 1e-9):.0f}/s), seed {FUZZ_SEED}, "
-              f"{report.state_checks} refused calls checked for state changes; seconds spent: "
-              + ", ".join(f"{k} {v:.1f}" for k, v in report.seconds.items()))
+        total = report.seconds["total"]
+        print(f"\n{calls} calls in {total:.1f} s ({calls / max(total, 1e-9):.0f}/s), seed {FUZZ_SEED}, "
+              f"{report.state_checks} refused calls checked for state changes, "
+              f"{len(world.created)} experiments and {len(world.live)} decisions learned; seconds spent: "
+              + ", ".join(f"{k} {v:.1f}" for k, v in report.seconds.items() if k != "total"))
         print(report.summary())
         missing = [m for m in METHODS if not report.table.get(m)]
         if missing:
             problems.append(f"methods never called: {missing}")
-
-        alive = srv.proc.poll() is None
-        if not alive:
-            problems.append(f"the server is not running after the fuzz run (exit code {srv.proc.returncode})")
-        else:
-            with grpc.insecure_channel(srv.target) as ch:
-                try:
-                    health = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
-                    if health.status != health_pb2.HealthCheckResponse.SERVING:
-                        problems.append(f"health after the run: {health_pb2.HealthCheckResponse.ServingStatus.Name(health.status)}")
-                except grpc.RpcError as err:
-                    problems.append(f"health check after the run failed: {err.code().name}: {err.details()}")
-                try:
-                    after = guarded_snapshot(pb_grpc.BanditdStub(ch))
-                    diff = [f"{k}: {before.get(k)!r} -> {after.get(k)!r}" for k in sorted(before.keys() | after.keys())
-                            if before.get(k) != after.get(k)]
-                    if diff:
-                        problems.append("the guarded experiments changed during the fuzz run:\n  " + "\n  ".join(diff[:20]))
-                except grpc.RpcError as err:
-                    problems.append(f"reading the guarded experiments after the run failed: {err.code().name}: {err.details()}")
-
-            srv.proc.send_signal(signal.SIGTERM)
-            t0 = time.monotonic()
-            try:
-                code = srv.proc.wait(timeout=SIGTERM_EXIT_S)
-                print(f"SIGTERM: exited with {code} after {time.monotonic() - t0:.2f} s")
-            except Exception:  # noqa: BLE001 - subprocess.TimeoutExpired
-                problems.append(f"the server did not exit within {SIGTERM_EXIT_S:g} s of SIGTERM")
-
+        problems += _after_run(srv, world, before)
+        late = log.new_errors()
+        if late:
+            problems.append("errors in the server log after the fuzz run (health check, snapshot, shutdown):\n  "
+                            + "\n  ".join(map(log_entry_text, late[:10])))
         if report.failures:
             text = report.failure_text()
-            print(f"\n{len(report.failures)} distinct failures:\n{text}")
+            print(f"\n{len(report.failures)} distinct failures (seed {FUZZ_SEED}):\n{text}")
             problems.append(f"{len(report.failures)} distinct failures (seed {FUZZ_SEED}):\n{text}")
             if FUZZ_ARTIFACTS:
-                path = Path(FUZZ_ARTIFACTS) / f"wire-fuzz-{FUZZ_SEED}.json"
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_text(json.dumps([
-                    {"kind": f.kind, "method": f.method, "code": f.code, "details": f.details, "label": f.label,
-                     "count": f.count, "index": f.index,
-                     "payload_hex": f.payload.hex() if isinstance(f.payload, bytes) else [p.hex() for p in f.payload]}
-                    for f in report.failures.values()
-                ], indent=1))
-                print(f"failures with full payloads: {path}")
+                print(f"failures with full payloads: {report.write_artifacts(FUZZ_ARTIFACTS)}")
         if problems:
-            log_text = server_log_errors(srv.log_path)
-            print(f"\nserver log ({srv.log_path}):\n{log_text}")
-            problems.append(f"server log ({srv.log_path}):\n{log_text}")
+            print(f"\nserver log: {srv.log_path}")
     finally:
         srv.kill()
-    assert not problems, "\n\n".join(problems)
+    if problems:
+        pytest.fail("\n\n".join(problems), pytrace=False)

@@ -257,3 +257,32 @@ def test_11_unknown_enum_values_are_refused(server: ServerProcess, client: Clien
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert [e.id for e in client.list_experiments()] == ["en"]
     assert client.get_experiment("en").state == "running"
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"group_prior_strength": 5e-324},  # the pooled prior underflowed to Beta(0, 0): a core panic
+        {"half_life": 1e-300},  # every weight would overflow
+        {"exploitation": 1e-320},
+        {"temperature": 1e308},
+    ],
+)
+def test_extreme_policy_parameters_are_refused(client: Client, params: dict[str, float]) -> None:
+    with pytest.raises(InvalidArgument, match="outside"):
+        client.create_experiment("x", arms=[{"id": "a", "group": "g"}, {"id": "b", "group": "g"}], **params)
+    with pytest.raises(InvalidArgument, match="alpha > 0"):
+        client.create_experiment("y", arms=["a"], prior=(5e-324, 5e-324))
+    assert client.list_experiments() == []
+
+
+def test_updating_a_large_grouped_experiment_does_not_stall_the_writer(client: Client) -> None:
+    # Each arm's state used to be re-applied one by one, re-pooling every group each time:
+    # O(arms^2), 10-20 s at 20,000 arms with every write of the server waiting behind it.
+    arms = [{"id": "a0", "group": "g1"}] + [f"z{i}" for i in range(20_000)]
+    client.create_experiment("big", arms=arms, timeout=60)
+    started = time.monotonic()
+    client.update_experiment("big", retire_arms=["z7"], timeout=60)
+    client.resume("big")
+    assert time.monotonic() - started < 5.0
+    assert not {a.id: a.active for a in client.get_experiment("big").arms}["z7"]

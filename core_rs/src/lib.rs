@@ -4,6 +4,7 @@
 //! cause instead of panicking; long work runs with the GIL released.
 
 #[cfg(target_arch = "x86_64")]
+pub mod analysis;
 mod avx512;
 pub mod bandit;
 pub mod error;
@@ -554,6 +555,37 @@ impl PyBandit {
     #[getter]
     fn n_arms(&self, py: Python<'_>) -> PyResult<usize> {
         self.with(py, |s| Ok(s.bandit.len()))
+    }
+
+    /// Winner analysis by Monte Carlo from the posterior (see `analysis`): a dict of lists,
+    /// one entry per arm, "p_best", "expected_loss", "uplift_low", "uplift_high" (95%
+    /// interval of θ_arm / θ_ref − 1), "p_uplift" (P(θ_arm > θ_ref)), "reference" (the arm
+    /// each uplift is against, None for inactive arms and the control itself) and "control"
+    /// (the control given, else None: each arm against the best other arm by posterior mean).
+    #[pyo3(signature = (draws=20000, control=None))]
+    fn winner_analysis<'py>(
+        &self,
+        py: Python<'py>,
+        draws: usize,
+        control: Option<usize>,
+    ) -> PyResult<Bound<'py, pyo3::types::PyDict>> {
+        let (snapshot, seed) = self.with(py, |state| {
+            let seed: u64 = state.rng.scalar.random();
+            Ok((state.bandit.clone(), seed))
+        })?;
+        let r = py.detach(|| {
+            let mut rng = KernelRng::seed_from_u64(seed);
+            analysis::winner_analysis(&snapshot, &mut rng, draws, control)
+        })?;
+        let d = pyo3::types::PyDict::new(py);
+        d.set_item("p_best", r.p_best)?;
+        d.set_item("expected_loss", r.expected_loss)?;
+        d.set_item("uplift_low", r.uplift_low)?;
+        d.set_item("uplift_high", r.uplift_high)?;
+        d.set_item("p_uplift", r.p_uplift)?;
+        d.set_item("reference", r.reference)?;
+        d.set_item("control", r.control)?;
+        Ok(d)
     }
 }
 

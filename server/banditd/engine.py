@@ -39,6 +39,7 @@ from banditd.ops import (
 from banditd.store import (
     SPECS_COUNTER,
     STATS_COUNTER,
+    ArmRow,
     DecisionRecord,
     ExperimentChanges,
     Store,
@@ -102,6 +103,16 @@ def propensity_draws(n_arms: int) -> int:
 
 # Maturation sweep of min_age experiments: at most this often.
 MATURE_EVERY_S = 0.2
+
+
+def _minus(row: ArmRow, delta: list[float]) -> ArmRow:
+    """The row without `delta`; rounding residue around 0 is 0 (a Beta count is never < 0)."""
+
+    def sub(x: float, d: float) -> float:
+        y = x - d
+        return 0.0 if abs(y) <= 1e-9 * max(1.0, abs(x), abs(d)) else y
+
+    return replace(row, n=sub(row.n, delta[0]), sum=sub(row.sum, delta[1]), sumsq=sub(row.sumsq, delta[2]))
 
 
 def _plausible_decision_id(decision_id: str) -> bool:
@@ -211,15 +222,25 @@ class Engine:
             rt = self._runtimes.get(exp_id)
             if rt is None:
                 continue
-            checked = [rt.index[a] for a in (*ch.rises, *ch.falls) if a in rt.index]
-            before = dict(zip(checked, rt.bandit.means_of(checked), strict=True)) if checked else {}
+            names = [a for a in (*ch.rises, *ch.falls) if a in rt.index] if not ch.rescaled else []
+            checked = [rt.index[a] for a in names]
+            before: dict[int, float] = {}
+            if checked:
+                # The score without this commit's reward events (decisions in the same commit
+                # are 0-observations that may lower it): the check is about what events do.
+                without = {a: _minus(ch.arms[a], ch.event_deltas[a]) for a in names}
+                try:
+                    rt.apply_state(ch.policy, without, ch.counter_after, full=False)
+                    before = dict(zip(checked, rt.bandit.means_of(checked), strict=True))
+                except _core.CoreError:
+                    names, checked = [], []  # no check this commit; the real state follows
             rt.apply_state(ch.policy, ch.arms, ch.counter_after, full=False)
             after = dict(zip(checked, rt.bandit.means_of(checked), strict=True)) if checked else {}
             if ch.events or checked:
                 snapshot = rt.bandit.means() if rt.monitor.snapshot_due(now, len(rt.arm_ids)) else None
                 rt.monitor.on_update(
-                    [rt.index[a] for a in ch.rises if a in rt.index],
-                    [rt.index[a] for a in ch.falls if a in rt.index],
+                    [rt.index[a] for a in names if a in ch.rises],
+                    [rt.index[a] for a in names if a in ch.falls],
                     before,
                     after,
                     ch.events,

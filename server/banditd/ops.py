@@ -41,24 +41,25 @@ class Accounting:
         base = self.txn.policy(self.exp).base
         return float(self.discount ** -(clock - base))
 
-    def _kind(self, arm_id: str, delta: Delta, value: float) -> None:
+    def _event(self, arm_id: str, n: float, dsum: float, dsumsq: float, up: bool, down: bool) -> None:
+        """Records what a reward event did to an arm (stored units), for the rise/fall check:
+        the engine compares the score with and without the batch's event changes."""
         ch = self.txn.changes[self.exp]
-        if delta.n:  # a new observation: raises the mean only at the top of the range
-            up = self.binary and value >= 1.0
-            down = self.binary and value <= 0.0
-        else:
-            up, down = delta.sum > 0, delta.sum < 0
+        acc = ch.event_deltas.setdefault(arm_id, [0.0, 0.0, 0.0])
+        acc[0] += n
+        acc[1] += dsum
+        acc[2] += dsumsq
         if up and arm_id not in ch.falls and arm_id not in ch.mixed:
             ch.rises.add(arm_id)
         elif down and arm_id not in ch.rises and arm_id not in ch.mixed:
             ch.falls.add(arm_id)
-        elif up or down or delta.n:
+        elif up or down:
             ch.rises.discard(arm_id)
             ch.falls.discard(arm_id)
             ch.mixed.add(arm_id)
 
-    def observe(self, arm_id: str, value: float) -> float:
-        """A new observation; returns the clock it was made at."""
+    def observe(self, arm_id: str, value: float, event: bool = False) -> float:
+        """A new observation (`event`: made by a reward event); returns its clock."""
         policy = self.txn.policy(self.exp)
         clock = policy.clock
         w = self._weight(clock)
@@ -69,7 +70,8 @@ class Accounting:
         row.observations += 1
         row.value_sum += value
         policy.clock = clock + 1
-        self._kind(arm_id, Delta(1.0, value, value * value), value)
+        if event:  # raises the mean only at the top of the range, lowers it only at the bottom
+            self._event(arm_id, w, w * value, w * value * value, self.binary and value >= 1.0, value <= 0.0)
         if self.discount < 1.0 and (policy.clock - policy.base) > RESCALE_HALF_LIVES * self.spec.half_life:
             self._rescale()
         return clock
@@ -78,14 +80,16 @@ class Accounting:
         """An observed decision's value changed by `delta` (count unchanged)."""
         w = self._weight(clock)
         row = self.txn.arm(self.exp, arm_id)
+        before = row.sum
         row.sum += w * delta.sum
         row.sumsq += w * delta.sumsq
         row.value_sum += delta.sum
         if self.binary:  # a success weighs no more than its trial, whatever the rounding
             row.sum = min(max(row.sum, 0.0), row.n)
-        self._kind(arm_id, delta, 0.0)
+        self._event(arm_id, 0.0, row.sum - before, w * delta.sumsq, delta.sum > 0, delta.sum < 0)
 
     def _rescale(self) -> None:
+        self.txn.changes[self.exp].rescaled = True  # event deltas no longer in stored units
         policy = self.txn.policy(self.exp)
         f = self.discount ** (policy.clock - policy.base)
         for row in self.txn.all_arms(self.exp).values():
@@ -219,7 +223,7 @@ def apply_event(acct: Accounting, r: ResolvedReward) -> None:
     matured = rule.min_age_ms <= 0 or not batch.is_maturing(r.experiment_id, r.decision_id)
     delta = on_event(rule, matured, old.value if old else None, new_value)
     if delta.n:  # explicit mode: the decision's first event makes it an observation
-        new.clock = acct.observe(r.arm_id, new_value)
+        new.clock = acct.observe(r.arm_id, new_value, event=True)
     elif not delta.empty:
         clock = new.clock
         if clock is None and acct.discount < 1.0:

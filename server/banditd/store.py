@@ -258,10 +258,13 @@ class ExperimentChanges:
     # Stats counter before this transaction and after it.
     counter_before: int = 0
     counter_after: int = 0
-    # Arms whose every change in this transaction must raise / must not raise the mean.
+    # Reward events' part of the change, per arm: (n, sum, sumsq) in stored units; arms whose
+    # every event change must raise / must lower the mean, and arms with both.
+    event_deltas: dict[str, list[float]] = field(default_factory=dict)
     rises: set[str] = field(default_factory=set)
     falls: set[str] = field(default_factory=set)
     mixed: set[str] = field(default_factory=set)
+    rescaled: bool = False
     events: int = 0
 
 

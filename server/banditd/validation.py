@@ -95,7 +95,7 @@ def check_params(params: Mapping[str, float]) -> None:
             raise InvalidArgument(f"policy parameter {name} must be a finite number, got {value}")
         low, high = PARAM_RANGES.get(name, (-math.inf, math.inf))
         if value and not low <= value <= high:
-            raise InvalidArgument(f"policy parameter {name}={value:g} is outside [{low:g}, {high:g}] (0 = default)")
+            raise InvalidArgument(f"{name} must be in [{low:g}, {high:g}] (0 = the default), got {value:g}")
 
 
 def check_prior(prior: tuple[float, float] | None, binary: bool, what: str) -> None:

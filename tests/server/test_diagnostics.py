@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import time
 
+import pytest
+
 from banditd_client import Client
 
 
-def test_diagnostics_show_a_learning_loop(client: Client) -> None:
-    client.create_experiment("learns", arms=["a", "b", "c"], policy="thompson")
+@pytest.mark.parametrize("mode", ["decision", "explicit"])
+def test_diagnostics_show_a_learning_loop(client: Client, mode: str) -> None:
+    client.create_experiment("learns", arms=["a", "b", "c"], policy="thompson", outcomes={"mode": mode})
     rates = {"a": 0.8, "b": 0.1, "c": 0.1}
     for i in range(600):
         d = client.decide("learns", unit_id=f"u{i}")
@@ -18,7 +21,9 @@ def test_diagnostics_show_a_learning_loop(client: Client) -> None:
     assert diag.join_rate == 1.0
     # Every arm rewarded with a 1 had a score at least as high after the update.
     assert diag.rise_checks > 0 and diag.rise_ok == diag.rise_checks and diag.rise_share == 1.0
-    assert diag.fall_checks > 0 and diag.fall_ok == diag.fall_checks
+    # A reported 0 lowers a score only where it is a new observation (explicit mode); in
+    # decision mode the decision already counted as 0 and the event changes nothing.
+    assert diag.fall_ok == diag.fall_checks and (diag.fall_checks > 0 or mode == "decision")
     assert diag.scores_out_of_range == 0 and sum(diag.score_histogram) == 3
     assert diag.top_arm == "a" and diag.top_share > 2 * diag.uniform_share
     assert diag.traffic_entropy < 0.9 and 0.0 <= diag.exploration_share < 0.5

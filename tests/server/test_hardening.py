@@ -269,7 +269,7 @@ def test_11_unknown_enum_values_are_refused(server: ServerProcess, client: Clien
     ],
 )
 def test_extreme_policy_parameters_are_refused(client: Client, params: dict[str, float]) -> None:
-    with pytest.raises(InvalidArgument, match="outside"):
+    with pytest.raises(InvalidArgument, match="must be in"):
         client.create_experiment("x", arms=[{"id": "a", "group": "g"}, {"id": "b", "group": "g"}], **params)
     with pytest.raises(InvalidArgument, match="alpha > 0"):
         client.create_experiment("y", arms=["a"], prior=(5e-324, 5e-324))

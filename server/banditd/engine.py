@@ -378,7 +378,7 @@ class Engine:
             raise ExperimentPaused(
                 f"experiment {experiment_id!r} is paused; resume it to get decisions"
             )
-        k = check_k(k or 1, 0)
+        k = check_k(k or 1)
         check_context(context)
         if self.writer.storage_error is not None:
             raise ResourceExhausted(

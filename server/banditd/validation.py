@@ -71,7 +71,8 @@ def check_reward_value(value: float, binary: bool, what: str = "reward value") -
     return value
 
 
-def check_k(k: int, n_active: int) -> int:
+def check_k(k: int) -> int:
+    """The slate size bound; the core refuses k above the active arms with its own message."""
     if k > MAX_K:
         raise InvalidArgument(f"k={k} is larger than {MAX_K}, the largest slate")
     return k

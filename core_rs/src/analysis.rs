@@ -26,10 +26,6 @@ use crate::kernel::KernelRng;
 use crate::policy::RewardModel;
 use crate::sampling;
 
-/// Inverse-Gamma prior of the Gaussian model's variance, as in `bandit`.
-const NIG_SHAPE0: f64 = 1.0;
-const NIG_SCALE0: f64 = 1.0;
-
 pub const MIN_DRAWS: usize = 100;
 pub const MAX_DRAWS: usize = 1_000_000;
 /// Largest number of stored draws (active arms × draws): 400 MB of f64.
@@ -52,19 +48,6 @@ pub struct Analysis {
     pub reference: Vec<Option<usize>>,
 }
 
-/// NIG posterior (mean, κ, shape, scale) of a Gaussian arm (same formulas as `bandit`).
-pub fn nig_params(b: &Bandit, arm: usize) -> (f64, f64, f64, f64) {
-    let st = &b.stats[arm];
-    let (m0, k0, n) = (st.eff_a, st.eff_b, st.n);
-    let kn = k0 + n;
-    let mn = (k0 * m0 + st.sum) / kn;
-    let xbar = if n > 0.0 { st.sum / n } else { m0 };
-    let ss = (st.sumsq - n * xbar * xbar).max(0.0);
-    let an = NIG_SHAPE0 + 0.5 * n;
-    let bn = NIG_SCALE0 + 0.5 * ss + k0 * n * (xbar - m0).powi(2) / (2.0 * kn);
-    (mn, kn, an, bn)
-}
-
 /// Fills `out` with draws of the arm's posterior mean.
 fn draw_means<R: Rng + ?Sized>(b: &Bandit, arm: usize, rng: &mut R, out: &mut [f64]) {
     match b.model {
@@ -75,7 +58,7 @@ fn draw_means<R: Rng + ?Sized>(b: &Bandit, arm: usize, rng: &mut R, out: &mut [f
             }
         }
         RewardModel::Gaussian => {
-            let (mn, kn, an, bn) = nig_params(b, arm);
+            let (mn, kn, an, bn) = b.nig_params(arm);
             for x in out.iter_mut() {
                 let g = sampling::gamma(rng, an).max(f64::MIN_POSITIVE);
                 let var = bn / g;
@@ -135,7 +118,7 @@ pub fn winner_analysis(
                 x.is_finite() && y.is_finite() && x > 0.0 && y > 0.0
             }
             RewardModel::Gaussian => {
-                let (mn, kn, an, bn) = nig_params(b, a);
+                let (mn, kn, an, bn) = b.nig_params(a);
                 mn.is_finite()
                     && kn > 0.0
                     && an > 0.0

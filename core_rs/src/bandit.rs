@@ -567,7 +567,7 @@ impl Bandit {
     }
 
     /// NIG posterior (mean, κ, shape, scale) for the Gaussian model.
-    fn nig_params(&self, arm: usize) -> (f64, f64, f64, f64) {
+    pub fn nig_params(&self, arm: usize) -> (f64, f64, f64, f64) {
         let st = &self.stats[arm];
         let (m0, k0, n) = (st.eff_a, st.eff_b, st.n);
         let kn = k0 + n;

@@ -54,6 +54,7 @@ demo: install
 
 bench: install
 	$(BIN)/python loadtest/bench_core.py
+	cd loadtest && ../$(BIN)/python bench_contextual.py
 
 # Precise closed/open-loop load generator vs a numpy reference server and a no-op baseline.
 bench-server: install

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -9,11 +10,15 @@ from banditd_client.types import (
     Alarm,
     ArmDiagnostics,
     ArmInfo,
+    ArmModel,
     ArmStat,
     ChosenArm,
+    Coefficient,
     Decision,
     Diagnostics,
     ExperimentInfo,
+    Feature,
+    ModelReport,
     RewardCounts,
     RewardRejection,
 )
@@ -21,6 +26,8 @@ from banditd_client.v1 import banditd_pb2 as pb
 
 ArmSpec = str | ArmInfo | Mapping[str, Any]
 RewardItem = tuple[str, float] | tuple[str, float, str] | Mapping[str, Any]
+# A decision's context: text values are categories, numbers are numbers (bool is text).
+Context = Mapping[str, str | int | float]
 
 POLICY_PARAMS = (
     "exploitation",
@@ -31,6 +38,13 @@ POLICY_PARAMS = (
     "half_life",
     "group_prior_strength",
     "prune_epsilon",
+    # Contextual policies (lin_ucb, lin_ts, logistic_ucb, logistic_ts, logistic).
+    "alpha",
+    "ridge",
+    "exploration_floor",
+    "refit_seconds",
+    "encoder_warmup",
+    "encoder_refit_seconds",
 )
 REWARD_TYPES = {"binary": pb.BINARY, "continuous": pb.CONTINUOUS}
 OUTCOME_MODES = {"": pb.OUTCOME_MODE_UNSPECIFIED, "decision": pb.DECISION, "explicit": pb.EXPLICIT}
@@ -118,14 +132,41 @@ def update_request(
     )
 
 
-def decide_request(
-    experiment_id: str, unit_id: str, k: int | None, context: Mapping[str, str] | None
-) -> pb.DecideRequest:
+def context_value(key: str, value: object) -> pb.ContextValue:
+    """One context entry as a typed value. bool is tested first: it is an int, and a flag is
+    a category ("true" / "false"), not the number 1 / 0. Any real number (numpy scalars too)
+    is a number; anything else is refused here, where the caller's traceback is."""
+    if isinstance(value, bool):
+        return pb.ContextValue(text="true" if value else "false")
+    if isinstance(value, str):
+        return pb.ContextValue(text=value)
+    if isinstance(value, numbers.Real):
+        try:
+            return pb.ContextValue(number=float(value))
+        except OverflowError:
+            raise ValueError(f"context value of {key!r} ({value}) is too large for a double") from None
+    raise TypeError(
+        f"context value of {key!r} must be str, int or float, got {type(value).__name__}: {value!r}"
+    )
+
+
+def context_features(context: Context | None) -> dict[str, pb.ContextValue]:
+    """The context as DecideRequest.features (typed values; the string map `context` is only
+    for older clients)."""
+    features: dict[str, pb.ContextValue] = {}
+    for key, value in (context or {}).items():
+        if not isinstance(key, str):
+            raise TypeError(f"context keys must be str, got {type(key).__name__}: {key!r}")
+        features[key] = context_value(key, value)
+    return features
+
+
+def decide_request(experiment_id: str, unit_id: str, k: int | None, context: Context | None) -> pb.DecideRequest:
     return pb.DecideRequest(
         experiment_id=experiment_id,
         unit_id=unit_id,
         k=k or 0,
-        context={str(key): str(v) for key, v in (context or {}).items()},
+        features=context_features(context),
     )
 
 
@@ -149,6 +190,7 @@ def decision(resp: pb.DecideResponse) -> Decision:
         decision_id=resp.decision_id,
         arms=tuple(ChosenArm(a.arm_id, a.score, a.propensity) for a in resp.arms),
         sticky_hit=resp.sticky_hit,
+        model_version=resp.model_version,
     )
 
 
@@ -246,5 +288,25 @@ def diagnostics(resp: pb.Diagnostics) -> Diagnostics:
         arms=arms,
         alarms=tuple(Alarm(a.code, a.message) for a in resp.alarms),
         score_histogram=tuple(resp.score_histogram),
+        **scalars,
+    )
+
+
+def model_report(resp: pb.ModelReport) -> ModelReport:
+    scalars = {f.name: getattr(resp, f.name) for f in resp.DESCRIPTOR.fields if f.name not in ("features", "arms")}
+    return ModelReport(
+        features=tuple(
+            Feature(name=f.name, kind=f.kind, mean=f.mean, std=f.std, coverage=f.coverage, importance=f.importance)
+            for f in resp.features
+        ),
+        arms=tuple(
+            ArmModel(
+                arm=a.arm_id,
+                active=a.active,
+                observations=a.observations,
+                coefficients=tuple(Coefficient(c.feature, c.value, c.low, c.high) for c in a.coefficients),
+            )
+            for a in resp.arms
+        ),
         **scalars,
     )

@@ -12,7 +12,7 @@ from banditd_client import _convert as conv
 from banditd_client._channel import Pem, connect
 from banditd_client.client import DEFAULT_TIMEOUT, STREAM_TIMEOUT
 from banditd_client.errors import from_rpc_error
-from banditd_client.types import ArmStat, Decision, Diagnostics, ExperimentInfo, RewardCounts
+from banditd_client.types import ArmStat, Decision, Diagnostics, ExperimentInfo, ModelReport, RewardCounts
 from banditd_client.v1 import banditd_pb2 as pb
 from banditd_client.v1 import banditd_pb2_grpc as pb_grpc
 
@@ -74,7 +74,10 @@ class AsyncClient:
         **policy_params: float,
     ) -> ExperimentInfo:
         """`outcomes`: {"mode": "decision" (default: a decision without reward counts as
-        default_reward, 0) | "explicit", "aggregation", "default_reward", "min_age_seconds"}."""
+        default_reward, 0) | "explicit", "aggregation", "default_reward", "min_age_seconds"}.
+        `policy_params`: the Policy message's numbers (`_convert.POLICY_PARAMS`), e.g.
+        epsilon=0.1; contextual policies (lin_ucb, lin_ts, logistic_ucb, logistic_ts) take
+        alpha, ridge, exploration_floor, refit_seconds, encoder_warmup, encoder_refit_seconds."""
         req = conv.create_request(
             experiment_id, arms, policy, reward_type, sticky, attribution_window_seconds, prior,
             policy_params, outcomes,
@@ -107,9 +110,14 @@ class AsyncClient:
         unit_id: str = "",
         *,
         k: int | None = None,
-        context: Mapping[str, str] | None = None,
+        context: conv.Context | None = None,
         timeout: float | None = None,
     ) -> Decision:
+        """`k` arms (a slate; default 1). `context`: {key: str | int | float}. Strings are
+        categories, numbers (int, float, numpy scalars) are used as numbers; a bool is sent as
+        the text "true" / "false" (a category, not 1 / 0). Another key or value type raises
+        TypeError before anything is sent. Contextual experiments learn from it; the others
+        log it with the decision."""
         req = conv.decide_request(experiment_id, unit_id, k, context)
         return conv.decision(await self._call(self._stub.Decide, req, timeout))
 
@@ -152,3 +160,10 @@ class AsyncClient:
         """Learning-loop diagnostics: drift, rise share, traffic concentration, alarms."""
         req = pb.GetDiagnosticsRequest(experiment_id=experiment_id, reward_silence_seconds=reward_silence_seconds)
         return conv.diagnostics(await self._call(self._stub.GetDiagnostics, req, timeout))
+
+    async def get_model(self, experiment_id: str, *, timeout: float | None = None) -> ModelReport:
+        """A contextual experiment's model: feature definition, per-arm coefficients with 95%
+        intervals, feature importance, targeted versus uniform reward. FailedPrecondition for
+        an experiment without a contextual policy."""
+        req = pb.GetModelRequest(experiment_id=experiment_id)
+        return conv.model_report(await self._call(self._stub.GetModel, req, timeout))

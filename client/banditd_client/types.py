@@ -17,6 +17,8 @@ class Decision:
     decision_id: str
     arms: tuple[ChosenArm, ...]
     sticky_hit: bool = False
+    # Contextual experiments: the model version (feature definition) that decided; 0 otherwise.
+    model_version: int = 0
 
     @property
     def arm(self) -> str:
@@ -143,3 +145,59 @@ class Diagnostics:
     outcome_mode: str = "decision"
     observations: int = 0
     no_event_share: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Feature:
+    """One feature of a contextual experiment's current definition."""
+
+    name: str  # the context key; one-hot levels are "key=level", "key=<other>"
+    kind: str  # intercept | number | level | other
+    mean: float  # numbers: standardised as (value - mean) / std
+    std: float
+    coverage: float  # share of logged contexts that had this key (or level)
+    importance: float  # largest |coefficient| x (std of the encoded feature) over the arms
+
+
+@dataclass(frozen=True, slots=True)
+class Coefficient:
+    feature: str
+    value: float
+    low: float  # 95% interval
+    high: float
+
+
+@dataclass(frozen=True, slots=True)
+class ArmModel:
+    arm: str
+    active: bool
+    observations: float  # behind the model (discounted with a half-life)
+    coefficients: tuple[Coefficient, ...]
+
+    def coefficient(self, feature: str) -> Coefficient | None:
+        """The coefficient of one feature (by its name in ModelReport.features), if the model has it."""
+        return next((c for c in self.coefficients if c.feature == feature), None)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelReport:
+    """A contextual experiment's model: see the GetModel RPC for each field."""
+
+    experiment_id: str
+    policy: str
+    model_version: int
+    features: tuple[Feature, ...]
+    arms: tuple[ArmModel, ...]
+    contexts_seen: int  # decisions with a context behind the feature statistics
+    unknown_keys: int  # context keys outside the definition (ignored), since start
+    mismatched_values: int  # a string for a number feature or the reverse, since start
+    # Targeted versus uniform over the logged decisions with outcomes (current model version):
+    # the observed mean reward, and the SNIPS estimate of uniform random allocation with its
+    # 95% interval.
+    logged_decisions: int
+    targeted_mean: float
+    uniform_mean: float
+    uniform_low: float
+    uniform_high: float
+    refits: int  # logistic refits since start
+    seconds_since_refit: float  # -1 when none yet

@@ -7,9 +7,12 @@
 pub mod analysis;
 mod avx512;
 pub mod bandit;
+pub mod encoder;
 pub mod error;
 pub mod groups;
 pub mod kernel;
+pub mod linear;
+mod linear_py;
 pub mod memory;
 pub mod policy;
 pub mod sampling;
@@ -136,7 +139,7 @@ impl PyBandit {
         f: impl FnOnce(&mut State) -> Result<T, RsError> + Send,
     ) -> PyResult<T> {
         let out = py.detach(|| match self.state.lock() {
-            Ok(mut guard) => Ok(guarded(&mut guard, f)),
+            Ok(mut guard) => Ok(guarded(&mut *guard, f)),
             Err(_) => Err(()),
         });
         match out {
@@ -156,7 +159,7 @@ impl PyBandit {
     ) -> PyResult<T> {
         if quick {
             match self.state.try_lock() {
-                Ok(mut guard) => return Ok(guarded(&mut guard, f)?),
+                Ok(mut guard) => return Ok(guarded(&mut *guard, f)?),
                 Err(std::sync::TryLockError::Poisoned(_)) => return Err(poisoned()),
                 Err(std::sync::TryLockError::WouldBlock) => {}
             }
@@ -195,9 +198,9 @@ impl PyBandit {
 
 /// Runs `f` on the state, turning a panic (a bug) into an error before it can cross the FFI
 /// boundary or poison the lock: the experiment keeps serving and the caller gets the cause.
-fn guarded<T>(
-    state: &mut State,
-    f: impl FnOnce(&mut State) -> Result<T, RsError>,
+pub(crate) fn guarded<S, T>(
+    state: &mut S,
+    f: impl FnOnce(&mut S) -> Result<T, RsError>,
 ) -> Result<T, RsError> {
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(state))) {
         Ok(result) => result,
@@ -212,7 +215,7 @@ fn guarded<T>(
     }
 }
 
-fn poisoned() -> PyErr {
+pub(crate) fn poisoned() -> PyErr {
     PyRuntimeError::new_err("bandit state lock poisoned by an earlier failure")
 }
 
@@ -603,7 +606,7 @@ fn indices_from(py: Python<'_>, obj: &Bound<'_, PyAny>) -> PyResult<Vec<usize>> 
 }
 
 /// Floats from a buffer of float64 or any sequence of numbers.
-fn floats_from(py: Python<'_>, obj: &Bound<'_, PyAny>) -> PyResult<Vec<f64>> {
+pub(crate) fn floats_from(py: Python<'_>, obj: &Bound<'_, PyAny>) -> PyResult<Vec<f64>> {
     if let Ok(buf) = PyBuffer::<f64>::get(obj) {
         return buf.to_vec(py);
     }
@@ -625,6 +628,7 @@ fn beta_quantile(p: f64, a: f64, b: f64) -> PyResult<f64> {
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyBandit>()?;
+    m.add_class::<linear_py::PyLinear>()?;
     m.add_function(wrap_pyfunction!(beta_quantile, m)?)?;
     m.add("CoreError", m.py().get_type::<CoreError>())?;
     Ok(())

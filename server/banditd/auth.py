@@ -63,6 +63,7 @@ METHOD_SCOPES: dict[str, str] = {
     "ListExperiments": "read",
     "GetArmStats": "read",
     "GetDiagnostics": "read",
+    "GetModel": "read",
     "Decide": "decide",
     "Reward": "decide",
     "RewardStream": "decide",

@@ -12,7 +12,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from typing import Any
 
-from banditd import _core, diagnostics
+from banditd import _core, diagnostics, features
 from banditd.diagnostics import ArmView
 from banditd.errors import (
     AlreadyExists,
@@ -33,10 +33,13 @@ from banditd.ops import (
     LogDecision,
     MatureDecisions,
     PutExperiment,
+    PutFeatureDefinition,
     RecordRewards,
     ResolvedReward,
 )
 from banditd.store import (
+    MODEL_SEQ,
+    MODELS_COUNTER,
     SPECS_COUNTER,
     STATS_COUNTER,
     ArmRow,
@@ -80,6 +83,7 @@ class DecisionResult:
     record: DecisionRecord
     scores: tuple[float, ...]
     sticky_hit: bool
+    model_version: int = 0  # contextual experiments: the feature definition that decided
 
 
 # Per-arm statistics rows are the diagnostics' arm view (one shape for both).
@@ -103,6 +107,13 @@ def propensity_draws(n_arms: int) -> int:
 
 # Maturation sweep of min_age experiments: at most this often.
 MATURE_EVERY_S = 0.2
+# Contextual experiments: model maintenance round, retry of a first feature definition that
+# found too few contexts, and the observations a logistic refit uses (the newest).
+MODELS_EVERY_S = 0.5
+DEFINITION_RETRY_S = 5.0
+REFIT_OBSERVATIONS = 50_000
+# Logged decisions behind GetModel's targeted-versus-uniform comparison (the newest).
+COMPARISON_DECISIONS = 20_000
 
 
 def _minus(row: ArmRow, delta: list[float]) -> ArmRow:
@@ -137,6 +148,7 @@ class Engine:
         self._seen_specs = -1
         self.skipped: dict[str, str] = {}  # experiments that could not be loaded, and why
         self.propensity_lag_s = 0.0  # how far behind the posterior the last refresh round ran
+        self._seen_models = -1
         writer.on_commit = self._on_commit
 
     # Lifecycle.
@@ -155,13 +167,27 @@ class Engine:
                 rt = ExperimentRuntime(spec, self._seed_for(spec.id))
                 policy, rows, counter = self.store.experiment_state(spec.id)
                 rt.apply_state(policy, rows, counter, full=True)
+                self._sync_model(rt)
             except Exception as exc:  # noqa: BLE001 - one bad record must not stop the server
                 log.error("experiment %r could not be loaded and is not served: %s", exp_id, exc)
                 self.skipped[exp_id] = f"{type(exc).__name__}: {exc}"
                 continue
             self._runtimes[spec.id] = rt
         self._seen_specs = self.store.counter(SPECS_COUNTER)
+        self._seen_models = self.store.counter(MODELS_COUNTER)
         log.info("loaded %d experiments", len(self._runtimes))
+
+    def _sync_model(self, rt: ExperimentRuntime) -> None:
+        """Brings a contextual experiment's models up to the store: its feature definition,
+        then the model log entries of that version not applied yet."""
+        if rt.model is None:
+            return
+        fd = self.store.model_definition(rt.spec.id)
+        if fd.version != rt.definition.version:
+            rt.apply_definition(fd)
+        for seq, items in self.store.model_log(rt.spec.id, fd.version, rt.model_seq):
+            if not rt.apply_model_items(fd.version, seq, items):
+                break
 
     def runtime(self, experiment_id: str) -> ExperimentRuntime | None:
         return self._runtimes.get(experiment_id)
@@ -190,6 +216,7 @@ class Engine:
                 rt = ExperimentRuntime(spec, self._seed_for(spec.id))
                 policy, rows, counter = self.store.experiment_state(spec.id)
                 rt.apply_state(policy, rows, counter, full=True)
+                self._sync_model(rt)
                 self._runtimes[spec.id] = rt
             elif spec.version > rt.spec.version:
                 rt.apply_spec_change(spec)
@@ -213,6 +240,14 @@ class Engine:
             if seen != rt.stats_seen:
                 policy, rows, counter = self.store.experiment_state(exp_id)
                 rt.apply_state(policy, rows, counter, full=True)
+        models = self.store.counter(MODELS_COUNTER)
+        contextual = [rt for _, rt in runtimes if rt.model is not None]
+        if contextual:
+            seqs = self.store.counters([MODEL_SEQ + rt.spec.id.encode() for rt in contextual])
+            for rt, seq in zip(contextual, seqs, strict=True):
+                if models != self._seen_models or seq != rt.model_seq:
+                    self._sync_model(rt)
+        self._seen_models = models
 
     def _on_commit(self, changes: dict[str, ExperimentChanges]) -> None:
         """Writer thread, right after a commit: the posteriors take the committed statistics
@@ -235,6 +270,9 @@ class Engine:
                 except _core.CoreError:
                     names, checked = [], []  # no check this commit; the real state follows
             rt.apply_state(ch.policy, ch.arms, ch.counter_after, full=False)
+            if rt.model is not None and ch.model_items is not None:
+                if not rt.apply_model_items(ch.model_version, ch.model_seq, ch.model_items):
+                    self._sync_model(rt)  # another process's entries came first: read them
             after = dict(zip(checked, rt.bandit.means_of(checked), strict=True)) if checked else {}
             if ch.events or checked:
                 snapshot = rt.bandit.means() if rt.monitor.snapshot_due(now, len(rt.arm_ids)) else None
@@ -264,6 +302,87 @@ class Engine:
                     rt.slate_sizes.discard(k)
         return time.perf_counter() - started
 
+    def maintain_models(self) -> None:
+        """Contextual experiments, off the request path: learn or re-check the feature
+        definition, refit logistic models on their cadence."""
+        for rt in list(self._runtimes.values()):
+            if rt.model is None:
+                continue
+            try:
+                self._check_definition(rt)
+                if rt.spec.policy.startswith("logistic"):
+                    self._refit(rt)
+            except BanditdError as exc:
+                log.warning("experiment %r: model maintenance failed: %s", rt.spec.id, exc)
+            except Exception:
+                log.exception("experiment %r: model maintenance failed", rt.spec.id)
+
+    def _check_definition(self, rt: ExperimentRuntime) -> None:
+        spec, fd, mono = rt.spec, rt.definition, time.monotonic()
+        warmup = spec.param("encoder_warmup")
+        if fd.version == 0:
+            if rt.policy.decisions < warmup or mono - rt.encoder_checked < DEFINITION_RETRY_S:
+                return
+        elif mono - rt.encoder_checked < spec.param("encoder_refit_seconds"):
+            return
+        first_check = rt.encoder_checked == 0.0 and fd.version > 0
+        rt.encoder_checked = mono
+        if first_check:
+            return  # just loaded: the stored definition is recent enough to start from
+        recs = self.store.recent_decisions(spec.id, features.SAMPLE, 20 * features.SAMPLE)
+        if len(recs) < min(warmup, features.SAMPLE):
+            return
+        new = features.learn((r.context for r in recs), fd.version + 1, now_ms())
+        if new.same_features(fd):
+            return
+        log.info(
+            "experiment %r: feature definition version %d (%d features from %d contexts)",
+            spec.id, new.version, new.dimension, new.contexts,
+        )
+        self.writer.submit_and_wait(
+            PutFeatureDefinition(spec.id, new, lambda _exp: self._sync_model(rt)), timeout=30.0
+        )
+
+    def training_data(self, rt: ExperimentRuntime, limit: int) -> tuple[list[DecisionRecord], list[float]]:
+        """The current model version's observations, newest first: decisions with features
+        and the value each is worth now under the outcome rule (one arm per decision: the
+        first of a slate)."""
+        fd, rule = rt.definition, rt.rule
+        recs = [
+            r for r in self.store.recent_decisions(rt.spec.id, limit, 20 * limit, fd.version)
+            if r.features is not None and len(r.features) == 8 * fd.dimension
+        ]
+        outs = self.store.outcomes_many([(r.decision_id, r.arms[0]) for r in recs])
+        maturing = (
+            self.store.maturing_many(rt.spec.id, [r.decision_id for r in recs]) if rule.min_age_ms > 0 else set()
+        )
+        kept, values = [], []
+        for r in recs:
+            out = outs.get((r.decision_id, r.arms[0]))
+            if r.decision_id in maturing or (rule.mode == "explicit" and out is None):
+                continue
+            kept.append(r)
+            values.append(out.value if out is not None else rule.default_reward)
+        return kept, values
+
+    def _refit(self, rt: ExperimentRuntime) -> None:
+        assert rt.model is not None
+        now = time.time()
+        if now - rt.refitted < rt.spec.param("refit_seconds"):
+            return
+        rt.refitted = now
+        recs, values = self.training_data(rt, REFIT_OBSERVATIONS)
+        by_arm: dict[int, tuple[list[bytes], list[float]]] = {}
+        for r, v in zip(recs, values, strict=True):
+            idx = rt.index.get(r.arms[0])
+            if idx is not None and r.features is not None:
+                xs, ys = by_arm.setdefault(idx, ([], []))
+                xs.append(r.features)
+                ys.append(min(1.0, max(0.0, v)))
+        for idx, (xs, ys) in by_arm.items():
+            rt.model.refit_logistic(idx, b"".join(xs), ys, [1.0] * len(ys))
+        rt.refits += 1
+
     def mature(self) -> int:
         """Turns decisions of min_age experiments that are old enough into observations."""
         specs = [rt.spec for rt in self._runtimes.values() if rt.rule.min_age_ms > 0]
@@ -275,7 +394,7 @@ class Engine:
         """Propensity refresh and maturation until `stopped`; the refresh's pace keeps its
         cost under PROPENSITY_CPU_SHARE of a core, so propensities lag the posterior by at
         most max(PROPENSITY_REFRESH_S, cost / share) plus one refresh."""
-        last_mature = 0.0
+        last_mature = last_models = 0.0
         wait = PROPENSITY_REFRESH_S
         while not stopped.wait(wait):
             try:
@@ -287,6 +406,9 @@ class Engine:
                 if time.monotonic() - last_mature >= MATURE_EVERY_S:
                     last_mature = time.monotonic()
                     self.mature()
+                if time.monotonic() - last_models >= MODELS_EVERY_S:
+                    last_models = time.monotonic()
+                    self.maintain_models()
             except BanditdError as exc:
                 log.warning("background round failed: %s", exc)
             except Exception:  # keep going; the next round retries
@@ -370,7 +492,7 @@ class Engine:
 
     # Decisions.
     def decide(
-        self, experiment_id: str, unit_id: str, k: int, context: dict[str, str] | None = None
+        self, experiment_id: str, unit_id: str, k: int, context: dict[str, Any] | None = None
     ) -> DecisionResult:
         rt = self._require(experiment_id)
         spec = rt.spec
@@ -393,16 +515,25 @@ class Engine:
             if held is not None and len(held) == k and all(self._is_active(rt, a) for a in held):
                 # Only the held arms' means: `means()` would build a list of every arm.
                 scores = tuple(rt.bandit.means_of([rt.index[a] for a in held]))
-                return self._record(rt, unit_id, held, (1.0,) * k, scores, True, context)
+                x = rt.model.encode(context) if rt.model is not None else None
+                return self._record(rt, unit_id, held, (1.0,) * k, scores, True, context, x)
+        x: bytes | None = None
         try:
-            arms, scores, props = rt.bandit.choose(k)
+            if rt.model is not None:
+                try:
+                    arms, scores, props, x = rt.model.choose(context, k)
+                except _core.CoreError:
+                    # The feature definition may have changed between encoding and scoring.
+                    arms, scores, props, x = rt.model.choose(context, k)
+            else:
+                arms, scores, props = rt.bandit.choose(k)
         except _core.CoreError as exc:
             raise InvalidArgument(f"experiment {experiment_id!r}: {exc}") from None
         arm_ids = rt.arm_ids  # extended before the core learns of new arms: every index is in it
         chosen = tuple(arm_ids[i] for i in arms)
-        if k not in rt.slate_sizes:
+        if rt.model is None and k not in rt.slate_sizes:
             rt.slate_sizes.add(k)
-        result = self._record(rt, unit_id, chosen, tuple(props), tuple(scores), False, context)
+        result = self._record(rt, unit_id, chosen, tuple(props), tuple(scores), False, context, x)
         if spec.sticky:
             rt.assignments.put(unit_id, chosen)
         return result
@@ -427,11 +558,13 @@ class Engine:
         props: tuple[float, ...],
         scores: tuple[float, ...],
         sticky_hit: bool,
-        context: dict[str, str] | None,
+        context: dict[str, Any] | None,
+        features: bytes | None = None,
     ) -> DecisionResult:
         ts = now_ms()
+        version = rt.definition.version if rt.model is not None else rt.bandit.version
         record = DecisionRecord(
-            new_decision_id(ts), rt.spec.id, arms, props, unit_id, ts, rt.bandit.version, context
+            new_decision_id(ts), rt.spec.id, arms, props, unit_id, ts, version, context, None, features
         )
         self._pending[record.decision_id] = record
         try:
@@ -443,7 +576,7 @@ class Engine:
         for a in arms:
             rt.recent.append(rt.index[a])
         rt.monitor.on_decision(record.ts_ms / 1000.0, len(arms))
-        return DecisionResult(record, scores, sticky_hit)
+        return DecisionResult(record, scores, sticky_hit, version if rt.model is not None else 0)
 
     def _committed(self, decision_id: str) -> None:
         self._pending.pop(decision_id, None)
@@ -574,6 +707,97 @@ class Engine:
             silence_s or diagnostics.DEFAULT_SILENCE_S,
             rt.rule.mode,
         )
+
+    def model_report(self, experiment_id: str) -> dict[str, Any]:
+        """A contextual experiment's model: feature definition, per-arm coefficients with 95%
+        intervals, feature importance and targeted-versus-uniform reward (the keys are the
+        fields of the ModelReport message)."""
+        rt = self._require(experiment_id)
+        if rt.model is None:
+            raise FailedPrecondition(
+                f"experiment {experiment_id!r} uses the context-free policy {rt.spec.policy!r}; "
+                "models exist for lin_ucb, lin_ts and logistic experiments"
+            )
+        fd = rt.definition
+        names = rt.model.feature_names()
+        coefs = [rt.model.coefficients(i) for i in range(len(rt.arm_ids))]
+        spread = features.encoded_std(fd)
+        if len(spread) != len(names):  # a definition change is being applied: no importances
+            spread = [0.0] * len(names)
+        kinds = ["intercept"] + ["number"] * len(fd.numeric)
+        means = [0.0] + [n[1] for n in fd.numeric]
+        stds = [0.0] + [n[2] for n in fd.numeric]
+        coverage = [1.0] + [n[3] for n in fd.numeric]
+        for _, cov, levels in fd.categorical:
+            kinds += ["level"] * len(levels) + ["other"]
+            coverage += [c for _, c in levels] + [max(0.0, cov - sum(c for _, c in levels))]
+            means += [0.0] * (len(levels) + 1)
+            stds += [0.0] * (len(levels) + 1)
+        feats = [
+            {
+                "name": name,
+                "kind": kinds[j] if j < len(kinds) else "",
+                "mean": means[j] if j < len(means) else 0.0,
+                "std": stds[j] if j < len(stds) else 0.0,
+                "coverage": coverage[j] if j < len(coverage) else 0.0,
+                "importance": max((abs(c[0][j]) * spread[j] for c in coefs if j < len(c[0])), default=0.0),
+            }
+            for j, name in enumerate(names)
+        ]
+        observations = rt.model.observations()
+        arms = [
+            {
+                "arm_id": arm.id,
+                "active": arm.active,
+                "observations": observations[i],
+                "coefficients": [
+                    {"feature": n, "value": v, "low": v - 1.96 * se, "high": v + 1.96 * se}
+                    for n, v, se in zip(names, *coefs[i], strict=False)
+                ],
+            }
+            for i, arm in enumerate(rt.spec.arms)
+        ]
+        unknown, mismatched = rt.model.encoder_counters()
+        report = {
+            "experiment_id": experiment_id,
+            "policy": rt.spec.policy,
+            "model_version": fd.version,
+            "features": feats,
+            "arms": arms,
+            "contexts_seen": fd.contexts,
+            "unknown_keys": unknown,
+            "mismatched_values": mismatched,
+            "refits": rt.refits,
+            "seconds_since_refit": time.time() - rt.refitted if rt.refits else -1.0,
+        }
+        report.update(self._targeted_vs_uniform(rt))
+        return report
+
+    def _targeted_vs_uniform(self, rt: ExperimentRuntime) -> dict[str, Any]:
+        """Observed mean reward of the logged single-arm decisions of the current model
+        version, and the self-normalised inverse-propensity estimate of uniform random
+        allocation on the same units (weights (1/arms) / logged propensity), with a 95%
+        delta-method interval."""
+        recs, values = self.training_data(rt, COMPARISON_DECISIONS)
+        pairs = [(r, v) for r, v in zip(recs, values, strict=True) if len(r.arms) == 1 and r.propensities[0] > 0]
+        active = sum(a.active for a in rt.spec.arms) or 1
+        if not pairs:
+            return {"logged_decisions": 0, "targeted_mean": 0.0, "uniform_mean": 0.0, "uniform_low": 0.0,
+                    "uniform_high": 0.0}  # fmt: skip
+        n = len(pairs)
+        w = [1.0 / active / r.propensities[0] for r, _ in pairs]
+        y = [v for _, v in pairs]
+        sw = math.fsum(w)
+        est = math.fsum(wi * yi for wi, yi in zip(w, y, strict=True)) / sw
+        # Delta method for a ratio estimator: var = sum w_i^2 (y_i - est)^2 / (sum w_i)^2.
+        se = math.sqrt(math.fsum((wi * (yi - est)) ** 2 for wi, yi in zip(w, y, strict=True))) / sw
+        return {
+            "logged_decisions": n,
+            "targeted_mean": math.fsum(y) / n,
+            "uniform_mean": est,
+            "uniform_low": est - 1.96 * se,
+            "uniform_high": est + 1.96 * se,
+        }
 
     def status(self) -> dict[str, Any]:
         return {

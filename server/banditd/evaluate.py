@@ -8,6 +8,12 @@ for each candidate policy:
 - `uniform`, `arm:ID`, `mix:ID=W,ID=W,...` (fixed action distributions);
 - `greedy`, `epsilon_greedy:E`, `thompson`: fitted on the first --train-fraction of the
   log (per context cell when --context-keys is given) and evaluated on the rest;
+- `lin_ucb`, `lin_ts`, `logistic_ucb`, `logistic_ts` (`logistic`): the server's contextual
+  policies (`banditd._core.Linear`), trained on the first --train-fraction of the log (encoder
+  learnt from those rows' contexts, every row an observation of its logged arm), then frozen
+  and evaluated on the rest. UCB is deterministic: its target is one-hot on its choice.
+  Thompson's target is its action distribution, P(arm's posterior draw is the largest),
+  integrated numerically from the frozen per-arm posteriors;
 - `--policy-file F.json`: {"arm": weight, ...} or
   {"by": "context field", "policies": {"value": {"arm": weight}}, "default": {...}}.
 """
@@ -18,8 +24,9 @@ import argparse
 import csv
 import math
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from statistics import NormalDist
 from typing import Any
 
 import numpy as np
@@ -28,17 +35,23 @@ from numpy.typing import NDArray
 
 from banditd import ope
 from banditd.errors import BanditdError, InvalidArgument
+from banditd.sim.contextual import LINEAR_POLICIES, Context, learn_encoder, linear_model
 
 REQUIRED = ("action", "reward", "propensity")
 THOMPSON_DRAWS = 4000
+# Thompson's action probabilities: midpoint rule over u = Phi(z) of the arm's own draw. A
+# step in the integrand (an arm far more certain than another) costs at most 1/(2*NODES).
+THOMPSON_NODES = 128
+THOMPSON_CHUNK = 2048  # rows per block (memory: chunk x nodes floats per array)
 
 
 @dataclass
 class LoadedLog:
     log: ope.Log
-    contexts: list[dict[str, str]]
+    contexts: list[dict[str, str]]  # as text: context cells and policy files match on it
     skipped_slate_rows: int
     unsettled_rows: int
+    features: list[Context] = field(default_factory=list)  # numbers kept as floats, for the models
 
 
 def _read_rows(path: Path, fmt: str | None) -> list[dict[str, Any]]:
@@ -50,11 +63,11 @@ def _read_rows(path: Path, fmt: str | None) -> list[dict[str, Any]]:
         return list(csv.DictReader(ft))
 
 
-def _context(row: dict[str, Any], line: int) -> dict[str, str]:
+def _raw_context(row: dict[str, Any], line: int) -> dict[str, Any]:
     raw = row.get("context")
-    ctx: dict[str, str] = {}
+    ctx: dict[str, Any] = {}
     if isinstance(raw, dict):
-        ctx.update({str(k): str(v) for k, v in raw.items()})
+        ctx.update({str(k): v for k, v in raw.items()})
     elif raw:
         try:
             parsed = orjson.loads(raw)
@@ -62,9 +75,22 @@ def _context(row: dict[str, Any], line: int) -> dict[str, str]:
             raise InvalidArgument(f"row {line}: context is not a JSON object: {e}") from e
         if not isinstance(parsed, dict):
             raise InvalidArgument(f"row {line}: context must be a JSON object, got {raw!r}")
-        ctx.update({str(k): str(v) for k, v in parsed.items()})
-    ctx.update({k[4:]: str(v) for k, v in row.items() if k.startswith("ctx_") and v not in (None, "")})
+        ctx.update({str(k): v for k, v in parsed.items()})
+    ctx.update({k[4:]: v for k, v in row.items() if k.startswith("ctx_") and v not in (None, "")})
     return ctx
+
+
+def _features(raw: dict[str, Any]) -> Context:
+    """A context for the models: JSON numbers stay numbers (as floats), the rest is text.
+    CSV ctx_* columns carry no type: they stay text (use the JSON `context` column, as
+    `banditd export` writes it, for numeric features)."""
+    out: Context = {}
+    for k, v in raw.items():
+        if v is None:  # JSON null: the field is missing
+            continue
+        number = isinstance(v, int | float) and not isinstance(v, bool)
+        out[k] = float(v) if number else str(v)
+    return out
 
 
 def _number(row: dict[str, Any], column: str, line: int) -> float:
@@ -99,6 +125,7 @@ def load(path: str | Path, fmt: str | None = None, context_keys: tuple[str, ...]
     rewards: list[float] = []
     props: list[float] = []
     contexts: list[dict[str, str]] = []
+    features: list[Context] = []
     skipped = unsettled = 0
     for line, row in enumerate(rows, start=1):
         # A slate's per-arm propensity is an inclusion probability, not the chance of the
@@ -111,7 +138,9 @@ def load(path: str | Path, fmt: str | None = None, context_keys: tuple[str, ...]
         actions.append(str(row["action"]))
         rewards.append(_number(row, "reward", line))
         props.append(_number(row, "propensity", line))
-        contexts.append(_context(row, line))
+        raw = _raw_context(row, line)
+        contexts.append({k: str(v) for k, v in raw.items()})
+        features.append(_features(raw))
     if not actions:
         raise InvalidArgument(f"{path}: all {skipped} rows belong to slates (k > 1); nothing to evaluate")
     arms = tuple(sorted(set(actions)))
@@ -127,7 +156,7 @@ def load(path: str | Path, fmt: str | None = None, context_keys: tuple[str, ...]
         np.array(cells, dtype=np.int64),
         len(cell_index),
     )
-    return LoadedLog(log, contexts, skipped, unsettled)
+    return LoadedLog(log, contexts, skipped, unsettled, features)
 
 
 # Candidate policies: each turns (log, contexts, training log) into pi[n, K].
@@ -184,11 +213,92 @@ def _fitted(kind: str, train: ope.Log, epsilon: float, seed: int) -> NDArray[np.
     return pi
 
 
+def contextual_policy(
+    kind: str,
+    train: ope.Log,
+    train_features: list[Context],
+    test: ope.Log,
+    test_features: list[Context],
+    seed: int,
+) -> tuple[NDArray[np.float64], str]:
+    """pi[test row, action] of a `Linear` policy trained on the training rows and frozen: it
+    never sees the rows it is scored on. Returns the matrix and a note saying what it is."""
+    model, rule = LINEAR_POLICIES[kind]
+    k = len(train.arms)
+    binary = bool(((train.rewards >= 0) & (train.rewards <= 1)).all())
+    if model == "logistic" and not binary:
+        raise InvalidArgument(f"{kind} models a probability: it needs rewards in [0, 1]")
+    m = linear_model(kind, k, binary=binary, seed=seed)
+    numeric, categorical = learn_encoder(train_features)
+    m.set_encoder(numeric, categorical)
+    xs = [m.encode(c) for c in train_features]
+    # Every training row is an observation of its logged arm (w = 1, wy = r, wyy = r*r): a
+    # per-arm regression's target E[r | x, arm] does not depend on who chose the arm, so the
+    # logging policy needs no correction here (only in the estimators).
+    y = train.rewards
+    m.update(train.actions.tolist(), b"".join(xs), [1.0] * train.n, y.tolist(), (y * y).tolist())
+    if model == "logistic":
+        # The online updates are one Newton step each; the refit is the penalised MLE.
+        for arm in range(k):
+            rows = np.flatnonzero(train.actions == arm)
+            if len(rows):
+                m.refit_logistic(arm, b"".join(xs[i] for i in rows), y[rows].tolist(), [1.0] * len(rows))
+    test_xs = [m.encode(c) for c in test_features]
+    shape = f"{m.n_features()} features ({len(numeric)} numeric, {len(categorical)} categorical fields)"
+    if rule == "ucb":
+        pi = np.zeros((test.n, k))
+        pi[np.arange(test.n), [m.choose_x(x, 1)[0][0] for x in test_xs]] = 1.0
+        return pi, f"{kind}: one-hot on the frozen model's UCB choice; {shape}"
+    mean = np.empty((test.n, k))
+    se = np.empty((test.n, k))
+    for i, x in enumerate(test_xs):
+        for arm in range(k):
+            mean[i, arm], se[i, arm] = m.predict(arm, x)
+    return thompson_probabilities(mean, se), (
+        f"{kind}: Thompson's action probabilities P(arm's posterior draw is the largest) under the "
+        f"frozen model; {shape}"
+    )
+
+
+def thompson_probabilities(mean: NDArray[np.float64], se: NDArray[np.float64]) -> NDArray[np.float64]:
+    """P(arm a's draw is the largest) per row, for independent Gaussian draws N(mean, se^2):
+    the integral over a's draw v of prod_{b != a} Phi((v - mean_b) / se_b), by the midpoint
+    rule in u = Phi(z) (v = mean_a + se_a z), rows renormalised to sum to 1."""
+    n, k = mean.shape
+    dist = NormalDist()
+    z = np.array([dist.inv_cdf((j + 0.5) / THOMPSON_NODES) for j in range(THOMPSON_NODES)])
+    se = np.maximum(se, 1e-12)
+    out = np.empty((n, k))
+    for lo in range(0, n, THOMPSON_CHUNK):
+        mu, sd = mean[lo : lo + THOMPSON_CHUNK], se[lo : lo + THOMPSON_CHUNK]
+        for a in range(k):
+            v = mu[:, a, None] + sd[:, a, None] * z[None, :]
+            p = np.ones_like(v)
+            for b in range(k):
+                if b != a:
+                    p *= _normal_cdf((v - mu[:, b, None]) / sd[:, b, None])
+            out[lo : lo + THOMPSON_CHUNK, a] = p.mean(axis=1)
+    return out / out.sum(axis=1, keepdims=True)
+
+
+def _normal_cdf(x: NDArray[np.float64]) -> NDArray[np.float64]:
+    """Phi(x) to ~1e-7 (Abramowitz & Stegun 7.1.26 for erf): numpy has no erf."""
+    t = np.abs(x) / math.sqrt(2)
+    k = 1.0 / (1.0 + 0.3275911 * t)
+    poly = k * (0.254829592 + k * (-0.284496736 + k * (1.421413741 + k * (-1.453152027 + k * 1.061405429))))
+    tail = 0.5 * poly * np.exp(-t * t)  # P(Z > |x|)
+    return np.where(x >= 0, 1.0 - tail, tail)
+
+
 @dataclass
 class Candidate:
     name: str
     learned: bool
     spec: str | dict[str, Any]
+
+    @property
+    def contextual(self) -> bool:
+        return isinstance(self.spec, str) and self.spec in LINEAR_POLICIES
 
     def matrix(
         self, log: ope.Log, contexts: list[dict[str, str]], train: ope.Log | None, seed: int
@@ -203,6 +313,8 @@ class Candidate:
             return np.tile(_distribution({arg: 1.0}, log.arms, self.name), (log.n, 1))
         if kind == "mix":
             return np.tile(_distribution(_parse_weights(arg), log.arms, self.name), (log.n, 1))
+        if self.contextual:
+            raise InvalidArgument(f"{self.name} needs the log's contexts: evaluate it with evaluate()")
         assert train is not None
         epsilon = float(arg) if kind == "epsilon_greedy" and arg else (0.1 if kind == "epsilon_greedy" else 0.0)
         return _fitted(kind, train, epsilon, seed)[log.cells]
@@ -232,12 +344,12 @@ class Candidate:
         return np.array(rows)
 
 
-LEARNED = ("greedy", "epsilon_greedy", "thompson")
+LEARNED = ("greedy", "epsilon_greedy", "thompson", *LINEAR_POLICIES)
 
 
 def parse_candidate(spec: str) -> Candidate:
     kind, sep, arg = spec.partition(":")
-    if kind in ("uniform", "greedy", "thompson") and not arg:
+    if kind in ("uniform", "greedy", "thompson", *LINEAR_POLICIES) and not arg:
         return Candidate(spec, kind in LEARNED, spec)
     if kind == "epsilon_greedy":
         if arg:
@@ -254,7 +366,7 @@ def parse_candidate(spec: str) -> Candidate:
         return Candidate(spec, False, spec)
     raise InvalidArgument(
         f"unknown candidate policy {spec!r}; expected uniform, arm:ID, mix:ID=W,..., greedy, "
-        "epsilon_greedy[:E], thompson or --policy-file"
+        f"epsilon_greedy[:E], thompson, {', '.join(LINEAR_POLICIES)} or --policy-file"
     )
 
 
@@ -277,6 +389,7 @@ class Report:
     max_weight: float
     logged: ope.Estimate
     estimates: list[ope.Estimate]
+    note: str = ""  # what the candidate's action distribution is, when it is not obvious
 
 
 def evaluate(
@@ -292,16 +405,22 @@ def evaluate(
         train, test = log.subset(np.arange(cut)), log.subset(np.arange(cut, log.n))
         contexts = loaded.contexts[cut:]
     else:
-        train, test, contexts = None, log, loaded.contexts
+        train, test, contexts, cut = None, log, loaded.contexts, 0
     reports = []
     for cand in candidates:
-        pi = cand.matrix(test, contexts, train, seed)
+        note = ""
+        if cand.contextual:
+            assert train is not None and isinstance(cand.spec, str)
+            features = loaded.features
+            pi, note = contextual_policy(cand.spec, train, features[:cut], test, features[cut:], seed)
+        else:
+            pi = cand.matrix(test, contexts, train, seed)
         w = ope.weights(test, pi)
         ess = float(w.sum() ** 2 / (w**2).sum()) if (w > 0).any() else 0.0
         reports.append(
             Report(
                 cand.name, test.n, train.n if train is not None and cand.learned else 0, ess, float(w.max()),
-                ope.on_policy(test), ope.estimate_all(test, pi, seed),
+                ope.on_policy(test), ope.estimate_all(test, pi, seed), note,
             )
         )
     return reports
@@ -326,6 +445,7 @@ def render(reports: list[Report], loaded: LoadedLog) -> str:
             f"candidate {r.candidate}: evaluated on {r.evaluated_rows:,} rows{fitted}; "
             f"effective sample size {r.effective_sample_size:,.0f} "
             f"({r.effective_sample_size / r.evaluated_rows:.0%}), largest weight {r.max_weight:.1f}",
+            *([f"  target: {r.note}"] if r.note else []),
             f"  {'estimator':10} {'value':>10} {'95% interval':>24} {'rounds':>9} {'÷ logged':>9}",
         ]
         for e in [r.logged, *r.estimates]:
@@ -341,7 +461,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("log", help="CSV or JSONL log (e.g. from `banditd export`)")
     p.add_argument(
         "--policy", action="append", default=[],
-        help="candidate: uniform | arm:ID | mix:ID=W,... | greedy | epsilon_greedy[:E] | thompson (repeatable)",
+        help="candidate: uniform | arm:ID | mix:ID=W,... | greedy | epsilon_greedy[:E] | thompson | lin_ucb | "
+        "lin_ts | logistic_ucb | logistic_ts (logistic) (repeatable)",
     )
     p.add_argument("--policy-file", action="append", default=[], help="JSON action distribution(s) (repeatable)")
     p.add_argument("--context-keys", default="", help="comma-separated context fields that define cells")

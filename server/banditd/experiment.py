@@ -12,16 +12,36 @@ from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from typing import Any
 
-from banditd import _core
+from banditd import _core, features
 from banditd.cache import BoundedCache
 from banditd.diagnostics import LearningMonitor
 from banditd.errors import InvalidArgument
 from banditd.outcomes import OutcomeRule
-from banditd.store import ArmRow, PolicyState
+from banditd.store import ArmRow, FeatureDefinition, ModelItems, PolicyState
 from banditd.validation import MAX_ARMS, MAX_WINDOW_SECONDS, check_id, check_params, check_prior
-from banditd_client._convert import POLICY_PARAMS
 
-POLICIES = ("thompson", "ucb1", "kl_ucb", "epsilon_greedy", "softmax", "greedy", "uniform")
+# Contextual policies: (model, policy) of `banditd._core.Linear`.
+CONTEXTUAL = {
+    "lin_ucb": ("ridge", "ucb"),
+    "lin_ts": ("ridge", "thompson"),
+    "logistic_ucb": ("logistic", "ucb"),
+    "logistic_ts": ("logistic", "thompson"),
+    "logistic": ("logistic", "thompson"),
+}
+POLICIES = ("thompson", "ucb1", "kl_ucb", "epsilon_greedy", "softmax", "greedy", "uniform", *CONTEXTUAL)
+# Parameters of the context-free core (`_core.Bandit`); the others are the contextual ones.
+BANDIT_PARAMS = (
+    "exploitation", "epsilon", "epsilon_decay", "temperature", "ucb_c", "half_life", "prune_epsilon",
+)  # fmt: skip
+CONTEXTUAL_PARAMS = ("alpha", "ridge", "exploration_floor", "refit_seconds", "encoder_warmup", "encoder_refit_seconds")
+CONTEXTUAL_DEFAULTS = {
+    "alpha": 1.96,
+    "ridge": 1.0,
+    "exploration_floor": 0.0,
+    "refit_seconds": 60.0,
+    "encoder_warmup": 200.0,
+    "encoder_refit_seconds": 3600.0,
+}
 DEFAULT_WINDOW_SECONDS = 7 * 24 * 3600
 DEFAULT_PRIORS = {"binary": (1.0, 1.0), "continuous": (0.0, 1.0)}
 RECENT_DECISIONS = 1000
@@ -66,6 +86,19 @@ class ExperimentSpec:
         return OutcomeRule.for_experiment(self.reward_type == "binary", **self.outcomes)
 
     @property
+    def contextual(self) -> bool:
+        return self.policy in CONTEXTUAL
+
+    def param(self, name: str) -> float:
+        """A contextual parameter, its default when unset (0)."""
+        return float(self.params.get(name) or CONTEXTUAL_DEFAULTS[name])
+
+    @cached_property
+    def arm_index(self) -> dict[str, int]:
+        """Arm id -> position (the core's arm index); arms are only ever appended."""
+        return {a.id: i for i, a in enumerate(self.arms)}
+
+    @property
     def half_life(self) -> float:
         return float(self.params.get("half_life") or 0.0)
 
@@ -104,6 +137,22 @@ class ExperimentSpec:
                 f"got {self.window_seconds}"
             )
         check_params(self.params)
+        if self.contextual:
+            if self.half_life:
+                raise InvalidArgument(
+                    f"half_life is not supported by the contextual policy {self.policy!r} yet; "
+                    "leave it 0 (or use a context-free policy)"
+                )
+            if self.policy.startswith("logistic") and not binary:
+                raise InvalidArgument(
+                    f"{self.policy!r} models binary rewards; use lin_ucb or lin_ts for continuous rewards"
+                )
+        else:
+            extra = sorted(k for k in CONTEXTUAL_PARAMS if self.params.get(k))
+            if extra:
+                raise InvalidArgument(
+                    f"{', '.join(extra)} apply to contextual policies only, not to {self.policy!r}"
+                )
         rule = self.rule  # validates
         if self.window_seconds and rule.min_age_s > self.window_seconds:
             raise InvalidArgument(
@@ -147,6 +196,14 @@ class ExperimentRuntime:
         # Sticky assignments seen lately (all of them are in LMDB).
         self.assignments: BoundedCache[str, tuple[str, ...]] = BoundedCache(ASSIGNMENT_CACHE)
         self.monitor = LearningMonitor()
+        # Contextual experiments: the per-arm models, their feature definition and the last
+        # model log entry applied (see `store` and `apply_model_items`).
+        self.model: _core.Linear | None = _new_model(spec, seed) if spec.contextual else None
+        self.definition = FeatureDefinition()
+        self.model_seq = 0
+        self.encoder_checked = 0.0  # time.monotonic() of the last definition check
+        self.refitted = 0.0  # time.time() of the last logistic refit
+        self.refits = 0
         self._add_arms(spec.arms)
 
     @property
@@ -163,9 +220,13 @@ class ExperimentRuntime:
             self.arm_ids.append(arm.id)
         priors = [self.spec.arm_prior(a) for a in arms]
         self.bandit.add_arms([p[0] for p in priors], [p[1] for p in priors])
+        if self.model is not None:
+            self.model.add_arms(len(arms))
         for offset, arm in enumerate(arms):
             if not arm.active:
                 self.bandit.set_active(first + offset, False)
+                if self.model is not None:
+                    self.model.set_active(first + offset, False)
         self._sync_groups()
 
     def _sync_groups(self) -> None:
@@ -190,6 +251,31 @@ class ExperimentRuntime:
             for i, arm in enumerate(new.arms[:known]):
                 if i >= len(was_active) or arm.active != was_active[i]:
                     self.bandit.set_active(self.index[arm.id], arm.active)
+                    if self.model is not None:
+                        self.model.set_active(self.index[arm.id], arm.active)
+
+    def apply_definition(self, fd: FeatureDefinition) -> None:
+        """A new feature definition: every arm's model restarts (its log is replayed next)."""
+        assert self.model is not None
+        numeric, categorical = features.core_args(fd)
+        with self.lock:
+            self.model.set_encoder(numeric, categorical)
+            self.definition = fd
+            self.model_seq = 0
+
+    def apply_model_items(self, version: int, seq: int, items: ModelItems) -> bool:
+        """Applies one model log entry if it is the next one of the current version; False
+        when it is not (the caller re-reads the log)."""
+        assert self.model is not None
+        with self.lock:
+            if version != self.definition.version or seq != self.model_seq + 1:
+                return seq <= self.model_seq and version == self.definition.version
+            try:
+                self.model.update(items.arms, b"".join(items.xs), items.w, items.wy, items.wyy)
+            except _core.CoreError as exc:  # a damaged entry must not stop the others
+                log.error("experiment %r: model log entry %d not applied: %s", self.spec.id, seq, exc)
+            self.model_seq = seq
+            return True
 
     def apply_state(self, policy: PolicyState, rows: dict[str, ArmRow], counter: int, full: bool) -> None:
         """Makes the posterior equal to stored statistics: the policy counters and the given
@@ -247,15 +333,34 @@ class ExperimentRuntime:
         return [counts.get(i, 0) / total for i in range(len(self.arm_ids))]
 
 
+def _new_model(spec: ExperimentSpec, seed: int | None) -> _core.Linear:
+    model, policy = CONTEXTUAL[spec.policy]
+    try:
+        return _core.Linear(
+            model,
+            policy,
+            binary=spec.reward_type == "binary",
+            alpha=spec.param("alpha"),
+            ridge=spec.param("ridge"),
+            floor=float(spec.params.get("exploration_floor") or 0.0),
+            seed=seed,
+        )
+    except _core.CoreError as exc:
+        raise InvalidArgument(str(exc)) from None
+
+
 def _new_bandit(spec: ExperimentSpec, seed: int | None) -> _core.Bandit:
-    params = {k: float(v) for k, v in spec.params.items() if k in POLICY_PARAMS and k != "group_prior_strength"}
+    """The context-free posterior; for contextual experiments it is a Thompson posterior
+    behind the per-arm statistics and diagnostics (the average over contexts)."""
+    params = {k: float(v) for k, v in spec.params.items() if k in BANDIT_PARAMS}
     if not params.get("prune_epsilon"):
         params.pop("prune_epsilon", None)
     strength = spec.params.get("group_prior_strength", 0.0)
     if not (strength >= 0.0 and strength < float("inf")):
         raise InvalidArgument(f"group_prior_strength must be a finite number >= 0, got {strength}")
     try:
-        return _core.Bandit(spec.reward_type, spec.policy, seed=seed, **params)
+        policy = "thompson" if spec.contextual else spec.policy
+        return _core.Bandit(spec.reward_type, policy, seed=seed, **params)
     except _core.CoreError as exc:
         raise InvalidArgument(str(exc)) from None
 

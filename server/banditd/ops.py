@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from banditd.errors import ExperimentAlreadyExists, ExperimentNotFound, FailedPrecondition
 from banditd.experiment import ExperimentSpec
 from banditd.outcomes import Delta, combine, on_event, on_maturity
-from banditd.store import DecisionRecord, EventRecord, Outcome, WriteTxn
+from banditd.store import DecisionRecord, EventRecord, FeatureDefinition, Outcome, WriteTxn
 from banditd.writer import WriteOp
 
 # Stored weights are rescaled once the clock has run this many half-lives past their base
@@ -34,6 +34,17 @@ class Accounting:
         self.exp = spec.id
         self.discount = 0.5 ** (1.0 / spec.half_life) if spec.half_life > 0 else 1.0
         self.binary = spec.reward_type == "binary"
+        self.contextual = spec.contextual
+
+    def features(self, rec: DecisionRecord | None) -> bytes | None:
+        """The decision's encoded features when they feed the current model version (a
+        decision of an older version changes nothing: that model restarted)."""
+        if not self.contextual or rec is None or rec.features is None:
+            return None
+        fd = self.txn.model_definition(self.exp)
+        if rec.model_version != fd.version or len(rec.features) != 8 * fd.dimension:
+            return None
+        return rec.features
 
     def _weight(self, clock: float | None) -> float:
         if self.discount >= 1.0 or clock is None:
@@ -58,8 +69,9 @@ class Accounting:
             ch.falls.discard(arm_id)
             ch.mixed.add(arm_id)
 
-    def observe(self, arm_id: str, value: float, event: bool = False) -> float:
-        """A new observation (`event`: made by a reward event); returns its clock."""
+    def observe(self, arm_id: str, value: float, event: bool = False, x: bytes | None = None) -> float:
+        """A new observation (`event`: made by a reward event); returns its clock. With
+        features `x` (contextual) it is also an update item of the arm's model."""
         policy = self.txn.policy(self.exp)
         clock = policy.clock
         w = self._weight(clock)
@@ -69,6 +81,8 @@ class Accounting:
         row.sumsq += w * value * value
         row.observations += 1
         row.value_sum += value
+        if x is not None:
+            self.txn.model_item(self.exp, self.spec.arm_index[arm_id], x, w, w * value, w * value * value)
         policy.clock = clock + 1
         if event:  # raises the mean only at the top of the range, lowers it only at the bottom
             self._event(arm_id, w, w * value, w * value * value, self.binary and value >= 1.0, value <= 0.0)
@@ -76,9 +90,11 @@ class Accounting:
             self._rescale()
         return clock
 
-    def swap(self, arm_id: str, delta: Delta, clock: float | None) -> None:
+    def swap(self, arm_id: str, delta: Delta, clock: float | None, x: bytes | None = None) -> None:
         """An observed decision's value changed by `delta` (count unchanged)."""
         w = self._weight(clock)
+        if x is not None:
+            self.txn.model_item(self.exp, self.spec.arm_index[arm_id], x, 0.0, w * delta.sum, w * delta.sumsq)
         row = self.txn.arm(self.exp, arm_id)
         before = row.sum
         row.sum += w * delta.sum
@@ -158,7 +174,8 @@ class LogDecision(WriteOp):
         if rule.min_age_ms > 0:
             batch.add_maturing(r.experiment_id, r.decision_id)
         elif rule.mode == "decision":
-            clocks = tuple(acct.observe(arm, on_maturity(rule, None).sum) for arm in r.arms)
+            x = acct.features(r)
+            clocks = tuple(acct.observe(arm, on_maturity(rule, None).sum, x=x) for arm in r.arms)
             if acct.discount < 1.0:
                 r.clocks = clocks
         batch.put_decision(r)
@@ -222,16 +239,35 @@ def apply_event(acct: Accounting, r: ResolvedReward) -> None:
     new = Outcome(new_value, (old.events if old else 0) + 1, old.clock if old else None)
     matured = rule.min_age_ms <= 0 or not batch.is_maturing(r.experiment_id, r.decision_id)
     delta = on_event(rule, matured, old.value if old else None, new_value)
+    rec = batch.decision(r.decision_id) if acct.contextual or (acct.discount < 1.0 and not delta.n) else None
+    x = acct.features(rec)
     if delta.n:  # explicit mode: the decision's first event makes it an observation
-        new.clock = acct.observe(r.arm_id, new_value, event=True)
+        new.clock = acct.observe(r.arm_id, new_value, event=True, x=x)
     elif not delta.empty:
         clock = new.clock
-        if clock is None and acct.discount < 1.0:
-            rec = batch.decision(r.decision_id)
-            if rec is not None and rec.clocks is not None:
-                clock = rec.clocks[rec.arms.index(r.arm_id)]
-        acct.swap(r.arm_id, delta, clock)
+        if clock is None and rec is not None and rec.clocks is not None:
+            clock = rec.clocks[rec.arms.index(r.arm_id)]
+        acct.swap(r.arm_id, delta, clock, x)
     batch.put_outcome(r.decision_id, r.arm_id, new)
+
+
+class PutFeatureDefinition(WriteOp):
+    """Stores a new feature definition (model version) of a contextual experiment, unless
+    another process stored one first (the version must follow the stored one)."""
+
+    def __init__(self, experiment_id: str, fd: FeatureDefinition, on_commit: Callable[[str], None]) -> None:
+        self.experiment_id = experiment_id
+        self.fd = fd
+        self.on_commit = on_commit
+
+    def write(self, batch: WriteTxn) -> bool:
+        if batch.model_definition(self.experiment_id).version != self.fd.version - 1:
+            return False
+        batch.put_model_definition(self.experiment_id, self.fd)
+        return True
+
+    def after_commit(self, result: bool) -> None:
+        self.on_commit(self.experiment_id)
 
 
 class MatureDecisions(WriteOp):
@@ -254,10 +290,11 @@ class MatureDecisions(WriteOp):
                 if rec is None:
                     continue
                 clocks = []
+                x = acct.features(rec)
                 for arm in rec.arms:
                     out = batch.outcome(decision_id, arm)
                     d = on_maturity(rule, out.value if out else None)
-                    clocks.append(acct.observe(arm, d.sum) if d.n else None)
+                    clocks.append(acct.observe(arm, d.sum, x=x) if d.n else None)
                 if acct.discount < 1.0 and any(c is not None for c in clocks):
                     rec.clocks = tuple(c if c is not None else -1.0 for c in clocks)
                     batch.put_decision(rec)

@@ -6,7 +6,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -14,8 +14,9 @@ import grpc
 
 from banditd.engine import Engine, RewardInput, RewardResult
 from banditd.errors import InvalidArgument, ResourceExhausted, map_all_errors
-from banditd.experiment import DEFAULT_WINDOW_SECONDS, POLICY_PARAMS, ArmSpec, ExperimentSpec
-from banditd.validation import MAX_REWARDS_PER_MESSAGE
+from banditd.experiment import DEFAULT_WINDOW_SECONDS, ArmSpec, ExperimentSpec
+from banditd.validation import MAX_REWARDS_PER_MESSAGE, ContextScalar, check_context, shown_key
+from banditd_client._convert import POLICY_PARAMS
 from banditd_client.v1 import banditd_pb2 as pb
 from banditd_client.v1 import banditd_pb2_grpc as pb_grpc
 
@@ -105,6 +106,42 @@ def spec_to_proto(spec: ExperimentSpec) -> pb.Experiment:
             default_reward=spec.outcomes["default_reward"],
             min_age_seconds=spec.outcomes["min_age_s"],
         ),
+    )
+
+
+def context_from_request(request: pb.DecideRequest) -> dict[str, ContextScalar] | None:
+    """One context from the string map `context` (older clients) and the typed map `features`,
+    checked here at the edge so that a refused call reaches neither the engine nor the log."""
+    merged: dict[str, ContextScalar] = dict(request.context)
+    for key, value in request.features.items():
+        if key in merged:
+            # Which of the two would the caller mean? Neither is safe to pick silently.
+            raise InvalidArgument(
+                f"context key {shown_key(key)} is in both `context` and `features`; send it in one of them"
+            )
+        kind = value.WhichOneof("kind")
+        if kind is None:
+            raise InvalidArgument(f"features[{shown_key(key)}] has neither `number` nor `text` set")
+        merged[key] = value.number if kind == "number" else value.text
+    check_context(merged)
+    return merged or None
+
+
+def model_report_proto(report: Mapping[str, Any], experiment_id: str) -> pb.ModelReport:
+    """engine.model_report's dict (ModelReport's fields; `features` and `arms` as lists of
+    dicts, each arm with a `coefficients` list of dicts) as the message."""
+    scalars = {k: v for k, v in report.items() if k not in ("features", "arms")}
+    scalars.setdefault("experiment_id", experiment_id)
+    return pb.ModelReport(
+        features=[pb.Feature(**f) for f in report.get("features", ())],
+        arms=[
+            pb.ArmModel(
+                **{k: v for k, v in a.items() if k != "coefficients"},
+                coefficients=[pb.Coefficient(**c) for c in a.get("coefficients", ())],
+            )
+            for a in report.get("arms", ())
+        ],
+        **scalars,
     )
 
 
@@ -235,7 +272,7 @@ class BanditdService(pb_grpc.BanditdServicer):
 
     def Decide(self, request: pb.DecideRequest, context: grpc.ServicerContext) -> pb.DecideResponse:
         result = self.engine.decide(
-            request.experiment_id, request.unit_id, request.k, dict(request.context) or None
+            request.experiment_id, request.unit_id, request.k, context_from_request(request)
         )
         rec = result.record
         return pb.DecideResponse(
@@ -245,6 +282,8 @@ class BanditdService(pb_grpc.BanditdServicer):
                 for a, s, p in zip(rec.arms, result.scores, rec.propensities, strict=True)
             ],
             sticky_hit=result.sticky_hit,
+            # TODO(issue 17): result.model_version once DecisionResult has it (0 = not contextual).
+            model_version=getattr(result, "model_version", 0),
         )
 
     def Reward(self, request: pb.RewardRequest, context: grpc.ServicerContext) -> pb.RewardResponse:
@@ -383,3 +422,7 @@ class BanditdService(pb_grpc.BanditdServicer):
             total_decisions=sum(r.pulls for r in rows),
             total_rewards=sum(r.rewards for r in rows),
         )
+
+    def GetModel(self, request: pb.GetModelRequest, context: grpc.ServicerContext) -> pb.ModelReport:
+        # The engine raises FailedPrecondition for an experiment without a contextual policy.
+        return model_report_proto(self.engine.model_report(request.experiment_id), request.experiment_id)

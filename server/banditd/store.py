@@ -18,6 +18,15 @@ One LMDB environment with named databases (keys join ids with NUL; ids never con
 | assignments | experiment\\0unit        | [arms] of a sticky unit (JSON)                          |
 | keys        | key id                   | ApiKeyRecord: name, sha256 of the key, scopes, prefix,  |
 |             |                          | created / expires / revoked unix ms (JSON)              |
+| models      | experiment               | FeatureDefinition of a contextual experiment (JSON)     |
+| modellog    | experiment\\0version(8 hex) | ModelItems of one commit: the rank-1 updates of the  |
+|             |   seq(16 hex)            | arms' models, in commit order (see `pack_items`)        |
+
+Contextual experiments (`models`, `modellog`, added in schema 2 without a layout change of the
+other databases): a model is a function of its feature definition and the ordered update items
+of its version, so every process and every restart replays the same items to the same model.
+Decision records of contextual experiments carry the encoded features ("x", base64 of float64)
+and the model version ("v"): a reward changes the model of that version only.
 
 Decision ids start with their creation time (11 hex digits of unix ms), so the decisions and
 outcomes databases are in time order: expiry and maturation are prefix scans.
@@ -37,6 +46,7 @@ written before the keys database existed and opened read-only has none: no keys.
 
 from __future__ import annotations
 
+import base64
 import logging
 import os
 import struct
@@ -57,7 +67,7 @@ DEFAULT_MAP_SIZE = 1 << 30
 SEP = b"\x00"
 DATABASES = (
     "meta", "experiments", "arms", "policy", "decisions", "outcomes", "maturing", "events", "assignments",
-    "keys",
+    "keys", "models", "modellog",
 )  # fmt: skip
 
 # meta keys: per-experiment counter of committed changes to arm statistics, and a counter of
@@ -66,6 +76,10 @@ STATS_COUNTER = b"stats\0"
 SPECS_COUNTER = b"specs"
 # meta key: counter of API key changes (created, revoked), polled by servers.
 KEYS_COUNTER = b"keys"
+# meta keys: counter of feature-definition changes (all experiments), and per experiment the
+# sequence number of its last model log entry.
+MODELS_COUNTER = b"models"
+MODEL_SEQ = b"modelseq\0"
 SCHEMA_KEY = b"schema_version"
 # Characters of a decision id that encode its creation time.
 DECISION_TIME_CHARS = 11
@@ -152,6 +166,8 @@ class DecisionRecord:
     context: dict[str, str] | None = None
     # Observation clock of each arm (half-life experiments), once it is an observation.
     clocks: tuple[float, ...] | None = None
+    # Contextual experiments: the encoded feature vector (float64 little-endian).
+    features: bytes | None = None
 
     def encode(self) -> bytes:
         d: dict[str, Any] = {
@@ -166,6 +182,8 @@ class DecisionRecord:
             d["c"] = self.context
         if self.clocks is not None:
             d["o"] = self.clocks
+        if self.features is not None:
+            d["x"] = base64.b64encode(self.features).decode()
         return orjson.dumps(d)
 
     @classmethod
@@ -181,7 +199,101 @@ class DecisionRecord:
             d["v"],
             d.get("c"),
             tuple(d["o"]) if d.get("o") is not None else None,
+            base64.b64decode(d["x"]) if d.get("x") else None,
         )
+
+
+@dataclass(slots=True)
+class FeatureDefinition:
+    """One version of a contextual experiment's encoder: numbers (name, mean, std, coverage)
+    and categories (name, coverage, [(level, coverage)]), learnt from `contexts` logged
+    contexts. Version 0 (no record) is the intercept alone."""
+
+    version: int = 0
+    numeric: list[tuple[str, float, float, float]] = field(default_factory=list)
+    categorical: list[tuple[str, float, list[tuple[str, float]]]] = field(default_factory=list)
+    contexts: int = 0
+    created_ms: int = 0
+
+    def encode(self) -> bytes:
+        return orjson.dumps(
+            {"v": self.version, "n": self.numeric, "c": self.categorical, "k": self.contexts, "t": self.created_ms}
+        )
+
+    @classmethod
+    def decode(cls, raw: bytes) -> FeatureDefinition:
+        d = orjson.loads(raw)
+        return cls(
+            d["v"],
+            [(str(n), float(m), float(sd), float(c)) for n, m, sd, c in d["n"]],
+            [(str(n), float(c), [(str(lv), float(lc)) for lv, lc in levels]) for n, c, levels in d["c"]],
+            d["k"],
+            d["t"],
+        )
+
+    @property
+    def dimension(self) -> int:
+        """Entries of the encoded feature vector: intercept, numbers, levels and "other"."""
+        return 1 + len(self.numeric) + sum(len(levels) + 1 for _, _, levels in self.categorical)
+
+    def same_features(self, other: FeatureDefinition) -> bool:
+        """Same keys and levels (means and coverages may differ): no new model version."""
+        return [n[0] for n in self.numeric] == [n[0] for n in other.numeric] and [
+            (c[0], [lv[0] for lv in c[2]]) for c in self.categorical
+        ] == [(c[0], [lv[0] for lv in c[2]]) for c in other.categorical]
+
+
+# One model update item: arm index, w, wy, wyy, then the float64 features.
+_ITEM = struct.Struct("<Iddd")
+_ITEMS_HEAD = struct.Struct("<II")
+
+
+@dataclass(slots=True)
+class ModelItems:
+    """Update items of one commit for one experiment (see `banditd._core.Linear.update`)."""
+
+    arms: list[int] = field(default_factory=list)
+    xs: list[bytes] = field(default_factory=list)
+    w: list[float] = field(default_factory=list)
+    wy: list[float] = field(default_factory=list)
+    wyy: list[float] = field(default_factory=list)
+
+    def add(self, arm: int, x: bytes, w: float, wy: float, wyy: float) -> None:
+        self.arms.append(arm)
+        self.xs.append(x)
+        self.w.append(w)
+        self.wy.append(wy)
+        self.wyy.append(wyy)
+
+    def extend(self, other: ModelItems) -> None:
+        self.arms += other.arms
+        self.xs += other.xs
+        self.w += other.w
+        self.wy += other.wy
+        self.wyy += other.wyy
+
+    def encode(self) -> bytes:
+        d = len(self.xs[0]) // 8 if self.xs else 0
+        parts = [_ITEMS_HEAD.pack(len(self.arms), d)]
+        for i, arm in enumerate(self.arms):
+            parts.append(_ITEM.pack(arm, self.w[i], self.wy[i], self.wyy[i]))
+            parts.append(self.xs[i])
+        return b"".join(parts)
+
+    @classmethod
+    def decode(cls, raw: bytes) -> ModelItems:
+        n, d = _ITEMS_HEAD.unpack_from(raw)
+        out, pos, size = cls(), _ITEMS_HEAD.size, 8 * d
+        for _ in range(n):
+            arm, w, wy, wyy = _ITEM.unpack_from(raw, pos)
+            pos += _ITEM.size
+            out.add(arm, raw[pos : pos + size], w, wy, wyy)
+            pos += size
+        return out
+
+
+def model_log_key(experiment_id: str, version: int, seq: int = 0) -> bytes:
+    return key(experiment_id, f"{version:08x}{seq:016x}")
 
 
 @dataclass(slots=True)
@@ -266,6 +378,10 @@ class ExperimentChanges:
     mixed: set[str] = field(default_factory=set)
     rescaled: bool = False
     events: int = 0
+    # Contextual experiments: this commit's model log entry (version, seq, items).
+    model_version: int = 0
+    model_seq: int = 0
+    model_items: ModelItems | None = None
 
 
 class Store:
@@ -483,6 +599,68 @@ class Store:
             out[(d.decode(), a.decode())] = Outcome.decode(v)
         return out
 
+    def model_definition(self, experiment_id: str) -> FeatureDefinition:
+        with self.reading() as txn:
+            raw = txn.get(experiment_id.encode(), db=self.models) if self.models is not None else None
+        return FeatureDefinition.decode(bytes(raw)) if raw is not None else FeatureDefinition()
+
+    def model_log(self, experiment_id: str, version: int, after_seq: int = 0) -> list[tuple[int, ModelItems]]:
+        """The model log entries of one version after `after_seq`, in order."""
+        if self.modellog is None:
+            return []
+        prefix = model_log_key(experiment_id, version)[: -16]
+        out = []
+        with self.reading() as txn:
+            cur = txn.cursor(db=self.modellog)
+            if cur.set_range(model_log_key(experiment_id, version, after_seq + 1)):
+                for k, v in cur:
+                    if not k.startswith(prefix):
+                        break
+                    out.append((int(k[-16:], 16), ModelItems.decode(bytes(v))))
+        return out
+
+    def recent_decisions(
+        self, experiment_id: str, limit: int, scan: int, model_version: int | None = None
+    ) -> list[DecisionRecord]:
+        """Up to `limit` of the experiment's newest decisions (of one model version), newest
+        first, looking at no more than `scan` records of all experiments."""
+        out: list[DecisionRecord] = []
+        marker = b'"e":' + orjson.dumps(experiment_id)
+        with self.reading() as txn:
+            cur = txn.cursor(db=self.decisions)
+            if not cur.last():
+                return out
+            for _ in range(scan):
+                raw = cur.value()
+                if marker in raw:  # cheap filter before decoding
+                    rec = DecisionRecord.decode(cur.key().decode(), bytes(raw))
+                    if rec.experiment_id == experiment_id and (
+                        model_version is None or rec.model_version == model_version
+                    ):
+                        out.append(rec)
+                        if len(out) >= limit:
+                            break
+                if not cur.prev():
+                    break
+        return out
+
+    def outcomes_many(self, pairs: list[tuple[str, str]]) -> dict[tuple[str, str], Outcome]:
+        keys = sorted({key(d, a) for d, a in pairs})
+        with self.reading() as txn:
+            found = {bytes(k): bytes(v) for k, v in txn.cursor(db=self.outcomes).getmulti(keys)}
+        out = {}
+        for k, v in found.items():
+            d, a = k.split(SEP, 1)
+            out[(d.decode(), a.decode())] = Outcome.decode(v)
+        return out
+
+    def maturing_many(self, experiment_id: str, decision_ids: list[str]) -> set[str]:
+        keys = sorted(key(experiment_id, d) for d in decision_ids)
+        with self.reading() as txn:
+            found = [bytes(k) for k, _ in txn.cursor(db=self.maturing).getmulti(keys)]
+        prefix = len(key(experiment_id, ""))
+        return {k[prefix:].decode() for k in found}
+
     def is_maturing(self, experiment_id: str, decision_id: str) -> bool:
         with self.reading() as txn:
             return txn.get(key(experiment_id, decision_id), db=self.maturing) is not None
@@ -546,6 +724,8 @@ class WriteTxn:
         self.txn = txn
         self._arms: dict[str, dict[str, ArmRow]] = {}
         self._policy: dict[str, PolicyState] = {}
+        self._definitions: dict[str, FeatureDefinition] = {}
+        self._items: dict[str, ModelItems] = {}
         self.changes: dict[str, ExperimentChanges] = {}
 
     # Experiments.
@@ -594,7 +774,46 @@ class WriteTxn:
                 self.arm(experiment_id, k[len(prefix) :].decode())
         return self._arms.get(experiment_id, {})
 
+    # Contextual models.
+    def model_definition(self, experiment_id: str) -> FeatureDefinition:
+        fd = self._definitions.get(experiment_id)
+        if fd is None:
+            raw = self.txn.get(experiment_id.encode(), db=self.store.models)
+            fd = FeatureDefinition.decode(bytes(raw)) if raw is not None else FeatureDefinition()
+            self._definitions[experiment_id] = fd
+        return fd
+
+    def put_model_definition(self, experiment_id: str, fd: FeatureDefinition) -> None:
+        """A new feature definition: the log of the versions before it is dropped (their
+        models restart), and the other processes see the `models` counter move."""
+        cur = self.txn.cursor(db=self.store.modellog)
+        prefix = key(experiment_id, "")
+        if cur.set_range(prefix):
+            while cur.key().startswith(prefix) and cur.key() < model_log_key(experiment_id, fd.version):
+                if not cur.delete():
+                    break
+        self._items.pop(experiment_id, None)
+        # Each version's log counts from 1: a process knows it has every entry when the
+        # entry it gets follows the last one it applied.
+        self.txn.put(MODEL_SEQ + experiment_id.encode(), b"0", db=self.store.meta)
+        self.txn.put(experiment_id.encode(), fd.encode(), db=self.store.models)
+        self._definitions[experiment_id] = fd
+        self.bump(MODELS_COUNTER)
+
+    def model_item(self, experiment_id: str, arm: int, x: bytes, w: float, wy: float, wyy: float) -> None:
+        self._items.setdefault(experiment_id, ModelItems()).add(arm, x, w, wy, wyy)
+
     def flush(self) -> None:
+        for exp, items in self._items.items():
+            if not items.arms:
+                continue
+            name = MODEL_SEQ + exp.encode()
+            seq = int(self.txn.get(name, db=self.store.meta) or b"0") + 1
+            self.txn.put(name, str(seq).encode(), db=self.store.meta)
+            version = self.model_definition(exp).version
+            self.txn.put(model_log_key(exp, version, seq), items.encode(), db=self.store.modellog)
+            ch = self._change(exp)
+            ch.model_version, ch.model_seq, ch.model_items = version, seq, items
         for exp, rows in self._arms.items():
             for arm_id, row in rows.items():
                 self.txn.put(key(exp, arm_id), row.encode(), db=self.store.arms)

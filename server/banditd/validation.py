@@ -30,6 +30,8 @@ MAX_CONTEXT_ENTRIES = 64
 MAX_CONTEXT_KEY_BYTES = 128
 MAX_CONTEXT_VALUE_BYTES = 1024
 MAX_ABS_REWARD = 1e12  # continuous rewards and default rewards
+# Longest refit interval of the contextual policies (a year: "never" for practical purposes).
+MAX_REFIT_SECONDS = 366 * 24 * 3600.0
 MAX_PRIOR = 1e9  # Beta shapes, prior strength; |prior mean| <= MAX_ABS_REWARD
 MIN_PRIOR = 1e-6  # smaller shapes underflow to Beta(0, 0) in products (no posterior)
 # Policy parameters: (low, high) when set (0 = the default); the core checks the policy's own rules.
@@ -42,6 +44,13 @@ PARAM_RANGES = {
     "half_life": (1.0, 1e12),  # in observations: below 1 every weight over- or underflows
     "group_prior_strength": (1e-3, 1e9),
     "prune_epsilon": (1e-300, 0.5),
+    # Contextual policies (issue 17).
+    "alpha": (0.0, 1e6),  # like ucb_c: standard errors added to the estimate
+    "ridge": (1e-6, 1e9),  # a smaller prior precision makes A ill-conditioned before data arrives
+    "exploration_floor": (0.0, 1.0),  # a share of decisions
+    "refit_seconds": (1.0, MAX_REFIT_SECONDS),  # each refit reads the stored observations: not more often
+    "encoder_warmup": (1.0, 1e9),  # decisions
+    "encoder_refit_seconds": (1.0, MAX_REFIT_SECONDS),
 }
 MAX_REWARDS_PER_MESSAGE = 10_000  # one RewardBatch
 MAX_WINDOW_SECONDS = 366 * 24 * 3600
@@ -78,16 +87,32 @@ def check_k(k: int) -> int:
     return k
 
 
-def check_context(context: Mapping[str, str] | None) -> None:
+# A context value after the edge merged `context` (strings) and `features` (typed) of a
+# DecideRequest: numbers stay numbers, so contextual policies can use them as such.
+ContextScalar = str | float
+
+
+def shown_key(key: str) -> str:
+    """A context key for an error message: keys are refused for their length, so a message
+    must not repeat a 4 MB key back to the caller."""
+    return repr(key) if len(key) <= 40 else f"{key[:40]!r}..."
+
+
+def check_context(context: Mapping[str, ContextScalar] | None) -> None:
+    """Entries, key and text value lengths in UTF-8 bytes, and finite numbers (a NaN or an
+    infinity would poison every model that standardises the feature)."""
     if not context:
         return
     if len(context) > MAX_CONTEXT_ENTRIES:
         raise InvalidArgument(f"context has {len(context)} entries; at most {MAX_CONTEXT_ENTRIES} allowed")
     for key, value in context.items():
         if len(key.encode("utf-8", "surrogatepass")) > MAX_CONTEXT_KEY_BYTES:
-            raise InvalidArgument(f"context key {key[:40]!r}... is longer than {MAX_CONTEXT_KEY_BYTES} bytes")
-        if len(value.encode("utf-8", "surrogatepass")) > MAX_CONTEXT_VALUE_BYTES:
-            raise InvalidArgument(f"context value of {key!r} is longer than {MAX_CONTEXT_VALUE_BYTES} bytes")
+            raise InvalidArgument(f"context key {shown_key(key)} is longer than {MAX_CONTEXT_KEY_BYTES} bytes")
+        if isinstance(value, str):
+            if len(value.encode("utf-8", "surrogatepass")) > MAX_CONTEXT_VALUE_BYTES:
+                raise InvalidArgument(f"context value of {key!r} is longer than {MAX_CONTEXT_VALUE_BYTES} bytes")
+        elif not math.isfinite(value):
+            raise InvalidArgument(f"context value of {key!r} is {value}; numbers must be finite")
 
 
 def check_params(params: Mapping[str, float]) -> None:

@@ -12,7 +12,8 @@ identity serializers to "/banditd.v1.Banditd/<Method>":
    20,001-arm experiment that is updated;
 2. random requests: valid ones, valid ones with hostile values (empty / 256+ byte / emoji /
    NUL / invalid UTF-8 ids, NaN, inf, +-1e308, huge k, unknown enum numbers, 10,000-entry
-   contexts, ...), and byte- and field-level mutations (flips, truncation, insertions,
+   contexts, typed features that are NaN, empty, in both context maps, ...), and byte- and
+   field-level mutations (flips, truncation, insertions,
    duplicated fields, huge and overlong varints, wrong wire types, bad lengths, unknown
    fields); the client-streaming methods get streams mixing good and garbage messages.
    Requests aim at the fuzz experiments and at what earlier fuzzed calls created;
@@ -105,6 +106,9 @@ GUARDED = (GUARD_BINARY, GUARD_CONT)
 FZ_BIN, FZ_CONT, FZ_PLAIN = "fz-bin", "fz-cont", "fz-plain"
 FZ_IDS = (FZ_BIN, FZ_CONT, FZ_PLAIN)
 POLICIES = ("thompson", "ucb1", "kl_ucb", "epsilon_greedy", "softmax", "greedy", "uniform")
+# Contextual policies (issue 17): the logistic ones take binary rewards only, like kl_ucb.
+CONTEXTUAL = ("lin_ucb", "lin_ts", "logistic_ucb", "logistic_ts", "logistic")
+BINARY_ONLY = {"kl_ucb", "logistic_ucb", "logistic_ts", "logistic"}
 
 # GetDiagnostics fields that only move with decisions and rewards (not with the clock).
 DIAG_STABLE = (
@@ -400,6 +404,8 @@ class World:
     decisions: list[Decision]  # made at setup
     guarded_bytes: tuple[bytes, ...]
     contexts: list[dict[str, str]]  # 10,000-entry contexts (built once: they are slow to build)
+    # The same as DecideRequest.features, serialized (appended to a request as raw fields).
+    feature_blobs: list[bytes] = field(default_factory=list)
     created: list[str] = field(default_factory=list)  # experiments created by fuzzed calls
     live: deque[Decision] = field(default_factory=lambda: deque(maxlen=500))  # decisions of fuzzed calls
     counter: int = 0
@@ -441,6 +447,32 @@ def big_context(rng: random.Random, n: int = 10_000) -> dict[str, str]:
     return ctx
 
 
+def big_features(ctx: dict[str, str]) -> bytes:
+    """A big context as DecideRequest field 5 (features): every other value a number."""
+    req = pb.DecideRequest()
+    for i, (key, value) in enumerate(ctx.items()):
+        if i % 2:
+            req.features[key].number = float(len(value)) - 7.5
+        else:
+            req.features[key].text = value
+    return req.SerializeToString()
+
+
+def valid_features(rng: random.Random) -> dict[str, pb.ContextValue]:
+    """A typed context a contextual experiment learns from: numbers and categories."""
+    out = {"age": pb.ContextValue(number=rng.choice((18.0, 35.0, 71.5, rng.uniform(-1e3, 1e3))))}
+    if rng.random() < 0.7:
+        out["plan"] = pb.ContextValue(text=rng.choice(("free", "pro", "team", "")))
+    if rng.random() < 0.3:  # a key that changes kind between requests
+        out["v"] = rng.choice((pb.ContextValue(number=1.0), pb.ContextValue(text="1")))
+    return out
+
+
+def context_entry(key: bytes, value: bytes) -> bytes:
+    """One DecideRequest.features map entry (field 5) from raw key and ContextValue bytes."""
+    return f_bytes(5, f_bytes(1, key) + f_bytes(2, value))
+
+
 def target(rng: random.Random, w: World) -> str:
     """An experiment to aim at: a fuzz one, one a fuzzed call created, or a missing one."""
     r = rng.random()
@@ -465,7 +497,7 @@ def new_id(w: World) -> str:
 def valid_experiment(rng: random.Random, w: World) -> pb.Experiment:
     reward_type = rng.choice((pb.BINARY, pb.CONTINUOUS, pb.REWARD_TYPE_UNSPECIFIED))
     binary = reward_type != pb.CONTINUOUS
-    policy = rng.choice([p for p in POLICIES if binary or p != "kl_ucb"])
+    policy = rng.choice([p for p in (*POLICIES, *CONTEXTUAL) if binary or p not in BINARY_ONLY])
     arms = [pb.Arm(id=f"a{i}", group=rng.choice(("", "", "g1", "g2"))) for i in range(rng.randint(1, 5))]
     return pb.Experiment(
         id=new_id(w),
@@ -558,6 +590,7 @@ def valid_request(method: str, rng: random.Random, w: World) -> bytes:
             unit_id=rng.choice((f"u{rng.randrange(50)}", "", "\U0001f600" * 64)),
             k=rng.choice((0, 1, 1, 2, 3, len(w.arms.get(exp_id, ())))),
             context={"country": rng.choice(("de", "fr")), "n": str(rng.randrange(9))} if rng.random() < 0.5 else {},
+            features=valid_features(rng) if rng.random() < 0.5 else {},
         ))
     if method in ("Reward", "RewardStream"):
         return ser(valid_reward(rng, w))
@@ -569,6 +602,8 @@ def valid_request(method: str, rng: random.Random, w: World) -> bytes:
         return ser(pb.GetDiagnosticsRequest(
             experiment_id=target(rng, w), reward_silence_seconds=rng.choice((0.0, 0.0, 1.0, 5e-324, 1e12))
         ))
+    if method == "GetModel":
+        return ser(pb.GetModelRequest(experiment_id=target(rng, w)))
     raise AssertionError(method)
 
 
@@ -659,7 +694,7 @@ def hostile_reward(rng: random.Random, w: World) -> bytes:
 def hostile_request(method: str, rng: random.Random, w: World) -> bytes:
     if method == "CreateExperiment":
         return hostile_experiment(rng, w)
-    if method in ("GetExperiment", "GetArmStats"):
+    if method in ("GetExperiment", "GetArmStats", "GetModel"):
         return raw_id(rng, 1) if rng.random() < 0.5 else f_bytes(1, hostile_str(rng).encode())
     if method == "GetDiagnostics":
         req = pb.GetDiagnosticsRequest(experiment_id=rng.choice((target(rng, w), hostile_str(rng))))
@@ -705,7 +740,7 @@ def hostile_request(method: str, rng: random.Random, w: World) -> bytes:
         req = pb.DecideRequest(experiment_id=exp_id, unit_id=f"u{rng.randrange(50)}")
         raw = []
         for _ in range(rng.randint(1, 3)):
-            t = rng.randrange(7)
+            t = rng.randrange(12)
             if t == 0:
                 raw.append(raw_id(rng, rng.choice((1, 2))))
             elif t == 1:
@@ -725,6 +760,34 @@ def hostile_request(method: str, rng: random.Random, w: World) -> bytes:
                     b"",
                 ))
                 raw.append(f_bytes(4, entry))
+            elif t == 6:  # typed numbers: NaN, infinities, extremes, odd NaN bit patterns
+                req.features[rng.choice(("x", "age", hostile_str(rng)))].number = hostile_float(rng)
+                if rng.random() < 0.3:
+                    raw.append(context_entry(b"bits", f_fixed64(1, rng.choice(ODD_DOUBLES))))
+            elif t == 7:  # a ContextValue with neither or both of number and text, or no value at all
+                raw.append(rng.choice((
+                    context_entry(b"e", b""),
+                    f_bytes(5, f_bytes(1, b"no-value")),
+                    f_bytes(5, f_bytes(2, f_bytes(2, b"no-key"))),
+                    context_entry(b"both", f_fixed64(1, 0x3FF0000000000000) + f_bytes(2, b"t")),
+                    context_entry(b"both", f_bytes(2, b"t") + f_fixed64(1, 0x7FF8000000000000)),
+                    context_entry(b"t", f_bytes(2, rng.choice(INVALID_UTF8))),
+                    context_entry(rng.choice(INVALID_UTF8), f_bytes(2, b"v")),
+                    context_entry(b"k", f_varint(1, 7)),  # number with the wrong wire type
+                )))
+            elif t == 8:  # the same key in both maps
+                key = rng.choice(("country", hostile_str(rng)))
+                req.context[key] = "de"
+                req.features[key].CopyFrom(rng.choice((pb.ContextValue(text="fr"), pb.ContextValue(number=1.0))))
+            elif t == 9:
+                raw.append(rng.choice(w.feature_blobs))
+            elif t == 10:  # hostile keys and text, near the byte limits
+                for _ in range(rng.randint(1, 8)):
+                    value = req.features[rng.choice((hostile_str(rng), "k" * rng.choice((128, 129))))]
+                    if rng.random() < 0.5:
+                        value.text = rng.choice((hostile_str(rng), "x" * rng.choice((1024, 1025))))
+                    else:
+                        value.number = rng.choice(EXTREME_FINITE)
             else:
                 req.experiment_id = hostile_str(rng)
         return ser(req, *raw)
@@ -755,7 +818,11 @@ def rare_message(method: str, rng: random.Random, w: World) -> tuple[bytes, str]
     """Now and then: requests near and above the 4 MB receive limit, many arms."""
     if method == "Decide" and rng.random() < 0.02:
         size = rng.choice((3 << 20, 5 << 20))
-        req = pb.DecideRequest(experiment_id=target(rng, w), unit_id="u-big", context={"blob": "x" * size})
+        req = pb.DecideRequest(experiment_id=target(rng, w), unit_id="u-big")
+        if rng.random() < 0.5:
+            req.context["blob"] = "x" * size
+        else:
+            req.features["blob"].text = "x" * size
         return ser(req), f"context of {size} bytes"
     if method == "CreateExperiment" and rng.random() < 0.005:
         exp = valid_experiment(rng, w)
@@ -835,6 +902,8 @@ POLICY_OF_PARAM = {
     "exploitation": "thompson", "epsilon": "epsilon_greedy", "epsilon_decay": "epsilon_greedy",
     "temperature": "softmax", "ucb_c": "ucb1", "half_life": "thompson", "group_prior_strength": "thompson",
     "prune_epsilon": "thompson",
+    "alpha": "lin_ucb", "ridge": "lin_ts", "exploration_floor": "lin_ts", "refit_seconds": "logistic_ts",
+    "encoder_warmup": "lin_ts", "encoder_refit_seconds": "lin_ucb",
 }
 LARGE_ARMS = 20_000
 EDGE_VALUES = (5e-324, 1e-300, 1e-12, 1.0, 1e9, 1e12, 1e300, 1e308)
@@ -852,7 +921,9 @@ def _edge_uses(w: World, exp: pb.Experiment, label: str) -> Iterator[Case]:
     if exp.id not in w.arms:
         return  # refused
     yield Case("GetArmStats", ser(pb.GetArmStatsRequest(experiment_id=exp.id)), f"edge: {label}")
-    yield Case("Decide", ser(pb.DecideRequest(experiment_id=exp.id, unit_id="u", k=2)), f"edge: {label}")
+    features = {"age": pb.ContextValue(number=42.0), "plan": pb.ContextValue(text="pro")}
+    req = pb.DecideRequest(experiment_id=exp.id, unit_id="u", k=2, features=features)
+    yield Case("Decide", ser(req), f"edge: {label}")
     decision = next((d for d in reversed(w.live) if d[1] == exp.id), None)
     if decision is not None:
         binary = exp.reward_type != pb.CONTINUOUS
@@ -860,6 +931,7 @@ def _edge_uses(w: World, exp: pb.Experiment, label: str) -> Iterator[Case]:
             req = pb.RewardRequest(decision_id=decision[0], value=value, event_id=f"e{value}", arm_id=decision[2][-1])
             yield Case("Reward", ser(req), f"edge: {label}, reward {value!r}")
     yield Case("GetDiagnostics", ser(pb.GetDiagnosticsRequest(experiment_id=exp.id)), f"edge: {label}, after a reward")
+    yield Case("GetModel", ser(pb.GetModelRequest(experiment_id=exp.id)), f"edge: {label}, after a reward")
 
 
 def edge_cases(w: World) -> Iterator[Case]:
@@ -1202,12 +1274,14 @@ def _setup(stub: pb_grpc.BanditdStub) -> World:
     for exp_id in FZ_IDS:
         wait_for_pulls(stub, exp_id, 16 if exp_id == FZ_CONT else 8)
     context_rng = random.Random(FUZZ_SEED - 1)
+    contexts = [big_context(context_rng) for _ in range(3)]
     return World(
         arms={k: list(v) for k, v in arms.items()},
         binary={FZ_BIN: True, FZ_CONT: False, FZ_PLAIN: True},
         decisions=decisions,
         guarded_bytes=tuple(s.encode() for s in (*GUARDED, *guarded_ids)),
-        contexts=[big_context(context_rng) for _ in range(3)],
+        contexts=contexts,
+        feature_blobs=[big_features(c) for c in contexts],
     )
 
 

@@ -73,7 +73,7 @@ class Arm(_message.Message):
     def __init__(self, id: _Optional[str] = ..., group: _Optional[str] = ..., prior: _Optional[_Union[Prior, _Mapping]] = ..., active: _Optional[bool] = ...) -> None: ...
 
 class Policy(_message.Message):
-    __slots__ = ("name", "exploitation", "epsilon", "epsilon_decay", "temperature", "ucb_c", "half_life", "group_prior_strength", "prune_epsilon")
+    __slots__ = ("name", "exploitation", "epsilon", "epsilon_decay", "temperature", "ucb_c", "half_life", "group_prior_strength", "prune_epsilon", "alpha", "ridge", "exploration_floor", "refit_seconds", "encoder_warmup", "encoder_refit_seconds")
     NAME_FIELD_NUMBER: _ClassVar[int]
     EXPLOITATION_FIELD_NUMBER: _ClassVar[int]
     EPSILON_FIELD_NUMBER: _ClassVar[int]
@@ -83,6 +83,12 @@ class Policy(_message.Message):
     HALF_LIFE_FIELD_NUMBER: _ClassVar[int]
     GROUP_PRIOR_STRENGTH_FIELD_NUMBER: _ClassVar[int]
     PRUNE_EPSILON_FIELD_NUMBER: _ClassVar[int]
+    ALPHA_FIELD_NUMBER: _ClassVar[int]
+    RIDGE_FIELD_NUMBER: _ClassVar[int]
+    EXPLORATION_FLOOR_FIELD_NUMBER: _ClassVar[int]
+    REFIT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    ENCODER_WARMUP_FIELD_NUMBER: _ClassVar[int]
+    ENCODER_REFIT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     name: str
     exploitation: float
     epsilon: float
@@ -92,7 +98,13 @@ class Policy(_message.Message):
     half_life: float
     group_prior_strength: float
     prune_epsilon: float
-    def __init__(self, name: _Optional[str] = ..., exploitation: _Optional[float] = ..., epsilon: _Optional[float] = ..., epsilon_decay: _Optional[float] = ..., temperature: _Optional[float] = ..., ucb_c: _Optional[float] = ..., half_life: _Optional[float] = ..., group_prior_strength: _Optional[float] = ..., prune_epsilon: _Optional[float] = ...) -> None: ...
+    alpha: float
+    ridge: float
+    exploration_floor: float
+    refit_seconds: float
+    encoder_warmup: float
+    encoder_refit_seconds: float
+    def __init__(self, name: _Optional[str] = ..., exploitation: _Optional[float] = ..., epsilon: _Optional[float] = ..., epsilon_decay: _Optional[float] = ..., temperature: _Optional[float] = ..., ucb_c: _Optional[float] = ..., half_life: _Optional[float] = ..., group_prior_strength: _Optional[float] = ..., prune_epsilon: _Optional[float] = ..., alpha: _Optional[float] = ..., ridge: _Optional[float] = ..., exploration_floor: _Optional[float] = ..., refit_seconds: _Optional[float] = ..., encoder_warmup: _Optional[float] = ..., encoder_refit_seconds: _Optional[float] = ...) -> None: ...
 
 class Outcomes(_message.Message):
     __slots__ = ("mode", "aggregation", "default_reward", "min_age_seconds")
@@ -166,8 +178,16 @@ class UpdateExperimentRequest(_message.Message):
     set_state: ExperimentState
     def __init__(self, experiment_id: _Optional[str] = ..., add_arms: _Optional[_Iterable[_Union[Arm, _Mapping]]] = ..., retire_arm_ids: _Optional[_Iterable[str]] = ..., set_state: _Optional[_Union[ExperimentState, str]] = ...) -> None: ...
 
+class ContextValue(_message.Message):
+    __slots__ = ("number", "text")
+    NUMBER_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    number: float
+    text: str
+    def __init__(self, number: _Optional[float] = ..., text: _Optional[str] = ...) -> None: ...
+
 class DecideRequest(_message.Message):
-    __slots__ = ("experiment_id", "unit_id", "k", "context")
+    __slots__ = ("experiment_id", "unit_id", "k", "context", "features")
     class ContextEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -175,15 +195,24 @@ class DecideRequest(_message.Message):
         key: str
         value: str
         def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    class FeaturesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: ContextValue
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[ContextValue, _Mapping]] = ...) -> None: ...
     EXPERIMENT_ID_FIELD_NUMBER: _ClassVar[int]
     UNIT_ID_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    FEATURES_FIELD_NUMBER: _ClassVar[int]
     experiment_id: str
     unit_id: str
     k: int
     context: _containers.ScalarMap[str, str]
-    def __init__(self, experiment_id: _Optional[str] = ..., unit_id: _Optional[str] = ..., k: _Optional[int] = ..., context: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    features: _containers.MessageMap[str, ContextValue]
+    def __init__(self, experiment_id: _Optional[str] = ..., unit_id: _Optional[str] = ..., k: _Optional[int] = ..., context: _Optional[_Mapping[str, str]] = ..., features: _Optional[_Mapping[str, ContextValue]] = ...) -> None: ...
 
 class ChosenArm(_message.Message):
     __slots__ = ("arm_id", "score", "propensity")
@@ -196,14 +225,16 @@ class ChosenArm(_message.Message):
     def __init__(self, arm_id: _Optional[str] = ..., score: _Optional[float] = ..., propensity: _Optional[float] = ...) -> None: ...
 
 class DecideResponse(_message.Message):
-    __slots__ = ("decision_id", "arms", "sticky_hit")
+    __slots__ = ("decision_id", "arms", "sticky_hit", "model_version")
     DECISION_ID_FIELD_NUMBER: _ClassVar[int]
     ARMS_FIELD_NUMBER: _ClassVar[int]
     STICKY_HIT_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     decision_id: str
     arms: _containers.RepeatedCompositeFieldContainer[ChosenArm]
     sticky_hit: bool
-    def __init__(self, decision_id: _Optional[str] = ..., arms: _Optional[_Iterable[_Union[ChosenArm, _Mapping]]] = ..., sticky_hit: _Optional[bool] = ...) -> None: ...
+    model_version: int
+    def __init__(self, decision_id: _Optional[str] = ..., arms: _Optional[_Iterable[_Union[ChosenArm, _Mapping]]] = ..., sticky_hit: _Optional[bool] = ..., model_version: _Optional[int] = ...) -> None: ...
 
 class RewardRequest(_message.Message):
     __slots__ = ("decision_id", "value", "event_id", "arm_id")
@@ -406,3 +437,83 @@ class GetArmStatsResponse(_message.Message):
     total_decisions: int
     total_rewards: int
     def __init__(self, experiment_id: _Optional[str] = ..., arms: _Optional[_Iterable[_Union[ArmStats, _Mapping]]] = ..., total_decisions: _Optional[int] = ..., total_rewards: _Optional[int] = ...) -> None: ...
+
+class GetModelRequest(_message.Message):
+    __slots__ = ("experiment_id",)
+    EXPERIMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    experiment_id: str
+    def __init__(self, experiment_id: _Optional[str] = ...) -> None: ...
+
+class Feature(_message.Message):
+    __slots__ = ("name", "kind", "mean", "std", "coverage", "importance")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    MEAN_FIELD_NUMBER: _ClassVar[int]
+    STD_FIELD_NUMBER: _ClassVar[int]
+    COVERAGE_FIELD_NUMBER: _ClassVar[int]
+    IMPORTANCE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    kind: str
+    mean: float
+    std: float
+    coverage: float
+    importance: float
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., mean: _Optional[float] = ..., std: _Optional[float] = ..., coverage: _Optional[float] = ..., importance: _Optional[float] = ...) -> None: ...
+
+class Coefficient(_message.Message):
+    __slots__ = ("feature", "value", "low", "high")
+    FEATURE_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    LOW_FIELD_NUMBER: _ClassVar[int]
+    HIGH_FIELD_NUMBER: _ClassVar[int]
+    feature: str
+    value: float
+    low: float
+    high: float
+    def __init__(self, feature: _Optional[str] = ..., value: _Optional[float] = ..., low: _Optional[float] = ..., high: _Optional[float] = ...) -> None: ...
+
+class ArmModel(_message.Message):
+    __slots__ = ("arm_id", "active", "observations", "coefficients")
+    ARM_ID_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_FIELD_NUMBER: _ClassVar[int]
+    OBSERVATIONS_FIELD_NUMBER: _ClassVar[int]
+    COEFFICIENTS_FIELD_NUMBER: _ClassVar[int]
+    arm_id: str
+    active: bool
+    observations: float
+    coefficients: _containers.RepeatedCompositeFieldContainer[Coefficient]
+    def __init__(self, arm_id: _Optional[str] = ..., active: _Optional[bool] = ..., observations: _Optional[float] = ..., coefficients: _Optional[_Iterable[_Union[Coefficient, _Mapping]]] = ...) -> None: ...
+
+class ModelReport(_message.Message):
+    __slots__ = ("experiment_id", "policy", "model_version", "features", "arms", "contexts_seen", "unknown_keys", "mismatched_values", "logged_decisions", "targeted_mean", "uniform_mean", "uniform_low", "uniform_high", "refits", "seconds_since_refit")
+    EXPERIMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    FEATURES_FIELD_NUMBER: _ClassVar[int]
+    ARMS_FIELD_NUMBER: _ClassVar[int]
+    CONTEXTS_SEEN_FIELD_NUMBER: _ClassVar[int]
+    UNKNOWN_KEYS_FIELD_NUMBER: _ClassVar[int]
+    MISMATCHED_VALUES_FIELD_NUMBER: _ClassVar[int]
+    LOGGED_DECISIONS_FIELD_NUMBER: _ClassVar[int]
+    TARGETED_MEAN_FIELD_NUMBER: _ClassVar[int]
+    UNIFORM_MEAN_FIELD_NUMBER: _ClassVar[int]
+    UNIFORM_LOW_FIELD_NUMBER: _ClassVar[int]
+    UNIFORM_HIGH_FIELD_NUMBER: _ClassVar[int]
+    REFITS_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_SINCE_REFIT_FIELD_NUMBER: _ClassVar[int]
+    experiment_id: str
+    policy: str
+    model_version: int
+    features: _containers.RepeatedCompositeFieldContainer[Feature]
+    arms: _containers.RepeatedCompositeFieldContainer[ArmModel]
+    contexts_seen: int
+    unknown_keys: int
+    mismatched_values: int
+    logged_decisions: int
+    targeted_mean: float
+    uniform_mean: float
+    uniform_low: float
+    uniform_high: float
+    refits: int
+    seconds_since_refit: float
+    def __init__(self, experiment_id: _Optional[str] = ..., policy: _Optional[str] = ..., model_version: _Optional[int] = ..., features: _Optional[_Iterable[_Union[Feature, _Mapping]]] = ..., arms: _Optional[_Iterable[_Union[ArmModel, _Mapping]]] = ..., contexts_seen: _Optional[int] = ..., unknown_keys: _Optional[int] = ..., mismatched_values: _Optional[int] = ..., logged_decisions: _Optional[int] = ..., targeted_mean: _Optional[float] = ..., uniform_mean: _Optional[float] = ..., uniform_low: _Optional[float] = ..., uniform_high: _Optional[float] = ..., refits: _Optional[int] = ..., seconds_since_refit: _Optional[float] = ...) -> None: ...

@@ -85,6 +85,11 @@ class BanditdStub:
                 request_serializer=banditd_dot_v1_dot_banditd__pb2.GetDiagnosticsRequest.SerializeToString,
                 response_deserializer=banditd_dot_v1_dot_banditd__pb2.Diagnostics.FromString,
                 _registered_method=True)
+        self.GetModel = channel.unary_unary(
+                '/banditd.v1.Banditd/GetModel',
+                request_serializer=banditd_dot_v1_dot_banditd__pb2.GetModelRequest.SerializeToString,
+                response_deserializer=banditd_dot_v1_dot_banditd__pb2.ModelReport.FromString,
+                _registered_method=True)
 
 
 class BanditdServicer:
@@ -154,6 +159,14 @@ class BanditdServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetModel(self, request, context):
+        """Contextual experiments: the feature definition, per-arm coefficients with intervals,
+        feature importance and targeted-versus-uniform reward. FAILED_PRECONDITION otherwise.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BanditdServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -206,6 +219,11 @@ def add_BanditdServicer_to_server(servicer, server):
                     servicer.GetDiagnostics,
                     request_deserializer=banditd_dot_v1_dot_banditd__pb2.GetDiagnosticsRequest.FromString,
                     response_serializer=banditd_dot_v1_dot_banditd__pb2.Diagnostics.SerializeToString,
+            ),
+            'GetModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetModel,
+                    request_deserializer=banditd_dot_v1_dot_banditd__pb2.GetModelRequest.FromString,
+                    response_serializer=banditd_dot_v1_dot_banditd__pb2.ModelReport.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -478,6 +496,33 @@ class Banditd:
             '/banditd.v1.Banditd/GetDiagnostics',
             banditd_dot_v1_dot_banditd__pb2.GetDiagnosticsRequest.SerializeToString,
             banditd_dot_v1_dot_banditd__pb2.Diagnostics.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/banditd.v1.Banditd/GetModel',
+            banditd_dot_v1_dot_banditd__pb2.GetModelRequest.SerializeToString,
+            banditd_dot_v1_dot_banditd__pb2.ModelReport.FromString,
             options,
             channel_credentials,
             insecure,

@@ -9,17 +9,19 @@ import sys
 import time
 from pathlib import Path
 
-from banditd.sim import inprocess, report
+from banditd.sim import contextual, inprocess, report
 from banditd.sim.metrics import Summary, Trace, summarise
 from banditd.sim.worlds import WORLDS, Contender, World
 
 E2E_HORIZON_WARNING = 100_000
+# Every world by name: the context-free ones, then the contextual ones (their own player).
+NAMES = [*WORLDS, *contextual.WORLDS]
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("simulate", help="does it learn? play simulated worlds, print regret tables and plots")
-    p.add_argument("worlds", nargs="+", choices=[*WORLDS, "all"], metavar="WORLD",
-                   help=f"one or more of {', '.join(WORLDS)}, or all")
+    p.add_argument("worlds", nargs="+", choices=[*NAMES, "all"], metavar="WORLD",
+                   help=f"one or more of {', '.join(NAMES)}, or all")
     p.add_argument("--seeds", type=int, default=0, help="runs per contender (default: the world's own)")
     p.add_argument("--horizon", type=int, default=0, help="rounds per run (default: the world's own)")
     p.add_argument("--report-dir", type=Path, default=Path("reports/simulate"), help="where tables and PNGs go")
@@ -29,8 +31,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
 
 
 def run(args: argparse.Namespace) -> int:
-    names = list(WORLDS) if "all" in args.worlds else args.worlds
+    names = NAMES if "all" in args.worlds else args.worlds
     for name in names:
+        if name in contextual.WORLDS:
+            run_contextual(args, name)
+            continue
         world = WORLDS[name]()
         if args.horizon:
             world = dataclasses.replace(world, horizon=args.horizon)
@@ -52,6 +57,25 @@ def run(args: argparse.Namespace) -> int:
                 print(f"  wrote {path}")
             print()
     return 0
+
+
+def run_contextual(args: argparse.Namespace, name: str) -> None:
+    world = contextual.WORLDS[name]()
+    if args.horizon:
+        world = dataclasses.replace(world, horizon=args.horizon)
+    seeds = args.seeds or world.seeds
+    if args.target:
+        print(f"note: {world.name} is played in process only (not through {args.target})", file=sys.stderr)
+    started = time.perf_counter()
+    summaries = contextual.simulate(world, seeds)
+    text = contextual.table(world, summaries, seeds) + f"\n(in process, {time.perf_counter() - started:.1f} s)"
+    print(text + "\n", flush=True)
+    args.report_dir.mkdir(parents=True, exist_ok=True)
+    (args.report_dir / f"{world.name}.txt").write_text(text + "\n")
+    if not args.no_plots:
+        for path in contextual.plots(world, summaries, args.report_dir):
+            print(f"  wrote {path}")
+        print()
 
 
 def simulate(world: World, seeds: int, target: str = "") -> list[Summary]:

@@ -8,7 +8,7 @@ expiry:
 | scope    | RPCs                                                              |
 |----------|-------------------------------------------------------------------|
 | `decide` | Decide, Reward, RewardStream, RewardBatchStream                   |
-| `read`   | GetExperiment, ListExperiments, GetArmStats, GetDiagnostics       |
+| `read`   | GetExperiment, ListExperiments, GetArmStats, GetDiagnostics, GetModel |
 | `admin`  | CreateExperiment, UpdateExperiment, and everything `read` and `decide` allow |
 
 A key with a prefix may only name experiments whose id starts with it (PERMISSION_DENIED

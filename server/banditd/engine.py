@@ -142,6 +142,9 @@ class Engine:
         self.seed = seed
         self._runtimes: dict[str, ExperimentRuntime] = {}
         self._pending: dict[str, DecisionRecord] = {}
+        # Sticky assignments of decisions not committed yet, by (experiment, unit): a unit
+        # evicted from the assignment cache before its decision reached the store keeps it.
+        self._pending_sticky: dict[tuple[str, str], tuple[str, ...]] = {}
         self._admin_lock = threading.RLock()
         # Set when other processes share the store (a worker pool): look there on misses.
         self.shared = False
@@ -533,7 +536,14 @@ class Engine:
         chosen = tuple(arm_ids[i] for i in arms)
         if rt.model is None and k not in rt.slate_sizes:
             rt.slate_sizes.add(k)
-        result = self._record(rt, unit_id, chosen, tuple(props), tuple(scores), False, context, x)
+        if spec.sticky:
+            self._pending_sticky[(spec.id, unit_id)] = chosen
+        try:
+            result = self._record(rt, unit_id, chosen, tuple(props), tuple(scores), False, context, x)
+        except BaseException:
+            if spec.sticky:
+                self._pending_sticky.pop((spec.id, unit_id), None)
+            raise
         if spec.sticky:
             rt.assignments.put(unit_id, chosen)
         return result
@@ -543,7 +553,7 @@ class Engine:
         return idx is not None and rt.spec.arms[idx].active
 
     def _assignment(self, rt: ExperimentRuntime, unit_id: str) -> tuple[str, ...] | None:
-        held = rt.assignments.get(unit_id)
+        held = rt.assignments.get(unit_id) or self._pending_sticky.get((rt.spec.id, unit_id))
         if held is None:
             held = self.store.assignment(rt.spec.id, unit_id)
             if held is not None:
@@ -579,7 +589,11 @@ class Engine:
         return DecisionResult(record, scores, sticky_hit, version if rt.model is not None else 0)
 
     def _committed(self, decision_id: str) -> None:
-        self._pending.pop(decision_id, None)
+        rec = self._pending.pop(decision_id, None)
+        if rec is not None and rec.unit_id:
+            key = (rec.experiment_id, rec.unit_id)
+            if self._pending_sticky.get(key) == rec.arms:
+                del self._pending_sticky[key]
 
     # Rewards.
     def _resolve(
@@ -785,6 +799,13 @@ class Engine:
             return {"logged_decisions": 0, "targeted_mean": 0.0, "uniform_mean": 0.0, "uniform_low": 0.0,
                     "uniform_high": 0.0}  # fmt: skip
         n = len(pairs)
+        if active > 1 and any(r.propensities[0] >= 1.0 - 1e-12 for r, _ in pairs):
+            # Deterministic decisions (UCB without an exploration floor): uniform allocation
+            # would have chosen arms these units never got; nothing estimates its reward.
+            nan = float("nan")
+            y = [v for _, v in pairs]
+            return {"logged_decisions": n, "targeted_mean": math.fsum(y) / n, "uniform_mean": nan,
+                    "uniform_low": nan, "uniform_high": nan}  # fmt: skip
         w = [1.0 / active / r.propensities[0] for r, _ in pairs]
         y = [v for _, v in pairs]
         sw = math.fsum(w)

@@ -39,6 +39,7 @@ test-python: install
 
 lint: $(DEPS)
 	$(BIN)/ruff check server client/banditd_client tests loadtest proto
+	$(BIN)/python -m mypy
 	cargo fmt --all --check
 	PYO3_PYTHON=$(abspath $(BIN)/python) cargo clippy --release -q --all-targets -- -D warnings
 

@@ -1,4 +1,4 @@
-"""Command line: `banditd serve | keys | diagnose | simulate | export | evaluate`."""
+"""Command line: `banditd serve | keys | diagnose | model | simulate | export | evaluate`."""
 
 from __future__ import annotations
 

@@ -1,10 +1,12 @@
-"""`banditd diagnose`: the learning-loop report of a running server's experiment, as text."""
+"""`banditd diagnose` and `banditd model`: the learning-loop report and the contextual model of
+a running server's experiment, as text."""
 
 from __future__ import annotations
 
 import argparse
+import math
 
-from banditd_client import Client, Diagnostics
+from banditd_client import Client, Diagnostics, ModelReport
 
 BAR = "█"
 
@@ -46,7 +48,45 @@ def render(d: Diagnostics) -> str:
     return "\n".join(lines)
 
 
+def render_model(m: ModelReport, top: int = 12) -> str:
+    """Feature definition with importances, then each arm's largest coefficients."""
+    lines = [
+        f"experiment {m.experiment_id} · policy {m.policy} · model version {m.model_version} · "
+        f"{len(m.features)} features from {m.contexts_seen:,} contexts · unknown keys {m.unknown_keys:,} · "
+        f"mismatched values {m.mismatched_values:,}",
+        "",
+        f"{'feature':32} {'kind':9} {'coverage':>8} {'mean':>10} {'std':>9} {'importance':>10}",
+    ]
+    for f in sorted(m.features, key=lambda f: -f.importance):
+        lines.append(
+            f"{f.name[:32]:32} {f.kind:9} {f.coverage:8.1%} {f.mean:10.4g} {f.std:9.4g} {f.importance:10.4f}"
+        )
+    for a in m.arms:
+        lines += ["", f"arm {a.arm}{'' if a.active else ' (retired)'} · {a.observations:,.0f} observations"]
+        for c in sorted(a.coefficients, key=lambda c: -abs(c.value))[:top]:
+            lines.append(f"  {c.feature[:32]:32} {c.value:+9.4f} [{c.low:+9.4f}, {c.high:+9.4f}]")
+    lines.append("")
+    if m.logged_decisions:
+        uniform = (
+            "no estimate (deterministic decisions: set exploration_floor)"
+            if math.isnan(m.uniform_mean)
+            else f"{m.uniform_mean:.4f} [{m.uniform_low:.4f}, {m.uniform_high:.4f}]"
+        )
+        lines.append(
+            f"targeted: mean reward {m.targeted_mean:.4f} over {m.logged_decisions:,} logged decisions; "
+            f"uniform allocation on the same units: {uniform}"
+        )
+    if m.refits:
+        lines.append(f"logistic refits: {m.refits} (last {m.seconds_since_refit:.0f}s ago)")
+    return "\n".join(lines)
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("model", help="a contextual experiment's features and per-arm coefficients (GetModel)")
+    p.add_argument("experiment", help="experiment id")
+    p.add_argument("--target", default="localhost:50051", help="server address (host:port)")
+    p.add_argument("--top", type=int, default=12, help="coefficients shown per arm (largest first)")
+    p.set_defaults(func=run_model)
     p = sub.add_parser("diagnose", help="is an experiment learning? (GetDiagnostics of a running server)")
     p.add_argument("experiment", help="experiment id")
     p.add_argument("--target", default="localhost:50051", help="server address (host:port)")
@@ -57,4 +97,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
 def run(args: argparse.Namespace) -> int:
     with Client(args.target) as c:
         print(render(c.diagnostics(args.experiment, reward_silence_seconds=args.reward_silence_seconds)))
+    return 0
+
+
+def run_model(args: argparse.Namespace) -> int:
+    with Client(args.target) as c:
+        print(render_model(c.get_model(args.experiment), args.top))
     return 0

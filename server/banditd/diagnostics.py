@@ -13,6 +13,7 @@ import threading
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
+from typing import Any
 
 # Rates and join rates look back this far.
 RATE_WINDOW_S = 300.0
@@ -147,7 +148,7 @@ def build(
     """The diagnostics of one experiment as plain values (the service turns it into protobuf)."""
     with monitor.lock:
         snapshots = list(monitor.snapshots)
-        m = {
+        m: dict[str, Any] = {
             "decisions": monitor.decisions,
             "rewards": monitor.rewards,
             "rise_checks": monitor.rise_checks,

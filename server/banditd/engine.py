@@ -513,6 +513,7 @@ class Engine:
             check_id("unit id", unit_id)
         elif spec.sticky:
             raise InvalidArgument(f"experiment {experiment_id!r} is sticky: unit_id is required")
+        x: bytes | None = None
         if spec.sticky:
             held = self._assignment(rt, unit_id)
             if held is not None and len(held) == k and all(self._is_active(rt, a) for a in held):
@@ -520,7 +521,6 @@ class Engine:
                 scores = tuple(rt.bandit.means_of([rt.index[a] for a in held]))
                 x = rt.model.encode(context) if rt.model is not None else None
                 return self._record(rt, unit_id, held, (1.0,) * k, scores, True, context, x)
-        x: bytes | None = None
         try:
             if rt.model is not None:
                 try:

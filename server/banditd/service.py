@@ -48,10 +48,10 @@ def _arm_from_proto(arm: pb.Arm, reward_type: str) -> ArmSpec:
     return ArmSpec(id=arm.id, group=arm.group, prior=_prior(arm, reward_type))
 
 
-def _enum_name(names: dict[int, str], value: int, what: str) -> str:
+def _enum_name(names: Mapping[Any, str | None], value: int, what: str) -> str:
     if value not in names:
         raise InvalidArgument(f"unknown {what} {value}; expected one of {sorted(names)}")
-    return names[value]
+    return names[value] or ""
 
 
 def outcomes_from_proto(o: pb.Outcomes) -> dict[str, Any]:

@@ -385,6 +385,21 @@ class ExperimentChanges:
 
 
 class Store:
+    # The named databases (bound by `_bind`; None in a read-only store written before the
+    # database existed).
+    meta: Any
+    experiments: Any
+    arms: Any
+    policy: Any
+    decisions: Any
+    outcomes: Any
+    maturing: Any
+    events: Any
+    assignments: Any
+    keys: Any
+    models: Any
+    modellog: Any
+
     def __init__(self, path: str | os.PathLike[str], map_size: int = DEFAULT_MAP_SIZE, readonly: bool = False) -> None:
         self.path = Path(path)
         self.readonly = readonly
@@ -441,7 +456,7 @@ class Store:
             setattr(self, name, db)
 
     def _open_existing(self) -> None:
-        dbs = {}
+        dbs: dict[str, Any] = {}
         for name in DATABASES:
             try:
                 dbs[name] = self.env.open_db(name.encode(), create=False)
@@ -721,7 +736,9 @@ class WriteTxn:
 
     def __init__(self, store: Store, txn: lmdb.Transaction) -> None:
         self.store = store
-        self.txn = txn
+        # Any: py-lmdb's stubs type values as bytes | memoryview, but without buffers=True it
+        # returns bytes.
+        self.txn: Any = txn
         self._arms: dict[str, dict[str, ArmRow]] = {}
         self._policy: dict[str, PolicyState] = {}
         self._definitions: dict[str, FeatureDefinition] = {}

@@ -92,7 +92,7 @@ def run(world: World, contender: Contender, seed: int, horizon: int | None = Non
 
         if touched.any():
             idx = np.flatnonzero(touched)
-            bandit.set_stats_many(idx, stats[idx, 0], stats[idx, 1], stats[idx, 2])
+            bandit.set_stats_many(idx.tolist(), stats[idx, 0].tolist(), stats[idx, 1].tolist(), stats[idx, 2].tolist())
             # No propensity is read here: a cheap estimate now spares the next choose a
             # full-size Monte Carlo one after every update (for speed only).
             bandit.refresh_propensities(1, PROPENSITY_DRAWS)

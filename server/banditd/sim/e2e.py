@@ -28,7 +28,7 @@ def run(client: Client, world: World, contender: Contender, seed: int, horizon: 
         arms=[{"id": a.id, "group": a.group} for a in spec.arms],
         policy=spec.policy,
         prior=spec.prior,
-        **spec.params,
+        **spec.params,  # type: ignore[arg-type]  # policy parameters are the floats it takes
     )
     index = {arm: i for i, arm in enumerate(world.arms)}
     luck = np.random.default_rng(10_000 + seed).random(horizon)

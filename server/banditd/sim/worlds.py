@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -233,7 +234,7 @@ def click_only(
     )
 
 
-WORLDS = {
+WORLDS: dict[str, Callable[[], World]] = {
     "subject-lines": subject_lines,
     "sparse-campaign": sparse_campaign,
     "limit": limit,

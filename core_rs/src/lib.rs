@@ -12,6 +12,7 @@ pub mod error;
 pub mod groups;
 pub mod kernel;
 pub mod linear;
+mod linear_kernels;
 mod linear_py;
 pub mod memory;
 pub mod policy;

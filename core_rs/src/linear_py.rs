@@ -130,6 +130,14 @@ fn f64s(py: Python<'_>, obj: &Bound<'_, PyAny>) -> PyResult<Vec<f64>> {
             .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")))
             .collect());
     }
+    // Lists and tuples directly: probing them for a buffer first raises (and discards) a
+    // TypeError, which costs more than the update itself.
+    if let Ok(list) = obj.cast::<pyo3::types::PyList>() {
+        return list.iter().map(|v| v.extract::<f64>()).collect();
+    }
+    if let Ok(tuple) = obj.cast::<PyTuple>() {
+        return tuple.iter().map(|v| v.extract::<f64>()).collect();
+    }
     floats_from(py, obj)
 }
 

@@ -1,8 +1,10 @@
 //! Context -> feature vector: an intercept, numbers standardised, strings one-hot over a fixed
 //! list of levels plus "other". The definition (which keys, levels, means) is learnt by the
-//! server from logged contexts; here it is only applied, on the request path.
+//! server from logged contexts; here it is only applied, on the request path (Fx hashing:
+//! the keys are the caller's but the maps are small and rebuilt per definition, and SipHash
+//! was most of an encode's time).
 
-use std::collections::HashMap;
+use rustc_hash::FxHashMap as HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::error::CoreError;
@@ -41,7 +43,7 @@ impl Encoder {
     /// Only the intercept.
     pub fn empty() -> Encoder {
         Encoder {
-            slots: HashMap::new(),
+            slots: HashMap::default(),
             names: vec!["(intercept)".to_string()],
             unknown: AtomicU64::new(0),
             mismatched: AtomicU64::new(0),
@@ -71,7 +73,7 @@ impl Encoder {
             enc.names.push(name.clone());
         }
         for (name, levels) in categorical {
-            let mut map = HashMap::with_capacity(levels.len());
+            let mut map = HashMap::with_capacity_and_hasher(levels.len(), Default::default());
             for level in levels {
                 if map.insert(level.clone(), enc.names.len()).is_some() {
                     return Err(CoreError::invalid(format!(

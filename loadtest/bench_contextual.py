@@ -135,7 +135,8 @@ def main() -> None:
                 summary.append(f"{pol} {arms} arms x {d} features: {got:.2f} µs (target <= {target:g} µs) {verdict}")
         if d == 50:
             got = us["banditd ridge update"]
-            summary.append(f"ridge update, 50 features: {got:.2f} µs (target <= 2 µs) {'met' if got <= 2 else 'MISSED'}")
+            verdict = "met" if got <= 2 else "MISSED"
+            summary.append(f"ridge update, 50 features: {got:.2f} µs (target <= 2 µs) {verdict}")
     print("\nTargets")
     for line in summary:
         print(" -", line)

@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from banditd import _core, features
+from banditd.sim import report
 from banditd.sim.metrics import CURVE_POINTS
 
 Context = dict[str, str | float]
@@ -392,8 +393,8 @@ def plots(world: ContextualWorld, summaries: list[ContextualSummary], out_dir: P
     fig, ax = plt.subplots(figsize=(8, 5))
     for s in summaries:
         ax.plot(s.curve_rounds, s.regret_curve, label=s.name)
-    _finish(ax, f"{world.name}: cumulative expected regret (mean over seeds)", "rounds", "regret")
-    written.append(_save(fig, out_dir / f"{world.name}-regret.png"))
+    report.style(ax, f"{world.name}: cumulative expected regret (mean over seeds)", "rounds", "regret")
+    written.append(report.save(fig, out_dir / f"{world.name}-regret.png"))
 
     fig, axes = plt.subplots(1, len(SEGMENTS), figsize=(13, 4.5), sharey=True)
     horizon = summaries[0].curve_rounds[-1]
@@ -403,24 +404,6 @@ def plots(world: ContextualWorld, summaries: list[ContextualSummary], out_dir: P
             ends = np.linspace(horizon / windows, horizon, windows)
             ax.plot(ends, s.segment_share_curve[:, i], label=s.name)
         ax.axhline(1.0 / world.n_arms, color="grey", linestyle=":")
-        _finish(ax, f"segment {seg}: share on {world.arms[BEST_ARM[i]]} (seed 0)", "rounds", "share")
-    written.append(_save(fig, out_dir / f"{world.name}-segments.png"))
+        report.style(ax, f"segment {seg}: share on {world.arms[BEST_ARM[i]]} (seed 0)", "rounds", "share")
+    written.append(report.save(fig, out_dir / f"{world.name}-segments.png"))
     return written
-
-
-def _finish(ax, title: str, xlabel: str, ylabel: str) -> None:  # type: ignore[no-untyped-def]
-    ax.set_title(title, fontsize=10)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-
-
-def _save(fig, path: Path) -> Path:  # type: ignore[no-untyped-def]
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path

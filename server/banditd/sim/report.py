@@ -75,7 +75,7 @@ def plots(world: World, summaries: list[Summary], out_dir: Path) -> list[Path]:
         t = summaries[0].curve_rounds
         ax.plot(t, [world.lai_robbins(int(x)) if x > 1 else 0 for x in t], "k--", label="Lai-Robbins bound")
     _finish(ax, world, "cumulative regret (mean over seeds)", "rounds", "regret")
-    written.append(_save(fig, out_dir / f"{world.name}-regret.png"))
+    written.append(save(fig, out_dir / f"{world.name}-regret.png"))
 
     fig, ax = plt.subplots(figsize=(8, 5))
     for s in summaries:
@@ -83,7 +83,7 @@ def plots(world: World, summaries: list[Summary], out_dir: Path) -> list[Path]:
         ax.plot(s.curve_rounds, best, label=s.name)
     ax.axhline(1.0 / world.n_arms, color="grey", linestyle=":", label="uniform")
     _finish(ax, world, "traffic share of the best arm over time (seed 0)", "rounds", "share")
-    written.append(_save(fig, out_dir / f"{world.name}-share.png"))
+    written.append(save(fig, out_dir / f"{world.name}-share.png"))
 
     featured = next((s for s in summaries if s.name == world.featured), summaries[-1])
     trace = featured.traces[0]
@@ -93,7 +93,7 @@ def plots(world: World, summaries: list[Summary], out_dir: Path) -> list[Path]:
         ax.plot(trace.checkpoints, trace.means[:, arm], linewidth=0.8 if many else 1.5,
                 label=None if many else world.arms[arm])
     _finish(ax, world, f"posterior mean per arm over time: {featured.name} (seed 0)", "rounds", "score")
-    written.append(_save(fig, out_dir / f"{world.name}-scores.png"))
+    written.append(save(fig, out_dir / f"{world.name}-scores.png"))
     return written
 
 
@@ -104,7 +104,12 @@ def _best_arm_share(world: World, s: Summary) -> np.ndarray:
 
 
 def _finish(ax, world: World, what: str, xlabel: str, ylabel: str) -> None:  # type: ignore[no-untyped-def]
-    ax.set_title(f"{world.name}: {what}", fontsize=10)
+    style(ax, f"{world.name}: {what}", xlabel, ylabel)
+
+
+def style(ax, title: str, xlabel: str, ylabel: str) -> None:  # type: ignore[no-untyped-def]
+    """Title, labels, legend and grid of one plot (every simulation plot looks alike)."""
+    ax.set_title(title, fontsize=10)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     if ax.get_legend_handles_labels()[0]:
@@ -112,7 +117,7 @@ def _finish(ax, world: World, what: str, xlabel: str, ylabel: str) -> None:  # t
     ax.grid(alpha=0.3)
 
 
-def _save(fig, path: Path) -> Path:  # type: ignore[no-untyped-def]
+def save(fig, path: Path) -> Path:  # type: ignore[no-untyped-def]
     import matplotlib.pyplot as plt
 
     fig.tight_layout()

@@ -101,6 +101,9 @@ pub struct Choice {
     pub propensities: Vec<f64>,
 }
 
+/// Arm index of an update item that rescales every arm by its weight (discounting).
+pub const RESCALE_ITEM: usize = 0xFFFF_FFFF;
+
 pub struct Linear {
     pub model: Model,
     pub mode: Mode,
@@ -122,6 +125,10 @@ pub struct Linear {
     sig: Vec<f64>,
     /// Direction of the next scoring pass.
     backwards: bool,
+    /// Half-life discounting: statistics are stored relative to a clock base, so every
+    /// estimate's variance is `inflation` = d^-(clock - base) times the stored one, capped at
+    /// the prior's (an arm without recent data becomes as uncertain as a new one, no more).
+    inflation: f64,
     // Scratch buffers of the hot path (no allocation per decision).
     mu: Vec<f64>,
     se: Vec<f64>,
@@ -179,6 +186,7 @@ impl Linear {
             thetas: Aligned::default(),
             sig: Vec::new(),
             backwards: false,
+            inflation: 1.0,
             mu: Vec::new(),
             se: Vec::new(),
             xp: Aligned::default(),
@@ -349,6 +357,64 @@ impl Linear {
             backwards: self.backwards,
         };
         kernels::score_all(&inputs, &mut self.mu, &mut self.se, self.avx2);
+        if self.inflation != 1.0 {
+            let grow = self.inflation.sqrt();
+            let prior = (dot(x, x) / self.ridge).sqrt();
+            for &a in ids {
+                self.se[a] = (self.se[a] * grow).min(self.sig[a] * prior);
+            }
+        }
+    }
+
+    /// Sets the variance inflation of discounting (>= 1; see the field).
+    pub fn set_inflation(&mut self, c: f64) -> Result<(), CoreError> {
+        if !(c.is_finite() && c >= 1.0) {
+            return Err(CoreError::invalid(format!(
+                "variance inflation must be a finite number >= 1, got {c}"
+            )));
+        }
+        self.inflation = c;
+        Ok(())
+    }
+
+    /// Standard error with the inflation, capped at the prior's.
+    fn inflated(&self, se: f64, sigma: f64, xx: f64) -> f64 {
+        if self.inflation == 1.0 {
+            return se;
+        }
+        (se * self.inflation.sqrt()).min(sigma * (xx / self.ridge).sqrt())
+    }
+
+    /// Discounting's periodic rescale: stored weights are multiplied by f (the data part of
+    /// every arm's precision, b, n and yy), and the ridge prior, which decayed with the
+    /// stored weights since the last rescale, is restored: A' = f (A - ridge I) + ridge I.
+    fn rescale(&mut self, f: f64) -> Result<(), CoreError> {
+        let d = self.d;
+        let lam = self.ridge;
+        for a in 0..self.arms.len() {
+            let arm = &mut self.arms[a];
+            let mut h = cholesky_inverse(&arm.m, d)?;
+            for i in 0..d {
+                for j in 0..d {
+                    let prior = if i == j { lam } else { 0.0 };
+                    h[i * d + j] = f * (h[i * d + j] - prior) + prior;
+                }
+            }
+            arm.m = cholesky_inverse(&h, d)?;
+            arm.b.iter_mut().for_each(|v| *v *= f);
+            arm.n *= f;
+            arm.yy *= f;
+            if self.model == Model::Ridge {
+                let m = &arm.m;
+                for (j, t) in arm.theta.iter_mut().enumerate() {
+                    *t = dot(&m[j * d..(j + 1) * d], &arm.b);
+                }
+            }
+            arm.drift = 0;
+            self.refresh(a);
+        }
+        self.version += 1;
+        Ok(())
     }
 
     /// The reported score: a probability for binary rewards.
@@ -366,7 +432,9 @@ impl Linear {
         let a = &self.arms[arm];
         let mut u = vec![0.0; self.d];
         a.m_times(self.d, x, &mut u);
-        Ok((dot(&a.theta, x), self.sigma(a) * dot(x, &u).max(0.0).sqrt()))
+        let sigma = self.sigma(a);
+        let se = self.inflated(sigma * dot(x, &u).max(0.0).sqrt(), sigma, dot(x, x));
+        Ok((dot(&a.theta, x), se))
     }
 
     pub fn coefficients(&self, arm: usize) -> Result<(Vec<f64>, Vec<f64>), CoreError> {
@@ -374,7 +442,7 @@ impl Linear {
         let a = &self.arms[arm];
         let s = self.sigma(a);
         let se = (0..self.d)
-            .map(|i| s * a.m[i * self.d + i].max(0.0).sqrt())
+            .map(|i| self.inflated(s * a.m[i * self.d + i].max(0.0).sqrt(), s, 1.0))
             .collect();
         Ok((a.theta.clone(), se))
     }
@@ -598,6 +666,15 @@ impl Linear {
             )));
         }
         for (i, &a) in arms.iter().enumerate() {
+            if a == RESCALE_ITEM {
+                if !(w[i] > 0.0 && w[i] <= 1.0) {
+                    return Err(CoreError::invalid(format!(
+                        "update item {i}: a rescale needs a factor in (0, 1], got {}",
+                        w[i]
+                    )));
+                }
+                continue;
+            }
             self.check_arm(a)?;
             self.check_x(&xs[i * d..(i + 1) * d])?;
             if !(w[i].is_finite() && w[i] >= 0.0 && wy[i].is_finite() && wyy[i].is_finite()) {
@@ -613,6 +690,10 @@ impl Linear {
         let mut u = std::mem::take(&mut self.u);
         u.resize(d, 0.0);
         for (i, &a) in arms.iter().enumerate() {
+            if a == RESCALE_ITEM {
+                self.rescale(w[i])?;
+                continue;
+            }
             let x = &xs[i * d..(i + 1) * d];
             let arm = &mut self.arms[a];
             let tri = &mut self.tri[a * block..(a + 1) * block];
@@ -1269,6 +1350,67 @@ mod tests {
         let mut x: Vec<f64> = (0..d).map(|_| sampling::normal(rng)).collect();
         x[0] = 1.0;
         x
+    }
+
+    #[test]
+    fn discounting_with_a_rescale_equals_a_discounted_refit() {
+        // Stored weights d^-s, then a rescale by d^t: the same model as the ridge solution on
+        // weights d^(t-s) with the full prior.
+        let mut rng = Xoshiro256PlusPlus::seed_from_u64(9);
+        let (d, n, disc, ridge) = (4, 120, 0.97f64, 1.5);
+        let mut lin = Linear::new(Model::Ridge, Mode::Ucb, false, 1.96, ridge, 0.0).unwrap();
+        lin.set_dimension(d).unwrap();
+        lin.add_arms(1).unwrap();
+        let mut a = vec![0.0; d * d];
+        let mut b = vec![0.0; d];
+        for i in 0..d {
+            a[i * d + i] = ridge;
+        }
+        for s in 0..n {
+            let x = features(&mut rng, d);
+            let y = sampling::normal(&mut rng);
+            let w = disc.powi(-s);
+            lin.update(&[0], &x, &[w], &[w * y], &[w * y * y]).unwrap();
+            let v = disc.powi(n - s);
+            for i in 0..d {
+                b[i] += v * y * x[i];
+                for j in 0..d {
+                    a[i * d + j] += v * x[i] * x[j];
+                }
+            }
+        }
+        lin.update(
+            &[RESCALE_ITEM],
+            &vec![0.0; d],
+            &[disc.powi(n)],
+            &[0.0],
+            &[0.0],
+        )
+        .unwrap();
+        let theta = cholesky_solve(&a, d, &b).unwrap();
+        let inv = cholesky_inverse(&a, d).unwrap();
+        let arm = &lin.arms[0];
+        for i in 0..d {
+            assert!(
+                (arm.theta[i] - theta[i]).abs() < 1e-8,
+                "{i}: {:?} {theta:?}",
+                arm.theta
+            );
+            for j in 0..d {
+                assert!((arm.m[i * d + j] - inv[i * d + j]).abs() < 1e-8);
+            }
+        }
+        // Inflation widens the error bars, never beyond the prior's.
+        let x = features(&mut rng, d);
+        let (_, se1) = lin.predict(0, &x).unwrap();
+        lin.set_inflation(4.0).unwrap();
+        let (_, se4) = lin.predict(0, &x).unwrap();
+        let sigma = lin.sigma(&lin.arms[0]);
+        let prior = sigma * (dot(&x, &x) / ridge).sqrt();
+        assert!((se4 - (2.0 * se1).min(prior)).abs() < 1e-12);
+        lin.set_inflation(1e12).unwrap();
+        assert!((lin.predict(0, &x).unwrap().1 - prior).abs() < 1e-12);
+        assert!(lin.set_inflation(0.5).is_err());
     }
 
     #[test]

@@ -345,6 +345,11 @@ impl PyLinear {
         Ok(used)
     }
 
+    /// Variance inflation of half-life discounting, d^-(clock - base) (>= 1).
+    fn set_inflation(&self, py: Python<'_>, c: f64) -> PyResult<()> {
+        self.with(py, true, |s| s.lin.set_inflation(c))
+    }
+
     fn reset(&self, py: Python<'_>) -> PyResult<()> {
         self.with(py, false, |s| {
             s.lin.reset();

@@ -137,6 +137,10 @@ class Linear:
     def refit_logistic(
         self, arm: int, xs: Any, ys: Sequence[float], weights: Sequence[float], iterations: int = 25
     ) -> int: ...
+    # Half-life discounting: every variance times c = d^-(clock - base) >= 1, capped at the
+    # prior's. An update item with arm 0xFFFFFFFF rescales every arm's stored weights by its
+    # w and restores the ridge prior.
+    def set_inflation(self, c: float) -> None: ...
     def reset(self) -> None: ...
     # Inspection: estimate and standard error on the link scale; coefficients and their
     # standard errors; the observations (sum of weights) behind each arm.

@@ -138,11 +138,6 @@ class ExperimentSpec:
             )
         check_params(self.params)
         if self.contextual:
-            if self.half_life:
-                raise InvalidArgument(
-                    f"half_life is not supported by the contextual policy {self.policy!r} yet; "
-                    "leave it 0 (or use a context-free policy)"
-                )
             if self.policy.startswith("logistic") and not binary:
                 raise InvalidArgument(
                     f"{self.policy!r} models binary rewards; use lin_ucb or lin_ts for continuous rewards"
@@ -310,6 +305,10 @@ class ExperimentRuntime:
                 )
             self.bandit.set_counters(policy.decisions, policy.clock)
             self.bandit.maintain()
+            if self.model is not None and self.discount < 1.0:
+                # Stored model weights are relative to the clock's base: the models' variance
+                # grows by d^-(clock - base) as observations age (see `Linear.set_inflation`).
+                self.model.set_inflation(self.discount ** -(policy.clock - policy.base))
 
     def _usable(self, idx: int) -> ArmRow:
         """The row, or an empty posterior when its stored statistics cannot be one (a damaged

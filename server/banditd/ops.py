@@ -19,6 +19,9 @@ from banditd.writer import WriteOp
 # Stored weights are rescaled once the clock has run this many half-lives past their base
 # (2^-128: far from the limits of a double either way).
 RESCALE_HALF_LIVES = 128.0
+CONTEXTUAL_RESCALE_HALF_LIVES = 2.0
+# Model log item that rescales every arm's model by its weight (see `_core.Linear.update`).
+RESCALE_ITEM = 0xFFFFFFFF
 
 
 class Accounting:
@@ -86,7 +89,10 @@ class Accounting:
         policy.clock = clock + 1
         if event:  # raises the mean only at the top of the range, lowers it only at the bottom
             self._event(arm_id, w, w * value, w * value * value, self.binary and value >= 1.0, value <= 0.0)
-        if self.discount < 1.0 and (policy.clock - policy.base) > RESCALE_HALF_LIVES * self.spec.half_life:
+        # Contextual models rescale every CONTEXTUAL_RESCALE_HALF_LIVES: the rescale restores
+        # their ridge prior, which decays with the stored weights in between.
+        every = CONTEXTUAL_RESCALE_HALF_LIVES if self.contextual else RESCALE_HALF_LIVES
+        if self.discount < 1.0 and (policy.clock - policy.base) > every * self.spec.half_life:
             self._rescale()
         return clock
 
@@ -112,6 +118,9 @@ class Accounting:
             row.n *= f
             row.sum *= f
             row.sumsq *= f
+        if self.contextual:  # the models' stored weights move with the rows (a logged item)
+            d = self.txn.model_definition(self.exp).dimension
+            self.txn.model_item(self.exp, RESCALE_ITEM, bytes(8 * d), f, 0.0, 0.0)
         policy.base = policy.clock
 
 

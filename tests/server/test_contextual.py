@@ -165,13 +165,44 @@ def test_invalid_contexts_change_nothing(server: ServerProcess) -> None:
         with pytest.raises(InvalidArgument):
             client.decide(exp, unit_id="u", context={"age": float("nan")})
         with pytest.raises(InvalidArgument):
-            client.create_experiment(exp + "-h", ARMS, policy="lin_ts", half_life=100.0)
-        with pytest.raises(InvalidArgument):
             client.create_experiment(exp + "-l", ARMS, policy="logistic", reward_type="continuous")
         with pytest.raises(InvalidArgument):
             client.create_experiment(exp + "-t", ARMS, policy="thompson", ridge=2.0)
         time.sleep(0.3)
         assert sum(a.pulls for a in client.arm_stats(exp)) == before
+
+
+def test_half_life_follows_a_change_of_the_best_arm(server: ServerProcess) -> None:
+    """Discounting applies to contextual models too: after the segments' best arms rotate, a
+    lin_ucb model with a half-life moves to the new best arms while one without lags."""
+    rotated = {"young": "a1", "mid": "a2", "old": "a0"}
+
+    def play(client: Client, exp: str, rounds: int, rng: random.Random, best: dict[str, str]) -> list[tuple[str, str]]:
+        served = []
+        for i in range(rounds):
+            ctx = _context(rng)
+            seg = str(ctx["segment"])
+            d = client.decide(exp, unit_id=f"u{i}", context=ctx)
+            arm = d.arms[0].arm
+            if rng.random() < (0.4 if arm == best[seg] else 0.05):
+                client.reward(d.decision_id, 1.0)
+            served.append((seg, arm))
+        return served
+
+    shares = {}
+    with server.client() as client:
+        for label, params in (("plain", {}), ("half_life", {"half_life": 150.0})):
+            exp = f"ctx-drift-{label}-{uuid.uuid4().hex[:6]}"
+            rng = random.Random(5)
+            client.create_experiment(exp, ARMS, policy="lin_ucb", encoder_warmup=50.0, exploration_floor=0.05, **params)
+            play(client, exp, 60, rng, BEST)
+            _wait_for_version(client, exp)
+            play(client, exp, 1500, rng, BEST)
+            served = play(client, exp, 700, rng, rotated)
+            tail = served[-250:]
+            shares[label] = sum(arm == rotated[seg] for seg, arm in tail) / len(tail)
+    assert shares["half_life"] > 0.6, shares
+    assert shares["half_life"] > shares["plain"] + 0.2, shares
 
 
 def test_model_command_prints_the_features_and_coefficients(server: ServerProcess) -> None:

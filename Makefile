@@ -53,7 +53,9 @@ proto: $(DEPS)
 demo: install
 	$(BIN)/python loadtest/demo.py --target localhost:$(PORT)
 
+# MABWiser is a reference in the contextual rows only (not a dependency of banditd).
 bench: install
+	$(BIN)/pip install -q mabwiser || echo "MABWiser could not be installed: its rows are skipped"
 	$(BIN)/python loadtest/bench_core.py
 	cd loadtest && ../$(BIN)/python bench_contextual.py
 

@@ -335,7 +335,8 @@ class Engine:
         recs = self.store.recent_decisions(spec.id, features.SAMPLE, 20 * features.SAMPLE)
         if len(recs) < min(warmup, features.SAMPLE):
             return
-        new = features.learn((r.context for r in recs), fd.version + 1, now_ms())
+        limit = features.max_features_for(len(rt.arm_ids))
+        new = features.learn((r.context for r in recs), fd.version + 1, now_ms(), limit)
         if new.same_features(fd):
             return
         log.info(

@@ -26,10 +26,22 @@ MIN_COVERAGE = 0.01
 MAX_FEATURES = 256
 # Logged contexts a definition is learnt from (the most recent ones).
 SAMPLE = 10_000
+# Memory all arms' models of one experiment may take (about 10 d^2 bytes per arm: the f64
+# inverse and the f32 scoring triangle).
+MODEL_BUDGET_BYTES = 1 << 30
 
 
-def learn(contexts: Iterable[Mapping[str, str | float] | None], version: int, now_ms: int) -> FeatureDefinition:
-    """The feature definition of a sample of contexts (None = a decision without context)."""
+def max_features_for(arms: int) -> int:
+    """The most features an experiment with this many arms may use within the budget (at
+    least the intercept and a few features, at most MAX_FEATURES)."""
+    return max(4, min(MAX_FEATURES, int(math.sqrt(MODEL_BUDGET_BYTES / (10 * max(1, arms))))))
+
+
+def learn(
+    contexts: Iterable[Mapping[str, str | float] | None], version: int, now_ms: int, max_features: int = MAX_FEATURES
+) -> FeatureDefinition:
+    """The feature definition of a sample of contexts (None = a decision without context), with
+    at most `max_features` entries (intercept included)."""
     total = 0
     numbers: dict[str, list[float]] = {}
     texts: dict[str, Counter[str]] = {}
@@ -75,7 +87,7 @@ def learn(contexts: Iterable[Mapping[str, str | float] | None], version: int, no
     def size() -> int:
         return 1 + len(numeric) + sum(len(c[2]) + 1 for c in categorical)
 
-    while size() > MAX_FEATURES:
+    while size() > max(1, max_features):
         widest = max(range(len(categorical)), key=lambda i: len(categorical[i][2]), default=None)
         if widest is not None and len(categorical[widest][2]) > 1:
             name, cov, levels = categorical[widest]

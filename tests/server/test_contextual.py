@@ -222,3 +222,20 @@ def test_model_command_prints_the_features_and_coefficients(server: ServerProces
     ).stdout
     assert "model version 1" in out and "segment=young" in out and "arm a0" in out
     assert "uniform allocation on the same units" in out
+
+
+def test_feature_definitions_fit_the_memory_budget_of_many_arms() -> None:
+    """An experiment with very many arms gets fewer features (each arm's model costs ~10 d^2
+    bytes), so learning a definition can never ask the core for more memory than allowed."""
+    from banditd import _core, features
+
+    contexts = [{f"k{j}": f"v{(i + j) % 30}" for j in range(12)} | {"n": float(i)} for i in range(3000)]
+    wide = features.learn(contexts, 1, 0)
+    assert wide.dimension == features.MAX_FEATURES
+    limit = features.max_features_for(100_000)
+    narrow = features.learn(contexts, 1, 0, limit)
+    assert 4 <= narrow.dimension <= limit < 40
+    m = _core.Linear("ridge", "ucb")
+    m.add_arms(100_000)
+    m.set_encoder(*features.core_args(narrow))  # within the core's limit
+    assert m.n_features() == narrow.dimension

@@ -131,41 +131,23 @@ const QUICK_ARMS: usize = 4_096;
 const QUICK_REWARDS: usize = 2_000;
 
 impl PyBandit {
-    /// Runs `f` on the state with the GIL released, taking the lock only after releasing it:
-    /// a thread that held the GIL while waiting for the lock could deadlock with the lock's
-    /// holder waiting for the GIL.
+    /// Runs `f` on the state with the GIL released (see `locked`).
     fn with<T: Send>(
         &self,
         py: Python<'_>,
         f: impl FnOnce(&mut State) -> Result<T, RsError> + Send,
     ) -> PyResult<T> {
-        let out = py.detach(|| match self.state.lock() {
-            Ok(mut guard) => Ok(guarded(&mut *guard, f)),
-            Err(_) => Err(()),
-        });
-        match out {
-            Ok(result) => Ok(result?),
-            Err(()) => Err(poisoned()),
-        }
+        locked(&self.state, py, false, f)
     }
 
-    /// Like `with`, but short work runs without releasing the GIL when the lock is free:
-    /// re-acquiring the GIL can wait for another thread's switch interval (5 ms), far longer
-    /// than a decision over a few thousand arms. Never blocks on the lock while holding the GIL.
+    /// Like `with`, but short work keeps the GIL when the lock is free (see `locked`).
     fn with_quick<T: Send>(
         &self,
         py: Python<'_>,
         quick: bool,
         f: impl FnOnce(&mut State) -> Result<T, RsError> + Send,
     ) -> PyResult<T> {
-        if quick {
-            match self.state.try_lock() {
-                Ok(mut guard) => return Ok(guarded(&mut *guard, f)?),
-                Err(std::sync::TryLockError::Poisoned(_)) => return Err(poisoned()),
-                Err(std::sync::TryLockError::WouldBlock) => {}
-            }
-        }
-        self.with(py, f)
+        locked(&self.state, py, quick, f)
     }
 
     /// The tuple of `arms` as Python ints, from `arm_ints` (filled on first use).
@@ -194,6 +176,34 @@ impl PyBandit {
     /// Arms below which a decision is quick enough to keep the GIL.
     fn quick_choice(&self) -> bool {
         self.arms_hint.load(std::sync::atomic::Ordering::Relaxed) < QUICK_ARMS
+    }
+}
+
+/// Runs `f` on the state behind `mutex`, guarded against panics. The lock is taken only with
+/// the GIL released: a thread that held the GIL while waiting for the lock could deadlock with
+/// the lock's holder waiting for the GIL. With `quick`, short work runs without releasing the
+/// GIL when the lock is free: re-acquiring the GIL can wait for another thread's switch interval
+/// (5 ms), far longer than a decision over a few thousand arms.
+pub(crate) fn locked<S: Send, T: Send>(
+    mutex: &Mutex<S>,
+    py: Python<'_>,
+    quick: bool,
+    f: impl FnOnce(&mut S) -> Result<T, RsError> + Send,
+) -> PyResult<T> {
+    if quick {
+        match mutex.try_lock() {
+            Ok(mut guard) => return Ok(guarded(&mut *guard, f)?),
+            Err(std::sync::TryLockError::Poisoned(_)) => return Err(poisoned()),
+            Err(std::sync::TryLockError::WouldBlock) => {}
+        }
+    }
+    let out = py.detach(|| match mutex.lock() {
+        Ok(mut guard) => Ok(guarded(&mut *guard, f)),
+        Err(_) => Err(()),
+    });
+    match out {
+        Ok(result) => Ok(result?),
+        Err(()) => Err(poisoned()),
     }
 }
 

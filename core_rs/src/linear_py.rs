@@ -13,7 +13,7 @@ use rand_xoshiro::Xoshiro256PlusPlus;
 use crate::encoder::{Encoder, Value};
 use crate::error::CoreError as RsError;
 use crate::linear::{Linear, Mode, Model};
-use crate::{floats_from, guarded, poisoned};
+use crate::{floats_from, locked};
 
 /// Arms x features below which a decision keeps the GIL (tens of microseconds at most).
 const QUICK_WORK: usize = 2_000_000;
@@ -37,21 +37,7 @@ impl PyLinear {
         quick: bool,
         f: impl FnOnce(&mut LinState) -> Result<T, RsError> + Send,
     ) -> PyResult<T> {
-        if quick {
-            match self.state.try_lock() {
-                Ok(mut guard) => return Ok(guarded(&mut *guard, f)?),
-                Err(std::sync::TryLockError::Poisoned(_)) => return Err(poisoned()),
-                Err(std::sync::TryLockError::WouldBlock) => {}
-            }
-        }
-        let out = py.detach(|| match self.state.lock() {
-            Ok(mut guard) => Ok(guarded(&mut *guard, f)),
-            Err(_) => Err(()),
-        });
-        match out {
-            Ok(result) => Ok(result?),
-            Err(()) => Err(poisoned()),
-        }
+        locked(&self.state, py, quick, f)
     }
 
     fn encoder(&self) -> Arc<Encoder> {

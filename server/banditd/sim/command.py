@@ -7,6 +7,8 @@ import argparse
 import dataclasses
 import sys
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 from banditd.sim import contextual, inprocess, report
@@ -49,14 +51,19 @@ def run(args: argparse.Namespace) -> int:
         text = report.table(world, summaries, seeds)
         mode = f"end to end through {target}" if target else "in process"
         text += f"\n({mode}, {time.perf_counter() - started:.1f} s)"
-        print(text + "\n", flush=True)
-        args.report_dir.mkdir(parents=True, exist_ok=True)
-        (args.report_dir / f"{world.name}.txt").write_text(text + "\n")
-        if not args.no_plots:
-            for path in report.plots(world, summaries, args.report_dir):
-                print(f"  wrote {path}")
-            print()
+        _write(args, world.name, text, partial(report.plots, world, summaries, args.report_dir))
     return 0
+
+
+def _write(args: argparse.Namespace, name: str, text: str, plots: Callable[[], list[Path]]) -> None:
+    """Prints a world's table, writes it under the report dir, then its plots (unless off)."""
+    print(text + "\n", flush=True)
+    args.report_dir.mkdir(parents=True, exist_ok=True)
+    (args.report_dir / f"{name}.txt").write_text(text + "\n")
+    if not args.no_plots:
+        for path in plots():
+            print(f"  wrote {path}")
+        print()
 
 
 def run_contextual(args: argparse.Namespace, name: str) -> None:
@@ -69,13 +76,7 @@ def run_contextual(args: argparse.Namespace, name: str) -> None:
     started = time.perf_counter()
     summaries = contextual.simulate(world, seeds)
     text = contextual.table(world, summaries, seeds) + f"\n(in process, {time.perf_counter() - started:.1f} s)"
-    print(text + "\n", flush=True)
-    args.report_dir.mkdir(parents=True, exist_ok=True)
-    (args.report_dir / f"{world.name}.txt").write_text(text + "\n")
-    if not args.no_plots:
-        for path in contextual.plots(world, summaries, args.report_dir):
-            print(f"  wrote {path}")
-        print()
+    _write(args, world.name, text, partial(contextual.plots, world, summaries, args.report_dir))
 
 
 def simulate(world: World, seeds: int, target: str = "") -> list[Summary]:

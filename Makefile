@@ -8,6 +8,7 @@ CORE := $(VENV)/.core-built
 RUST_SRC := $(shell find core_rs/src -name '*.rs') core_rs/Cargo.toml Cargo.toml pyproject.toml
 PORT ?= 50051
 DATA_DIR ?= ./data/banditd
+HTTP_PORT ?= 8080
 
 .PHONY: install serve test test-rust test-python lint fmt proto demo bench bench-server loadtest simulate clean
 
@@ -27,7 +28,7 @@ $(CORE): $(DEPS) $(RUST_SRC)
 	touch $@
 
 serve: install
-	$(BIN)/banditd serve --port $(PORT) --data-dir $(DATA_DIR)
+	$(BIN)/banditd serve --port $(PORT) --data-dir $(DATA_DIR) --http-port $(HTTP_PORT)
 
 test: install lint test-rust test-python
 

@@ -21,10 +21,13 @@ from banditd_client.errors import (
 )
 from banditd_client.types import (
     Alarm,
+    Analysis,
+    ArmAnalysis,
     ArmDiagnostics,
     ArmInfo,
     ArmModel,
     ArmStat,
+    AuditEntry,
     ChosenArm,
     Coefficient,
     Decision,
@@ -37,6 +40,9 @@ from banditd_client.types import (
 
 __all__ = [
     "Alarm",
+    "Analysis",
+    "ArmAnalysis",
+    "AuditEntry",
     "ArmDiagnostics",
     "Diagnostics",
     "AlreadyExists",

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import numbers
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from banditd_client.types import (
     Alarm,
+    Analysis,
+    ArmAnalysis,
     ArmDiagnostics,
     ArmInfo,
     ArmModel,
     ArmStat,
+    AuditEntry,
     ChosenArm,
     Coefficient,
     Decision,
@@ -49,7 +53,7 @@ POLICY_PARAMS = (
 REWARD_TYPES = {"binary": pb.BINARY, "continuous": pb.CONTINUOUS}
 OUTCOME_MODES = {"": pb.OUTCOME_MODE_UNSPECIFIED, "decision": pb.DECISION, "explicit": pb.EXPLICIT}
 AGGREGATIONS = {"": pb.AGGREGATION_UNSPECIFIED, "max": pb.MAX, "sum": pb.SUM, "first": pb.FIRST, "last": pb.LAST}
-STATE_NAMES = {pb.RUNNING: "running", pb.PAUSED: "paused", pb.STATE_UNSPECIFIED: "running"}
+STATE_NAMES = {pb.RUNNING: "running", pb.PAUSED: "paused", pb.FALLBACK: "fallback", pb.STATE_UNSPECIFIED: "running"}
 
 
 def _prior(prior: Sequence[float] | None) -> pb.Prior | None:
@@ -77,6 +81,7 @@ def create_request(
     prior: Sequence[float] | None,
     params: Mapping[str, float],
     outcomes: Mapping[str, Any] | None = None,
+    settings: Mapping[str, Any] | None = None,
 ) -> pb.CreateExperimentRequest:
     unknown = set(params) - set(POLICY_PARAMS)
     if unknown:
@@ -92,6 +97,7 @@ def create_request(
         attribution_window_seconds=int(attribution_window_seconds),
         prior=_prior(prior),
         outcomes=outcomes_proto(outcomes or {}),
+        settings=settings_proto(settings or {}),
     )
     return pb.CreateExperimentRequest(experiment=exp)
 
@@ -115,11 +121,56 @@ def outcomes_proto(o: Mapping[str, Any]) -> pb.Outcomes:
     )
 
 
+CRITERIA_KEYS = ("min_uplift", "confidence", "min_days", "min_events_per_arm", "max_days", "horizon")
+GUARDRAIL_KEYS = ("metric", "threshold", "action", "fallback_arm_id", "window_seconds", "min_samples")
+SETTINGS_KEYS = ("control_arm_id", "criteria", "control_share", "traffic_floor", "arm_floors", "burn_in", "guardrails")
+
+
+def settings_proto(s: Mapping[str, Any]) -> pb.Settings:
+    """{"control_arm_id": str, "criteria": {min_uplift, confidence, min_days,
+    min_events_per_arm, max_days, horizon}, "control_share": float, "traffic_floor": float,
+    "arm_floors": {arm: float}, "burn_in": int, "guardrails": [{metric, threshold, action,
+    fallback_arm_id, window_seconds, min_samples}]}; missing keys take the defaults."""
+    unknown = set(s) - set(SETTINGS_KEYS)
+    if unknown:
+        raise TypeError(f"unknown settings {sorted(unknown)}; known: {SETTINGS_KEYS}")
+    crit = dict(s.get("criteria") or {})
+    if set(crit) - set(CRITERIA_KEYS):
+        raise TypeError(f"unknown criteria {sorted(set(crit) - set(CRITERIA_KEYS))}; known: {CRITERIA_KEYS}")
+    guardrails = []
+    for g in s.get("guardrails") or ():
+        if set(g) - set(GUARDRAIL_KEYS):
+            raise TypeError(f"unknown guardrail fields {sorted(set(g) - set(GUARDRAIL_KEYS))}; known: {GUARDRAIL_KEYS}")
+        guardrails.append(pb.Guardrail(**g))
+    return pb.Settings(
+        control_arm_id=s.get("control_arm_id", ""),
+        criteria=pb.StopCriteria(**crit),
+        control_share=float(s.get("control_share", 0.0)),
+        traffic_floor=float(s.get("traffic_floor", 0.0)),
+        arm_floors={str(k): float(v) for k, v in (s.get("arm_floors") or {}).items()},
+        burn_in=int(s.get("burn_in", 0)),
+        guardrails=guardrails,
+    )
+
+
+def settings_dict(msg: pb.Settings) -> dict[str, Any]:
+    return {
+        "control_arm_id": msg.control_arm_id,
+        "criteria": {k: getattr(msg.criteria, k) for k in CRITERIA_KEYS},
+        "control_share": msg.control_share,
+        "traffic_floor": msg.traffic_floor,
+        "arm_floors": dict(msg.arm_floors),
+        "burn_in": msg.burn_in,
+        "guardrails": [{k: getattr(g, k) for k in GUARDRAIL_KEYS} for g in msg.guardrails],
+    }
+
+
 def update_request(
     experiment_id: str,
     add_arms: Iterable[ArmSpec] = (),
     retire_arms: Iterable[str] = (),
     state: str | None = None,
+    settings: Mapping[str, Any] | None = None,
 ) -> pb.UpdateExperimentRequest:
     states = {None: pb.STATE_UNSPECIFIED, "paused": pb.PAUSED, "running": pb.RUNNING}
     if state not in states:
@@ -129,7 +180,24 @@ def update_request(
         add_arms=[arm_proto(a) for a in add_arms],
         retire_arm_ids=list(retire_arms),
         set_state=states[state],
+        settings=settings_proto(settings) if settings is not None else None,
     )
+
+
+def analysis(resp: pb.Analysis) -> Analysis:
+    arm_fields = ArmAnalysis.__dataclass_fields__
+    return Analysis(
+        arms=tuple(ArmAnalysis(**{f: getattr(a, f) for f in arm_fields}) for a in resp.arms),
+        criteria={k: getattr(resp.criteria, k) for k in CRITERIA_KEYS},
+        **{f: getattr(resp, f) for f in Analysis.__dataclass_fields__ if f not in ("arms", "criteria")},
+    )
+
+
+def audit_log(resp: pb.AuditLog) -> list[AuditEntry]:
+    return [
+        AuditEntry(e.ts_unix_ms, e.experiment_id, e.action, e.actor, json.loads(e.details or "{}"))
+        for e in resp.entries
+    ]
 
 
 def context_value(key: str, value: object) -> pb.ContextValue:
@@ -221,6 +289,8 @@ def experiment(exp: pb.Experiment) -> ExperimentInfo:
             "default_reward": exp.outcomes.default_reward,
             "min_age_seconds": exp.outcomes.min_age_seconds,
         },
+        settings=settings_dict(exp.settings),
+        serving_arm_id=exp.serving_arm_id,
     )
 
 

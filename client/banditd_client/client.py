@@ -10,7 +10,16 @@ import grpc
 from banditd_client import _convert as conv
 from banditd_client._channel import Pem, connect
 from banditd_client.errors import from_rpc_error
-from banditd_client.types import ArmStat, Decision, Diagnostics, ExperimentInfo, ModelReport, RewardCounts
+from banditd_client.types import (
+    Analysis,
+    ArmStat,
+    AuditEntry,
+    Decision,
+    Diagnostics,
+    ExperimentInfo,
+    ModelReport,
+    RewardCounts,
+)
 from banditd_client.v1 import banditd_pb2 as pb
 from banditd_client.v1 import banditd_pb2_grpc as pb_grpc
 
@@ -77,6 +86,7 @@ class Client:
         attribution_window_seconds: int = 0,
         prior: Sequence[float] | None = None,
         outcomes: Mapping[str, Any] | None = None,
+        settings: Mapping[str, Any] | None = None,
         timeout: float | None = None,
         **policy_params: float,
     ) -> ExperimentInfo:
@@ -84,10 +94,12 @@ class Client:
         default_reward, 0) | "explicit", "aggregation", "default_reward", "min_age_seconds"}.
         `policy_params`: the Policy message's numbers (`_convert.POLICY_PARAMS`), e.g.
         epsilon=0.1; contextual policies (lin_ucb, lin_ts, logistic_ucb, logistic_ts) take
-        alpha, ridge, exploration_floor, refit_seconds, encoder_warmup, encoder_refit_seconds."""
+        alpha, ridge, exploration_floor, refit_seconds, encoder_warmup, encoder_refit_seconds.
+        `settings`: control arm, stop criteria, control_share, traffic floors, burn_in and
+        guardrails (shape in `_convert.settings_proto`)."""
         req = conv.create_request(
             experiment_id, arms, policy, reward_type, sticky, attribution_window_seconds, prior,
-            policy_params, outcomes,
+            policy_params, outcomes, settings,
         )
         return conv.experiment(self._call(self._stub.CreateExperiment, req, timeout))
 
@@ -106,9 +118,11 @@ class Client:
         add_arms: Iterable[conv.ArmSpec] = (),
         retire_arms: Iterable[str] = (),
         state: str | None = None,
+        settings: Mapping[str, Any] | None = None,
         timeout: float | None = None,
     ) -> ExperimentInfo:
-        req = conv.update_request(experiment_id, add_arms, retire_arms, state)
+        """`settings` replaces the experiment's settings as a whole (None leaves them)."""
+        req = conv.update_request(experiment_id, add_arms, retire_arms, state, settings)
         return conv.experiment(self._call(self._stub.UpdateExperiment, req, timeout))
 
     def pause(self, experiment_id: str) -> ExperimentInfo:
@@ -172,3 +186,16 @@ class Client:
         an experiment without a contextual policy."""
         req = pb.GetModelRequest(experiment_id=experiment_id)
         return conv.model_report(self._call(self._stub.GetModel, req, timeout))
+
+    def analyse(self, experiment_id: str, *, draws: int = 0, timeout: float | None = None) -> Analysis:
+        """Winner analysis (P(best), expected loss, uplift intervals) and the ship / iterate /
+        kill verdict of the experiment's stop criteria."""
+        req = pb.AnalyseRequest(experiment_id=experiment_id, draws=draws)
+        return conv.analysis(self._call(self._stub.Analyse, req, timeout))
+
+    def audit_log(
+        self, experiment_id: str = "", *, limit: int = 100, timeout: float | None = None
+    ) -> list[AuditEntry]:
+        """Changes to the experiment (every experiment when empty), newest first."""
+        req = pb.GetAuditLogRequest(experiment_id=experiment_id, limit=limit)
+        return conv.audit_log(self._call(self._stub.GetAuditLog, req, timeout))

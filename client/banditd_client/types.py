@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +56,10 @@ class ExperimentInfo:
     created_unix_ms: int
     # Outcome model: mode (decision | explicit), aggregation, default_reward, min_age_seconds.
     outcomes: dict[str, object] = field(default_factory=dict)
+    # Settings (control arm, criteria, control_share, floors, burn_in, guardrails): the same
+    # dict shape `create_experiment(settings=...)` takes, defaults filled in.
+    settings: dict[str, Any] = field(default_factory=dict)
+    serving_arm_id: str = ""  # the arm served while state is "fallback"
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,3 +206,57 @@ class ModelReport:
     uniform_high: float
     refits: int  # logistic refits since start
     seconds_since_refit: float  # -1 when none yet
+
+
+@dataclass(frozen=True, slots=True)
+class ArmAnalysis:
+    arm_id: str
+    active: bool
+    observations: int
+    mean: float  # posterior mean and 95% interval
+    low: float
+    high: float
+    p_best: float
+    expected_loss: float
+    reference_arm_id: str  # what the uplift is against ("" for the control itself)
+    uplift_low: float  # credible interval of mean / reference mean - 1 (criteria's confidence)
+    uplift_high: float
+    p_uplift: float  # P(mean > reference mean)
+    p_min_uplift: float  # P(uplift >= criteria's min_uplift)
+    share: float  # of the recent decisions
+
+
+@dataclass(frozen=True, slots=True)
+class Analysis:
+    """Winner analysis and the stop rule's verdict: see the Analyse RPC for each field."""
+
+    experiment_id: str
+    arms: tuple[ArmAnalysis, ...]
+    verdict: str  # ship | iterate | kill
+    reason: str
+    stop: bool
+    best_arm_id: str
+    control_arm_id: str
+    criteria: dict[str, float]
+    days_running: float
+    min_observations: int
+    control_decisions: int
+    bandit_decisions: int
+    control_mean: float
+    bandit_mean: float
+    bandit_uplift_mean: float
+    bandit_uplift_low: float
+    bandit_uplift_high: float
+    decisions_scanned: int
+
+    def arm(self, arm_id: str) -> ArmAnalysis:
+        return next(a for a in self.arms if a.arm_id == arm_id)
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEntry:
+    ts_unix_ms: int
+    experiment_id: str
+    action: str  # create | update | pause | resume | settings | fallback | guardrail_*
+    actor: str
+    details: dict[str, Any]

@@ -8,8 +8,9 @@
 //! * `p_best[a]`: share of draws in which arm a has the largest mean (ties have
 //!   probability zero for continuous posteriors);
 //! * `expected_loss[a]`: E[max_j θ_j − θ_a], the mean reward given up by choosing a;
-//! * `uplift_low[a]`, `uplift_high[a]`: central 95% credible interval of the relative
-//!   uplift θ_a / θ_ref − 1 over a reference arm, and `p_uplift[a]` = P(θ_a > θ_ref).
+//! * `uplift_low[a]`, `uplift_high[a]`: central credible interval (at `level`, e.g. 95%) of
+//!   the relative uplift θ_a / θ_ref − 1 over a reference arm, `p_uplift[a]` = P(θ_a > θ_ref)
+//!   and `p_min_uplift[a]` = P(θ_a / θ_ref − 1 ≥ min_uplift) (the stop rule's question).
 //!   The reference is the `control` arm when one is given; else, per arm, the best *other*
 //!   active arm by posterior mean (so for the leader it is the runner-up).
 //!
@@ -30,8 +31,6 @@ pub const MIN_DRAWS: usize = 100;
 pub const MAX_DRAWS: usize = 1_000_000;
 /// Largest number of stored draws (active arms × draws): 400 MB of f64.
 pub const MAX_CELLS: usize = 50_000_000;
-/// Central credible level of the uplift interval.
-const LEVEL: f64 = 0.95;
 
 /// The result of `winner_analysis`, one entry per arm in arm order.
 #[derive(Clone, Debug, PartialEq)]
@@ -41,6 +40,7 @@ pub struct Analysis {
     pub uplift_low: Vec<f64>,
     pub uplift_high: Vec<f64>,
     pub p_uplift: Vec<f64>,
+    pub p_min_uplift: Vec<f64>,
     /// The control given, if any.
     pub control: Option<usize>,
     /// The reference arm each arm's uplift is measured against (None: inactive arm, or
@@ -75,12 +75,46 @@ fn quantile(v: &mut [f64], q: f64) -> f64 {
     *x
 }
 
+/// What to measure the uplift against and how: the credible `level` of the interval and the
+/// `min_uplift` whose probability is reported.
+#[derive(Clone, Copy, Debug)]
+pub struct UpliftQuery {
+    pub control: Option<usize>,
+    pub level: f64,
+    pub min_uplift: f64,
+}
+
+impl UpliftQuery {
+    pub fn against(control: Option<usize>) -> Self {
+        UpliftQuery {
+            control,
+            level: 0.95,
+            min_uplift: 0.0,
+        }
+    }
+}
+
 pub fn winner_analysis(
     b: &Bandit,
     rng: &mut KernelRng,
     draws: usize,
-    control: Option<usize>,
+    query: UpliftQuery,
 ) -> Result<Analysis, CoreError> {
+    let UpliftQuery {
+        control,
+        level,
+        min_uplift,
+    } = query;
+    if !(level > 0.0 && level < 1.0) {
+        return Err(CoreError::invalid(format!(
+            "level must be in (0, 1), got {level}"
+        )));
+    }
+    if !min_uplift.is_finite() || min_uplift <= -1.0 {
+        return Err(CoreError::invalid(format!(
+            "min_uplift must be a finite number above -1, got {min_uplift}"
+        )));
+    }
     if !(MIN_DRAWS..=MAX_DRAWS).contains(&draws) {
         return Err(CoreError::invalid(format!(
             "draws must be in {MIN_DRAWS}..={MAX_DRAWS}, got {draws}"
@@ -159,6 +193,7 @@ pub fn winner_analysis(
         uplift_low: vec![nan; n_arms],
         uplift_high: vec![nan; n_arms],
         p_uplift: vec![nan; n_arms],
+        p_min_uplift: vec![nan; n_arms],
         control,
         reference: vec![None; n_arms],
     };
@@ -185,12 +220,15 @@ pub fn winner_analysis(
         out.reference[a] = Some(active[ref_pos]);
         let ref_row = &theta[ref_pos * draws..(ref_pos + 1) * draws];
         let mut above = 0usize;
+        let mut enough = 0usize;
         for ((s, &x), &r) in scratch.iter_mut().zip(row).zip(ref_row) {
             *s = x / r - 1.0;
             above += usize::from(x > r);
+            enough += usize::from(*s >= min_uplift);
         }
         out.p_uplift[a] = above as f64 * inv;
-        let tail = 0.5 * (1.0 - LEVEL);
+        out.p_min_uplift[a] = enough as f64 * inv;
+        let tail = 0.5 * (1.0 - level);
         out.uplift_low[a] = quantile(&mut scratch, tail);
         out.uplift_high[a] = quantile(&mut scratch, 1.0 - tail);
     }
@@ -222,7 +260,7 @@ mod tests {
     fn p_best_sums_to_one() {
         let b = bernoulli(&[(30.0, 70.0), (25.0, 75.0), (35.0, 65.0), (10.0, 10.0)]);
         let mut rng = KernelRng::seed_from_u64(1);
-        let r = winner_analysis(&b, &mut rng, 20_000, None).unwrap();
+        let r = winner_analysis(&b, &mut rng, 20_000, UpliftQuery::against(None)).unwrap();
         let s: f64 = r.p_best.iter().sum();
         assert!((s - 1.0).abs() < 1e-9, "{s}");
         assert!(r.expected_loss.iter().all(|&l| l >= 0.0));
@@ -232,7 +270,7 @@ mod tests {
     fn clearly_better_arm_wins() {
         let b = bernoulli(&[(300.0, 700.0), (100.0, 900.0)]);
         let mut rng = KernelRng::seed_from_u64(2);
-        let r = winner_analysis(&b, &mut rng, 20_000, Some(1)).unwrap();
+        let r = winner_analysis(&b, &mut rng, 20_000, UpliftQuery::against(Some(1))).unwrap();
         assert!(r.p_best[0] > 0.999, "{:?}", r.p_best);
         // True uplift 0.3 / 0.1 − 1 = 2.
         assert!(r.uplift_low[0] > 0.0 && r.uplift_low[0] < 2.0 && r.uplift_high[0] > 2.0);
@@ -240,7 +278,7 @@ mod tests {
         assert!(r.uplift_low[1].is_nan() && r.reference[1].is_none());
         assert_eq!(r.reference[0], Some(1));
         // Without a control the leader is measured against the runner-up and vice versa.
-        let r = winner_analysis(&b, &mut rng, 20_000, None).unwrap();
+        let r = winner_analysis(&b, &mut rng, 20_000, UpliftQuery::against(None)).unwrap();
         assert_eq!(r.reference, vec![Some(1), Some(0)]);
         assert!(r.uplift_high[1] < 0.0);
         assert!(r.expected_loss[0] < 1e-3 && (r.expected_loss[1] - 0.2).abs() < 0.01);
@@ -250,7 +288,7 @@ mod tests {
     fn equal_arms_share_p_best() {
         let b = bernoulli(&[(50.0, 50.0); 4]);
         let mut rng = KernelRng::seed_from_u64(3);
-        let r = winner_analysis(&b, &mut rng, 50_000, None).unwrap();
+        let r = winner_analysis(&b, &mut rng, 50_000, UpliftQuery::against(None)).unwrap();
         for p in &r.p_best {
             assert!((p - 0.25).abs() < 0.03, "{:?}", r.p_best);
         }
@@ -261,12 +299,12 @@ mod tests {
         let mut b = bernoulli(&[(30.0, 70.0), (90.0, 10.0), (20.0, 80.0)]);
         b.set_active(1, false).unwrap();
         let mut rng = KernelRng::seed_from_u64(4);
-        let r = winner_analysis(&b, &mut rng, 10_000, None).unwrap();
+        let r = winner_analysis(&b, &mut rng, 10_000, UpliftQuery::against(None)).unwrap();
         assert_eq!(r.p_best[1], 0.0);
         assert!(r.expected_loss[1].is_nan() && r.uplift_low[1].is_nan());
         assert!((r.p_best[0] + r.p_best[2] - 1.0).abs() < 1e-9);
         assert!(matches!(
-            winner_analysis(&b, &mut rng, 10_000, Some(1)),
+            winner_analysis(&b, &mut rng, 10_000, UpliftQuery::against(Some(1))),
             Err(CoreError::Invalid(_))
         ));
     }
@@ -286,7 +324,7 @@ mod tests {
         b.set_stats(1, 400.0, 4400.0, 400.0 * (121.0 + 4.0))
             .unwrap();
         let mut rng = KernelRng::seed_from_u64(5);
-        let r = winner_analysis(&b, &mut rng, 20_000, Some(0)).unwrap();
+        let r = winner_analysis(&b, &mut rng, 20_000, UpliftQuery::against(Some(0))).unwrap();
         assert!(r.p_best[1] > 0.99, "{:?}", r.p_best);
         assert!(r.uplift_low[1] < 0.1 && r.uplift_high[1] > 0.1 && r.uplift_low[1] > 0.0);
     }
@@ -302,13 +340,13 @@ mod tests {
             (1_000, Some(usize::MAX)),
         ] {
             assert!(matches!(
-                winner_analysis(&b, &mut rng, draws, control),
+                winner_analysis(&b, &mut rng, draws, UpliftQuery::against(control)),
                 Err(CoreError::Invalid(_))
             ));
         }
         let one = bernoulli(&[(30.0, 70.0)]);
-        assert!(winner_analysis(&one, &mut rng, 1_000, None).is_err());
+        assert!(winner_analysis(&one, &mut rng, 1_000, UpliftQuery::against(None)).is_err());
         let many = bernoulli(&vec![(2.0, 2.0); 60]);
-        assert!(winner_analysis(&many, &mut rng, 1_000_000, None).is_err());
+        assert!(winner_analysis(&many, &mut rng, 1_000_000, UpliftQuery::against(None)).is_err());
     }
 }

@@ -450,6 +450,22 @@ impl PyBandit {
         })
     }
 
+    /// The policy's own inclusion probabilities of `arms` in slates of k (the same numbers
+    /// `choose` returns for the arms it picks), for decisions made by something else (a
+    /// random control share, a traffic floor) whose logged propensity mixes them in.
+    #[pyo3(signature = (arms, k=1))]
+    fn propensities_of(&self, py: Python<'_>, arms: Vec<usize>, k: usize) -> PyResult<Vec<f64>> {
+        self.with(py, |state| {
+            let n = state.bandit.len();
+            if let Some(&bad) = arms.iter().find(|&&a| a >= n) {
+                return Err(RsError::invalid(format!(
+                    "arm index {bad} out of range (the experiment has {n} arms)"
+                )));
+            }
+            state.propensities(k, &arms)
+        })
+    }
+
     /// True when the cached propensities for k lag the posterior.
     #[pyo3(signature = (k=1))]
     fn propensities_stale(&self, py: Python<'_>, k: usize) -> PyResult<bool> {
@@ -576,20 +592,29 @@ impl PyBandit {
     /// interval of θ_arm / θ_ref − 1), "p_uplift" (P(θ_arm > θ_ref)), "reference" (the arm
     /// each uplift is against, None for inactive arms and the control itself) and "control"
     /// (the control given, else None: each arm against the best other arm by posterior mean).
-    #[pyo3(signature = (draws=20000, control=None))]
+    /// `level` is the credible level of the uplift interval, "p_min_uplift" the probability
+    /// that an arm's uplift is at least `min_uplift`.
+    #[pyo3(signature = (draws=20000, control=None, level=0.95, min_uplift=0.0))]
     fn winner_analysis<'py>(
         &self,
         py: Python<'py>,
         draws: usize,
         control: Option<usize>,
+        level: f64,
+        min_uplift: f64,
     ) -> PyResult<Bound<'py, pyo3::types::PyDict>> {
+        let query = analysis::UpliftQuery {
+            control,
+            level,
+            min_uplift,
+        };
         let (snapshot, seed) = self.with(py, |state| {
             let seed: u64 = state.rng.scalar.random();
             Ok((state.bandit.clone(), seed))
         })?;
         let r = py.detach(|| {
             let mut rng = KernelRng::seed_from_u64(seed);
-            analysis::winner_analysis(&snapshot, &mut rng, draws, control)
+            analysis::winner_analysis(&snapshot, &mut rng, draws, query)
         })?;
         let d = pyo3::types::PyDict::new(py);
         d.set_item("p_best", r.p_best)?;
@@ -597,6 +622,7 @@ impl PyBandit {
         d.set_item("uplift_low", r.uplift_low)?;
         d.set_item("uplift_high", r.uplift_high)?;
         d.set_item("p_uplift", r.p_uplift)?;
+        d.set_item("p_min_uplift", r.p_min_uplift)?;
         d.set_item("reference", r.reference)?;
         d.set_item("control", r.control)?;
         Ok(d)

@@ -15,9 +15,12 @@ from grpc_reflection.v1alpha import reflection
 from banditd.auth import AuthInterceptor, KeyRing, server_credentials
 from banditd.config import ServerConfig
 from banditd.engine import Engine
+from banditd.history import Historian, p_best
+from banditd.metrics import MetricsInterceptor, metrics_registry
 from banditd.retention import Janitor
 from banditd.service import BanditdService, add_service
 from banditd.store import Store
+from banditd.web import WebServer
 from banditd.writer import Writer
 from banditd_client.v1 import banditd_pb2 as pb
 
@@ -40,13 +43,19 @@ class Server:
         self.engine = Engine(self.store, self.writer, seed=config.seed)
         self.health = health.HealthServicer()
         self.keys = KeyRing(self.store)  # API keys (auth.py): auth is on while one is unrevoked
+        self.registry = metrics_registry(self.engine, self.writer, self.store, self._p_best)
+        # Metrics first, so calls the auth interceptor refuses are counted too.
+        self.metrics = MetricsInterceptor(self.registry) if config.metrics else None
+        interceptors: list[grpc.ServerInterceptor] = [AuthInterceptor(self.keys)]
+        if self.metrics is not None:
+            interceptors.insert(0, self.metrics)
         self.grpc = grpc.server(
             futures.ThreadPoolExecutor(max_workers=config.threads, thread_name_prefix="banditd-rpc"),
             maximum_concurrent_rpcs=config.max_concurrent_rpcs,
             options=[("grpc.so_reuseport", 1)],
-            interceptors=[AuthInterceptor(self.keys)],
+            interceptors=interceptors,
         )
-        add_service(BanditdService(self.engine, config.stream_limit, config.stream_idle_s), self.grpc)
+        add_service(BanditdService(self.engine, config.stream_limit, config.stream_idle_s, self.keys), self.grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc
@@ -61,6 +70,17 @@ class Server:
             raise RuntimeError(f"could not bind {config.host}:{config.port}")
         self._stopped = threading.Event()
         self.janitor = Janitor(self.writer, config.retention_hours * 3600.0, config.retention_sweep_s)
+        self.historian = Historian(self.engine, self.writer, config.history_seconds)
+        self.web = (
+            WebServer(self.engine, self.registry, self.keys, config.host, config.http_port)
+            if config.http_port
+            else None
+        )
+
+    def _p_best(self, experiment_id: str) -> dict[str, float]:
+        spec = self.engine.get_experiment(experiment_id)
+        best = p_best(self.engine, experiment_id) or []
+        return {arm.id: p for arm, p in zip(spec.arms, best, strict=False)}
 
     def start(self) -> None:
         self.engine.load()
@@ -71,9 +91,17 @@ class Server:
         threading.Thread(
             target=self.engine.run_background, args=(self._stopped,), name="banditd-background", daemon=True
         ).start()
-        if os.environ.get("BANDITD_WORKER_INDEX", "0") == "0":  # one sweeper per pool
+        threading.Thread(
+            target=self.engine.guardian.run, args=(self._stopped,), name="banditd-guardrails", daemon=True
+        ).start()
+        if os.environ.get("BANDITD_WORKER_INDEX", "0") == "0":  # one sweeper and historian per pool
             self.janitor.start()
+            threading.Thread(
+                target=self.historian.run, args=(self._stopped,), name="banditd-history", daemon=True
+            ).start()
         self.grpc.start()
+        if self.web is not None:
+            self.web.start()
         for name in ("", SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info("serving", extra={"fields": {"port": self.port, **self.config.as_dict()}})
@@ -87,11 +115,15 @@ class Server:
         grace = self.config.shutdown_grace_s if grace is None else grace
         self._stopped.set()
         self.janitor.stop()
+        if self.web is not None:
+            self.web.stop()
         self.health.enter_graceful_shutdown()
         if not self.grpc.stop(grace).wait(grace + STOP_BOUND_S):
             log.warning("calls still running %.0f s after the grace period; stopping anyway", STOP_BOUND_S)
         self.writer.close()
         self.store.close()
+        if self.metrics is not None:
+            self.metrics.flush()  # multiprocess mode: the last counts (os._exit skips atexit)
         log.info("stopped")
 
     def wait(self) -> None:

@@ -8,7 +8,7 @@ expiry:
 | scope    | RPCs                                                              |
 |----------|-------------------------------------------------------------------|
 | `decide` | Decide, Reward, RewardStream, RewardBatchStream                   |
-| `read`   | GetExperiment, ListExperiments, GetArmStats, GetDiagnostics, GetModel |
+| `read`   | GetExperiment, ListExperiments, GetArmStats, GetDiagnostics, GetModel, Analyse, GetAuditLog |
 | `admin`  | CreateExperiment, UpdateExperiment, and everything `read` and `decide` allow |
 
 A key with a prefix may only name experiments whose id starts with it (PERMISSION_DENIED
@@ -21,6 +21,8 @@ Auth is on while at least one key is not revoked (an expired key keeps it on). E
 process re-reads the keys when the store's keys counter moved, checked by the first call at
 least RELOAD_INTERVAL_S after the previous check: a key created or revoked by the CLI is in
 force for every call that starts at least 1 s after its commit. Expiry is checked on every call.
+
+The audit log names the key id behind every change (`actor`, see `actor_of`).
 
 The health service and server reflection stay open. Keys travel as `authorization: Bearer
 <key>` (or `x-api-key: <key>`): use TLS (`--tls-cert`, `--tls-key`) outside a trusted network.
@@ -64,6 +66,8 @@ METHOD_SCOPES: dict[str, str] = {
     "GetArmStats": "read",
     "GetDiagnostics": "read",
     "GetModel": "read",
+    "Analyse": "read",
+    "GetAuditLog": "read",
     "Decide": "decide",
     "Reward": "decide",
     "RewardStream": "decide",
@@ -262,6 +266,16 @@ class KeyRing:
         if rec.expires_ms is not None and self.clock() * 1000 >= rec.expires_ms:
             raise _unauthenticated(f"API key {rec.key_id} has expired")
         return principal
+
+
+def actor_of(keys: KeyRing | None, metadata: Iterable[Any] | None) -> str:
+    """Who made a call, for the audit log: the key id, or "anonymous" while auth is off."""
+    if keys is None or not keys.view.enabled:
+        return "anonymous"
+    try:
+        return f"key:{keys.authenticate(metadata).key_id}"
+    except Denied:
+        return "unknown"
 
 
 def _experiment_id(method: str, request: Any) -> str | None:

@@ -42,12 +42,22 @@ class ServerConfig:
     tls_cert: str = ""
     tls_key: str = ""
     tls_client_ca: str = ""
+    # Dashboard and Prometheus /metrics on this HTTP port (same host); 0 = off.
+    http_port: int = 0
+    # Seconds between history snapshots (allocation, rewards, posterior, P(best) over time).
+    history_seconds: float = 60.0
+    # Prometheus gRPC server metrics (grpc_server_*) recorded by an interceptor.
+    metrics: bool = True
     # Set on the processes a pool starts (not a user option).
     pool_member: bool = False
 
     def __post_init__(self) -> None:
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("--tls-cert and --tls-key go together")
+        if not 0 <= self.http_port <= 65535:
+            raise ValueError(f"--http-port must be in [0, 65535], got {self.http_port}")
+        if not self.history_seconds > 0:
+            raise ValueError(f"--history-seconds must be positive, got {self.history_seconds}")
         if self.tls_client_ca and not self.tls_cert:
             raise ValueError("--tls-client-ca needs --tls-cert and --tls-key (mTLS is TLS plus client certificates)")
 
@@ -132,6 +142,18 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         "--tls-client-ca", default=_env("tls_client_ca", d.tls_client_ca),
         help="PEM CA bundle: require client certificates signed by it, mTLS (BANDITD_TLS_CLIENT_CA)",
     )
+    p.add_argument(
+        "--http-port", type=int, default=_env("http_port", d.http_port, int),
+        help="serve the dashboard and Prometheus /metrics on this port; 0 = off (BANDITD_HTTP_PORT)",
+    )
+    p.add_argument(
+        "--history-seconds", type=float, default=_env("history_seconds", d.history_seconds, float),
+        help="seconds between history snapshots for the dashboard (BANDITD_HISTORY_SECONDS)",
+    )
+    p.add_argument(
+        "--no-metrics", action="store_true", default=_env("no_metrics", "") not in ("", "0"),
+        help="do not record grpc_server_* metrics (BANDITD_NO_METRICS=1)",
+    )
     p.add_argument("--pool-member", action="store_true", help=argparse.SUPPRESS)
 
 
@@ -165,4 +187,7 @@ def _from_args(ns: argparse.Namespace) -> ServerConfig:
         tls_cert=ns.tls_cert,
         tls_key=ns.tls_key,
         tls_client_ca=ns.tls_client_ca,
+        http_port=ns.http_port,
+        history_seconds=ns.history_seconds,
+        metrics=not ns.no_metrics,
     )

@@ -1,12 +1,17 @@
-"""`banditd diagnose` and `banditd model`: the learning-loop report and the contextual model of
-a running server's experiment, as text."""
+"""`banditd diagnose`, `banditd model` and `banditd analyse`: the learning-loop report, the
+contextual model and the winner analysis with its ship / iterate / kill verdict, of a running
+server's experiment, as text (or JSON)."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
+import os
 
-from banditd_client import Client, Diagnostics, ModelReport
+import orjson
+
+from banditd_client import Analysis, Client, Diagnostics, ModelReport
 
 BAR = "█"
 
@@ -81,7 +86,56 @@ def render_model(m: ModelReport, top: int = 12) -> str:
     return "\n".join(lines)
 
 
+def _pct(x: float) -> str:
+    return "—" if math.isnan(x) else f"{100 * x:+.1f}%"
+
+
+def render_analysis(a: Analysis) -> str:
+    crit = a.criteria
+    lines = [
+        f"experiment {a.experiment_id} · {a.days_running:.1f} days · verdict: {a.verdict.upper()}",
+        f"  {a.reason}",
+        f"  criteria: uplift >= {100 * crit['min_uplift']:g}% with probability >= {crit['confidence']:g}, "
+        f"{crit['min_days']:g}-{crit['max_days']:g} days, {crit['min_events_per_arm']:,} observations per compared arm",
+        "",
+        f"{'arm':20} {'obs':>8} {'mean':>7} {'95% interval':>17} {'P(best)':>8} {'exp. loss':>9} "
+        f"{'vs':>10} {'uplift interval':>19} {'P(>=min)':>8}",
+    ]
+    for x in sorted(a.arms, key=lambda x: -x.p_best):
+        ref = x.reference_arm_id or ("control" if x.arm_id == a.control_arm_id else "")
+        p_min = "" if math.isnan(x.p_min_uplift) else f"{x.p_min_uplift:.3f}"
+        lines.append(
+            f"{x.arm_id[:20]:20} {x.observations:8,} {x.mean:7.4f} [{x.low:7.4f}, {x.high:7.4f}] {x.p_best:8.3f} "
+            f"{x.expected_loss:9.4f} {ref[:10]:>10} {_pct(x.uplift_low):>9}..{_pct(x.uplift_high):<9} {p_min:>8}"
+        )
+    if a.control_decisions:
+        lines += [
+            "",
+            f"bandit vs random control: {a.bandit_mean:.4f} over {a.bandit_decisions:,} decisions vs "
+            f"{a.control_mean:.4f} over {a.control_decisions:,}: uplift {_pct(a.bandit_uplift_mean)} "
+            f"(95% {_pct(a.bandit_uplift_low)} .. {_pct(a.bandit_uplift_high)})",
+        ]
+    return "\n".join(lines)
+
+
+def run_analyse(args: argparse.Namespace) -> int:
+    with Client(args.target, api_key=args.api_key or None) as c:
+        a = c.analyse(args.experiment, draws=args.draws)
+    if args.json:
+        print(orjson.dumps(dataclasses.asdict(a), option=orjson.OPT_INDENT_2).decode())
+    else:
+        print(render_analysis(a))
+    return 0  # whatever the verdict: a scheduled job must not read "iterate" as a failure
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("analyse", aliases=["analyze"], help="winner analysis and ship / iterate / kill (Analyse)")
+    p.add_argument("experiment", help="experiment id")
+    p.add_argument("--target", default="localhost:50051", help="server address (host:port)")
+    p.add_argument("--api-key", default=os.environ.get("BANDITD_API_KEY", ""), help="API key (BANDITD_API_KEY)")
+    p.add_argument("--draws", type=int, default=0, help="Monte Carlo draws (default 20,000)")
+    p.add_argument("--json", action="store_true", help="print the analysis as JSON")
+    p.set_defaults(func=run_analyse)
     p = sub.add_parser("model", help="a contextual experiment's features and per-arm coefficients (GetModel)")
     p.add_argument("experiment", help="experiment id")
     p.add_argument("--target", default="localhost:50051", help="server address (host:port)")

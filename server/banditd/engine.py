@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 import threading
 import time
 import zlib
@@ -28,6 +29,7 @@ from banditd.errors import (
     ResourceExhausted,
 )
 from banditd.experiment import ArmSpec, ExperimentRuntime, ExperimentSpec, now_ms
+from banditd.guardrails import Guardian
 from banditd.ops import (
     ACCEPTED,
     LogDecision,
@@ -126,6 +128,16 @@ def _minus(row: ArmRow, delta: list[float]) -> ArmRow:
     return replace(row, n=sub(row.n, delta[0]), sum=sub(row.sum, delta[1]), sumsq=sub(row.sumsq, delta[2]))
 
 
+def audit_entry(experiment_id: str, action: str, actor: str, details: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "ts_unix_ms": now_ms(),
+        "experiment_id": experiment_id,
+        "action": action,
+        "actor": actor or "anonymous",
+        "details": details,
+    }
+
+
 def _plausible_decision_id(decision_id: str) -> bool:
     """Worth looking up (the lookup of anything else is refused by `_resolve`'s checks)."""
     try:
@@ -152,6 +164,8 @@ class Engine:
         self.skipped: dict[str, str] = {}  # experiments that could not be loaded, and why
         self.propensity_lag_s = 0.0  # how far behind the posterior the last refresh round ran
         self._seen_models = -1
+        self._rng = random.Random(seed)  # control shares, floors, burn-in
+        self.guardian = Guardian(self)
         writer.on_commit = self._on_commit
 
     # Lifecycle.
@@ -351,11 +365,20 @@ class Engine:
         """The current model version's observations, newest first: decisions with features
         and the value each is worth now under the outcome rule (one arm per decision: the
         first of a slate)."""
-        fd, rule = rt.definition, rt.rule
+        fd = rt.definition
         recs = [
             r for r in self.store.recent_decisions(rt.spec.id, limit, 20 * limit, fd.version)
             if r.features is not None and len(r.features) == 8 * fd.dimension
         ]
+        return self._values(rt, recs)
+
+    def observed(self, rt: ExperimentRuntime, limit: int) -> tuple[list[DecisionRecord], list[float]]:
+        """The experiment's newest logged decisions that are observations now, newest first,
+        with the value each is worth under the outcome rule (first arm of a slate)."""
+        return self._values(rt, self.store.recent_decisions(rt.spec.id, limit, 20 * limit))
+
+    def _values(self, rt: ExperimentRuntime, recs: list[DecisionRecord]) -> tuple[list[DecisionRecord], list[float]]:
+        rule = rt.rule
         outs = self.store.outcomes_many([(r.decision_id, r.arms[0]) for r in recs])
         maturing = (
             self.store.maturing_many(rt.spec.id, [r.decision_id for r in recs]) if rule.min_age_ms > 0 else set()
@@ -419,7 +442,9 @@ class Engine:
                 log.exception("background round failed")
 
     # Experiments.
-    def create_experiment(self, spec: ExperimentSpec, timeout: float | None = None) -> ExperimentSpec:
+    def create_experiment(
+        self, spec: ExperimentSpec, timeout: float | None = None, actor: str = ""
+    ) -> ExperimentSpec:
         spec.validate()
         spec = replace(spec, created_ms=now_ms(), version=1, state="running")
         runtime = ExperimentRuntime(spec, self._seed_for(spec.id))  # validates policy params
@@ -433,7 +458,9 @@ class Engine:
             def register(_: ExperimentSpec) -> None:
                 self._runtimes[spec.id] = runtime
 
-            return self.writer.submit_and_wait(PutExperiment(spec, True, register), timeout)
+            details = {"arms": [a.id for a in spec.arms], "policy": spec.policy, "settings": spec.settings}
+            entry = audit_entry(spec.id, "create", actor, details)
+            return self.writer.submit_and_wait(PutExperiment(spec, True, register, entry), timeout)
 
     def get_experiment(self, experiment_id: str) -> ExperimentSpec:
         return self._require(experiment_id).spec
@@ -448,7 +475,14 @@ class Engine:
         retire_arm_ids: list[str],
         state: str | None,
         timeout: float | None = None,
+        settings: dict[str, Any] | None = None,
+        actor: str = "",
+        serving_arm: str = "",
+        action: str = "",
     ) -> ExperimentSpec:
+        """Adds and retires arms, sets the state ("running" also ends a guardrail's fallback;
+        "fallback" needs `serving_arm`), replaces the settings; one audit entry (`action`
+        overrides the one derived from the change, e.g. "guardrail_pause")."""
         if self.shared:  # start from the newest definition any process committed
             raw = self.store.experiment_spec(experiment_id)
             if raw is not None:
@@ -480,10 +514,33 @@ class Engine:
                     f"retiring {retire_arm_ids} would leave experiment {experiment_id!r} "
                     "with no active arm"
                 )
-            new = replace(old, arms=arms, state=state or old.state, version=old.version + 1)
+            new_state = state or old.state
+            new = replace(
+                old,
+                arms=arms,
+                state=new_state,
+                version=old.version + 1,
+                settings=old.settings if settings is None else settings,
+                serving_arm=serving_arm if new_state == "fallback" else "",
+            )
             new.validate()
             self._check_priors(new, add_arms)
-            return self.writer.submit_and_wait(PutExperiment(new, False, rt.apply_spec_change), timeout)
+            details: dict[str, Any] = {}
+            if add_arms:
+                details["added_arms"] = [a.id for a in add_arms]
+            if retire_arm_ids:
+                details["retired_arms"] = list(retire_arm_ids)
+            if new_state != old.state:
+                details["state"] = [old.state, new_state]
+            if new.serving_arm:
+                details["serving_arm"] = new.serving_arm
+            if new.settings != old.settings:
+                details["settings"] = new.settings
+            if not action:
+                action = {"paused": "pause", "running": "resume", "fallback": "fallback"}.get(new_state, "update")
+                action = action if new_state != old.state else ("settings" if "settings" in details else "update")
+            entry = audit_entry(experiment_id, action, actor, details)
+            return self.writer.submit_and_wait(PutExperiment(new, False, rt.apply_spec_change, entry), timeout)
 
     def _check_priors(self, spec: ExperimentSpec, arms: list[ArmSpec]) -> None:
         probe = _core.Bandit(spec.reward_type, "uniform")
@@ -500,10 +557,11 @@ class Engine:
     ) -> DecisionResult:
         rt = self._require(experiment_id)
         spec = rt.spec
-        if spec.state == "paused":
-            raise ExperimentPaused(
-                f"experiment {experiment_id!r} is paused; resume it to get decisions"
-            )
+        if spec.state != "running":
+            if spec.state == "paused":
+                raise ExperimentPaused(
+                    f"experiment {experiment_id!r} is paused; resume it to get decisions"
+                )
         k = check_k(k or 1)
         check_context(context)
         if self.writer.storage_error is not None:
@@ -514,6 +572,8 @@ class Engine:
             check_id("unit id", unit_id)
         elif spec.sticky:
             raise InvalidArgument(f"experiment {experiment_id!r} is sticky: unit_id is required")
+        if spec.state == "fallback":
+            return self._fallback(rt, unit_id, k, context)
         x: bytes | None = None
         if spec.sticky:
             held = self._assignment(rt, unit_id)
@@ -522,13 +582,21 @@ class Engine:
                 scores = tuple(rt.bandit.means_of([rt.index[a] for a in held]))
                 x = rt.model.encode(context) if rt.model is not None else None
                 return self._record(rt, unit_id, held, (1.0,) * k, scores, True, context, x)
+        source = ""
         try:
             if rt.model is not None:
-                try:
-                    arms, scores, props, x = rt.model.choose(context, k)
-                except _core.CoreError:
-                    # The feature definition may have changed between encoding and scoring.
-                    arms, scores, props, x = rt.model.choose(context, k)
+                if spec.config.burn_in and rt.burning_in(spec.config.burn_in):
+                    x = rt.model.encode(context)
+                    arms, props, source = self._uniform(rt, k), (k / len(spec.active_indices),) * k, "burn_in"
+                    scores = tuple(rt.bandit.means_of(list(arms)))
+                else:
+                    try:
+                        arms, scores, props, x = rt.model.choose(context, k)
+                    except _core.CoreError:
+                        # The feature definition may have changed between encoding and scoring.
+                        arms, scores, props, x = rt.model.choose(context, k)
+            elif spec.mixed:
+                arms, scores, props, source = self._mixed_choice(rt, k)
             else:
                 arms, scores, props = rt.bandit.choose(k)
         except _core.CoreError as exc:
@@ -540,7 +608,7 @@ class Engine:
         if spec.sticky:
             self._pending_sticky[(spec.id, unit_id)] = chosen
         try:
-            result = self._record(rt, unit_id, chosen, tuple(props), tuple(scores), False, context, x)
+            result = self._record(rt, unit_id, chosen, tuple(props), tuple(scores), False, context, x, source)
         except BaseException:
             if spec.sticky:
                 self._pending_sticky.pop((spec.id, unit_id), None)
@@ -548,6 +616,73 @@ class Engine:
         if spec.sticky:
             rt.assignments.put(unit_id, chosen)
         return result
+
+    def _uniform(self, rt: ExperimentRuntime, k: int) -> tuple[int, ...]:
+        active = rt.spec.active_indices
+        if k > len(active):
+            raise InvalidArgument(
+                f"k = {k} exceeds the {len(active)} active arms of experiment {rt.spec.id!r}"
+            )
+        return tuple(self._rng.sample(active, k))
+
+    def _mixed_choice(
+        self, rt: ExperimentRuntime, k: int
+    ) -> tuple[tuple[int, ...], tuple[float, ...], tuple[float, ...], str]:
+        """A decision of an experiment with a burn-in, a random control share or traffic
+        floors. Slates: the control share draws a uniform slate; a floor draw puts the
+        floored arm (chosen with probability f_i / sum f) in the slate and fills the rest
+        uniformly. The logged propensity is the exact mixture: for arm j in slates of k of
+        n active arms, with control share c, floors f (sum F) and the policy's own
+        probability w_j,  p_j = c k/n + (1 - c) (f_j + (F - f_j)(k - 1)/(n - 1) + (1 - F) w_j).
+        Each part is logged as its source, so the analysis can compare control and bandit."""
+        spec = rt.spec
+        cfg = spec.config
+        active = spec.active_indices
+        n = len(active)
+        if cfg.burn_in and rt.burning_in(cfg.burn_in):
+            arms = self._uniform(rt, k)
+            return arms, tuple(rt.bandit.means_of(list(arms))), (k / n,) * k, "burn_in"
+        c = cfg.control_share
+        floors = spec.floor_vector
+        total = math.fsum(floors)
+        u = self._rng.random()
+        if u < c:
+            arms, source = self._uniform(rt, k), "control"
+        elif u < c + (1.0 - c) * total:
+            if k > n:
+                raise InvalidArgument(f"k = {k} exceeds the {n} active arms of experiment {spec.id!r}")
+            seed = self._rng.choices(range(n), weights=floors)[0]
+            rest = self._rng.sample([a for j, a in enumerate(active) if j != seed], k - 1)
+            arms, source = (active[seed], *rest), "floor"
+        else:
+            arms, scores, w = rt.bandit.choose(k)
+            source = ""
+        if source:
+            scores = tuple(rt.bandit.means_of(list(arms)))
+            w = tuple(rt.bandit.propensities_of(list(arms), k))
+        position = rt.active_position()
+        spread = (k - 1) / (n - 1) if n > 1 else 0.0
+        props = tuple(
+            c * k / n + (1.0 - c) * (f + (total - f) * spread + (1.0 - total) * wj)
+            for f, wj in ((floors[position[a]], wj) for a, wj in zip(arms, w, strict=True))
+        )
+        return tuple(arms), tuple(scores), props, source
+
+    def _fallback(
+        self, rt: ExperimentRuntime, unit_id: str, k: int, context: dict[str, Any] | None
+    ) -> DecisionResult:
+        """A guardrail fell back: every decision gets the serving arm (propensity 1), logged
+        with source "fallback"; sticky assignments are left alone."""
+        spec = rt.spec
+        if k != 1:
+            raise FailedPrecondition(
+                f"experiment {spec.id!r} is in fallback to arm {spec.serving_arm!r}: only single-arm "
+                "decisions are served until it is set RUNNING again"
+            )
+        idx = rt.index[spec.serving_arm]
+        x = rt.model.encode(context) if rt.model is not None else None
+        scores = tuple(rt.bandit.means_of([idx]))
+        return self._record(rt, unit_id, (spec.serving_arm,), (1.0,), scores, False, context, x, "fallback")
 
     def _is_active(self, rt: ExperimentRuntime, arm_id: str) -> bool:
         idx = rt.index.get(arm_id)
@@ -571,15 +706,17 @@ class Engine:
         sticky_hit: bool,
         context: dict[str, Any] | None,
         features: bytes | None = None,
+        source: str = "",
     ) -> DecisionResult:
         ts = now_ms()
         version = rt.definition.version if rt.model is not None else rt.bandit.version
         record = DecisionRecord(
-            new_decision_id(ts), rt.spec.id, arms, props, unit_id, ts, version, context, None, features
+            new_decision_id(ts), rt.spec.id, arms, props, unit_id, ts, version, context, None, features, source
         )
         self._pending[record.decision_id] = record
         try:
-            self.writer.submit(LogDecision(record, rt.spec, rt.spec.sticky and not sticky_hit, self._committed))
+            assign = rt.spec.sticky and not sticky_hit and source != "fallback"
+            self.writer.submit(LogDecision(record, rt.spec, assign, self._committed))
         except BanditdError:
             del self._pending[record.decision_id]
             raise
@@ -712,7 +849,7 @@ class Engine:
         """Learning-loop diagnostics of one experiment (see `banditd.diagnostics`)."""
         rt = self._require(experiment_id)
         views = self.arm_stats(experiment_id)
-        return diagnostics.build(
+        report = diagnostics.build(
             rt.monitor,
             views,
             list(rt.recent),
@@ -722,6 +859,16 @@ class Engine:
             silence_s or diagnostics.DEFAULT_SILENCE_S,
             rt.rule.mode,
         )
+        alarms: list[tuple[str, str]] = report["alarms"]  # type: ignore[assignment]
+        for g in self.guardian.status(experiment_id):
+            if g["status"] == "breached":
+                alarms.append(("GUARDRAIL_BREACHED", f"guardrail {g['metric']} ({g['action']}): {g['detail']}"))
+        if rt.spec.state == "fallback":
+            alarms.append(
+                ("FALLBACK", f"a guardrail fell back to arm {rt.spec.serving_arm!r}; set the experiment RUNNING "
+                 "to resume learning")
+            )  # fmt: skip
+        return report
 
     def model_report(self, experiment_id: str) -> dict[str, Any]:
         """A contextual experiment's model: feature definition, per-arm coefficients with 95%

@@ -17,6 +17,7 @@ from banditd.cache import BoundedCache
 from banditd.diagnostics import LearningMonitor
 from banditd.errors import InvalidArgument
 from banditd.outcomes import OutcomeRule
+from banditd.settings import Settings
 from banditd.store import ArmRow, FeatureDefinition, ModelItems, PolicyState
 from banditd.validation import MAX_ARMS, MAX_WINDOW_SECONDS, check_id, check_params, check_prior
 
@@ -76,6 +77,10 @@ class ExperimentSpec:
     # Outcome model (see `banditd.outcomes`): mode, aggregation, default_reward, min_age_s;
     # empty values take the reward type's defaults. Fixed once the experiment exists.
     outcomes: dict[str, Any] = field(default_factory=dict)
+    # `banditd.settings.Settings` as JSON (resolved at validation); changeable while running.
+    settings: dict[str, Any] = field(default_factory=dict)
+    # The arm every decision gets while state is "fallback" (set by a guardrail).
+    serving_arm: str = ""
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -84,6 +89,25 @@ class ExperimentSpec:
     def rule(self) -> OutcomeRule:
         """The outcome rule (validated; computed once: it is on the write path of every reward)."""
         return OutcomeRule.for_experiment(self.reward_type == "binary", **self.outcomes)
+
+    @cached_property
+    def active_indices(self) -> list[int]:
+        return [i for i, a in enumerate(self.arms) if a.active]
+
+    @cached_property
+    def floor_vector(self) -> list[float]:
+        """The traffic floor of each active arm, in `active_indices` order."""
+        return self.config.floors([self.arms[i].id for i in self.active_indices])
+
+    @cached_property
+    def mixed(self) -> bool:
+        """True when decisions go through the control / floor / burn-in path."""
+        return self.config.burn_in > 0 or self.config.mixes
+
+    @cached_property
+    def config(self) -> Settings:
+        """The settings in force (parsed once per spec version: read on every decision)."""
+        return Settings.from_json(self.settings)
 
     @property
     def contextual(self) -> bool:
@@ -154,6 +178,12 @@ class ExperimentSpec:
                 f"min_age ({rule.min_age_s:g} s) is longer than the attribution window ({self.window_seconds} s): "
                 "decisions would expire before they count"
             )
+        arm_states = {a.id: a.active for a in self.arms}
+        Settings.from_json(self.settings).validate(arm_states, self.contextual)
+        if self.state not in ("running", "paused", "fallback"):
+            raise InvalidArgument(f"unknown experiment state {self.state!r}")
+        if self.state == "fallback" and not arm_states.get(self.serving_arm, False):
+            raise InvalidArgument(f"fallback arm {self.serving_arm!r} is not an active arm of {self.id!r}")
         # Stored resolved, so the rule in force never depends on a later change of defaults.
         self.outcomes = {
             "mode": rule.mode,
@@ -186,6 +216,8 @@ class ExperimentRuntime:
         # own commit applied while another process's was not yet read).
         self.stats_seen = -1
         self.stats_floor = -1
+        self._burn_in: tuple[int, bool, float] = (-1, False, 0.0)  # (spec version, over, recheck at)
+        self._positions: tuple[int, dict[int, int]] = (-1, {})
         self.slate_sizes: set[int] = set()  # k of recent decisions (propensities kept fresh)
         self.recent: deque[int] = deque(maxlen=RECENT_DECISIONS)
         # Sticky assignments seen lately (all of them are in LMDB).
@@ -325,6 +357,24 @@ class ExperimentRuntime:
             "serving it from its prior", self.spec.id, self.arm_ids[idx], *values,
         )
         return ArmRow(pulls=row.pulls)
+
+    def burning_in(self, burn_in: int) -> bool:
+        """True while an active arm has fewer than `burn_in` observations. Rechecked at most
+        every 50 ms (it reads every arm), and never again once over for this arm set."""
+        now = time.monotonic()
+        key = self.spec.version
+        if self._burn_in[0] == key and (self._burn_in[1] or now < self._burn_in[2]):
+            return not self._burn_in[1]
+        rows = self.rows
+        done = all(rows[i].observations >= burn_in for i in self.spec.active_indices if i < len(rows))
+        self._burn_in = (key, done, now + 0.05)
+        return not done
+
+    def active_position(self) -> dict[int, int]:
+        """Arm index -> position among the active arms (cached per spec version)."""
+        if self._positions[0] != self.spec.version:
+            self._positions = (self.spec.version, {a: j for j, a in enumerate(self.spec.active_indices)})
+        return self._positions[1]
 
     def recent_shares(self) -> list[float]:
         counts = Counter(self.recent)

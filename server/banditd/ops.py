@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from banditd.errors import ExperimentAlreadyExists, ExperimentNotFound, FailedPrecondition
 from banditd.experiment import ExperimentSpec
@@ -128,11 +129,16 @@ class PutExperiment(WriteOp):
     """Creates (create=True) or replaces an experiment definition."""
 
     def __init__(
-        self, spec: ExperimentSpec, create: bool, on_commit: Callable[[ExperimentSpec], None]
+        self,
+        spec: ExperimentSpec,
+        create: bool,
+        on_commit: Callable[[ExperimentSpec], None],
+        audit: dict[str, Any] | None = None,
     ) -> None:
         self.spec = spec
         self.create = create
         self.on_commit = on_commit
+        self.audit = audit  # recorded in the same transaction as the change
 
     def write(self, batch: WriteTxn) -> ExperimentSpec:
         stored = batch.experiment_json(self.spec.id)
@@ -149,6 +155,8 @@ class PutExperiment(WriteOp):
                 f"experiment {self.spec.id!r} was changed concurrently; read it again and retry the update"
             )
         batch.put_experiment(self.spec.id, self.spec.to_json())
+        if self.audit is not None:
+            batch.add_audit(self.audit)
         return self.spec
 
     def after_commit(self, result: ExperimentSpec) -> None:
@@ -316,3 +324,36 @@ class MatureDecisions(WriteOp):
             if done >= self.limit:
                 break
         return done
+
+
+class AddAudit(WriteOp):
+    """An audit entry without a definition change (a guardrail's alert)."""
+
+    def __init__(self, entry: dict[str, Any]) -> None:
+        self.entry = entry
+
+    def write(self, batch: WriteTxn) -> None:
+        batch.add_audit(self.entry)
+
+
+class SaveSnapshots(WriteOp):
+    """History snapshots of experiments, one (experiment, unix ms, snapshot) each."""
+
+    def __init__(self, snapshots: list[tuple[str, int, dict[str, Any]]]) -> None:
+        self.snapshots = snapshots
+
+    def write(self, batch: WriteTxn) -> None:
+        for exp, ts_ms, snap in self.snapshots:
+            batch.put_snapshot(exp, ts_ms, snap)
+
+
+class ThinHistory(WriteOp):
+    """Coarsens old history snapshots (see `WriteTxn.thin_history`)."""
+
+    def __init__(self, now_ms: int, rules: tuple[tuple[int, int], ...], limit: int) -> None:
+        self.now_ms = now_ms
+        self.rules = rules
+        self.limit = limit
+
+    def write(self, batch: WriteTxn) -> int:
+        return batch.thin_history(self.now_ms, self.rules, self.limit)

@@ -7,12 +7,15 @@ and SIGINT so each drains and commits its queue, and restarts a process that die
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -42,7 +45,10 @@ def member_command(config: ServerConfig, index: int) -> list[str]:
         "--retention-hours", str(config.retention_hours), "--retention-sweep-s", str(config.retention_sweep_s),
         "--max-streams", str(config.max_streams), "--stream-idle-s", str(config.stream_idle_s),
         "--shutdown-grace-s", str(config.shutdown_grace_s),
+        "--http-port", str(config.http_port), "--history-seconds", str(config.history_seconds),
     ]  # fmt: skip
+    if not config.metrics:
+        cmd.append("--no-metrics")
     if config.seed is not None:
         cmd += ["--seed", str(config.seed + index)]
     for flag, value in (
@@ -60,6 +66,10 @@ def run_pool(config: ServerConfig) -> None:
 
     server_credentials(config)  # unreadable TLS files: fail here, not in a restart loop
     n = config.worker_count
+    # prometheus_client's multiprocess mode: the workers' gRPC metrics are summed at a scrape.
+    metrics_dir = tempfile.mkdtemp(prefix="banditd-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    atexit.register(shutil.rmtree, metrics_dir, True)
     stopping = threading.Event()
     procs: list[subprocess.Popen[bytes]] = []
 

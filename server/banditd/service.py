@@ -11,10 +11,23 @@ from contextlib import contextmanager
 from typing import Any
 
 import grpc
+import orjson
 
+from banditd import _core
+from banditd.analysis import analyse
+from banditd.auth import KeyRing, actor_of
 from banditd.engine import Engine, RewardInput, RewardResult
-from banditd.errors import InvalidArgument, ResourceExhausted, map_all_errors
+from banditd.errors import (
+    BanditdError,
+    DeadlineExceeded,
+    Internal,
+    InvalidArgument,
+    ResourceExhausted,
+    Unavailable,
+    map_all_errors,
+)
 from banditd.experiment import DEFAULT_WINDOW_SECONDS, ArmSpec, ExperimentSpec
+from banditd.settings import Criteria, Guardrail, Settings
 from banditd.validation import MAX_REWARDS_PER_MESSAGE, ContextScalar, check_context, shown_key
 from banditd_client._convert import POLICY_PARAMS
 from banditd_client.v1 import banditd_pb2 as pb
@@ -24,8 +37,9 @@ log = logging.getLogger("banditd")
 
 REWARD_TYPE_NAMES = {pb.REWARD_TYPE_UNSPECIFIED: "binary", pb.BINARY: "binary", pb.CONTINUOUS: "continuous"}
 REWARD_TYPE_ENUM = {"binary": pb.BINARY, "continuous": pb.CONTINUOUS}
+# States a caller may set (FALLBACK is a guardrail's; setting RUNNING leaves it).
 STATE_NAMES = {pb.STATE_UNSPECIFIED: None, pb.RUNNING: "running", pb.PAUSED: "paused"}
-STATE_ENUM = {"running": pb.RUNNING, "paused": pb.PAUSED}
+STATE_ENUM = {"running": pb.RUNNING, "paused": pb.PAUSED, "fallback": pb.FALLBACK}
 MODE_NAMES = {pb.OUTCOME_MODE_UNSPECIFIED: "", pb.DECISION: "decision", pb.EXPLICIT: "explicit"}
 MODE_ENUM = {"decision": pb.DECISION, "explicit": pb.EXPLICIT}
 AGGREGATION_NAMES = {pb.AGGREGATION_UNSPECIFIED: "", pb.MAX: "max", pb.SUM: "sum", pb.FIRST: "first", pb.LAST: "last"}
@@ -63,6 +77,49 @@ def outcomes_from_proto(o: pb.Outcomes) -> dict[str, Any]:
     }
 
 
+CRITERIA_FIELDS = ("min_uplift", "confidence", "min_days", "min_events_per_arm", "max_days", "horizon")
+
+
+def settings_from_proto(msg: pb.Settings) -> dict[str, Any]:
+    """Settings as stored (guardrails resolved; checked against the arms by the spec)."""
+    criteria = Criteria(**{f: getattr(msg.criteria, f) for f in CRITERIA_FIELDS if msg.criteria.HasField(f)})
+    guardrails = tuple(
+        Guardrail.resolved(g.metric, g.threshold, g.action, g.fallback_arm_id, g.window_seconds, g.min_samples)
+        for g in msg.guardrails
+    )
+    return Settings(
+        control_arm_id=msg.control_arm_id,
+        criteria=criteria,
+        control_share=msg.control_share,
+        traffic_floor=msg.traffic_floor,
+        arm_floors=dict(msg.arm_floors),
+        burn_in=msg.burn_in,
+        guardrails=guardrails,
+    ).to_json()
+
+
+def criteria_to_proto(c: Criteria) -> pb.StopCriteria:
+    return pb.StopCriteria(**{f: getattr(c, f) for f in CRITERIA_FIELDS})
+
+
+def settings_to_proto(s: Settings) -> pb.Settings:
+    return pb.Settings(
+        control_arm_id=s.control_arm_id,
+        criteria=criteria_to_proto(s.criteria),
+        control_share=s.control_share,
+        traffic_floor=s.traffic_floor,
+        arm_floors=s.arm_floors,
+        burn_in=s.burn_in,
+        guardrails=[
+            pb.Guardrail(
+                metric=g.metric, threshold=g.threshold, action=g.action, fallback_arm_id=g.fallback_arm_id,
+                window_seconds=g.window_s, min_samples=g.min_samples,
+            )  # fmt: skip
+            for g in s.guardrails
+        ],
+    )
+
+
 def spec_from_proto(exp: pb.Experiment) -> ExperimentSpec:
     reward_type = _enum_name(REWARD_TYPE_NAMES, exp.reward_type, "reward type")
     params = {name: getattr(exp.policy, name) for name in POLICY_PARAMS if getattr(exp.policy, name)}
@@ -76,6 +133,7 @@ def spec_from_proto(exp: pb.Experiment) -> ExperimentSpec:
         window_seconds=exp.attribution_window_seconds or DEFAULT_WINDOW_SECONDS,
         prior=_prior(exp, reward_type),
         outcomes=outcomes_from_proto(exp.outcomes),
+        settings=settings_from_proto(exp.settings),
     )
 
 
@@ -106,6 +164,8 @@ def spec_to_proto(spec: ExperimentSpec) -> pb.Experiment:
             default_reward=spec.outcomes["default_reward"],
             min_age_seconds=spec.outcomes["min_age_s"],
         ),
+        settings=settings_to_proto(spec.config),
+        serving_arm_id=spec.serving_arm if spec.state == "fallback" else "",
     )
 
 
@@ -239,14 +299,46 @@ def add_service(servicer: BanditdService, server: grpc.Server) -> None:
     server.add_registered_method_handlers(SERVICE.full_name, handlers)
 
 
+def analysis_to_proto(a: Mapping[str, Any]) -> pb.Analysis:
+    return pb.Analysis(
+        arms=[pb.ArmAnalysis(**arm) for arm in a["arms"]],
+        criteria=criteria_to_proto(a["criteria"]),
+        **{k: v for k, v in a.items() if k not in ("arms", "criteria")},
+    )
+
+
+def audit_to_proto(entries: list[dict[str, Any]]) -> pb.AuditLog:
+    return pb.AuditLog(
+        entries=[
+            pb.AuditEntry(
+                ts_unix_ms=e["ts_unix_ms"], experiment_id=e["experiment_id"], action=e["action"],
+                actor=e["actor"], details=orjson.dumps(e["details"]).decode(),
+            )  # fmt: skip
+            for e in entries
+        ]
+    )
+
+
+MAX_AUDIT_ENTRIES = 10_000
+SERVER_FAULTS = (Internal, Unavailable, ResourceExhausted, DeadlineExceeded)
+
+
 @map_all_errors
 class BanditdService(pb_grpc.BanditdServicer):
-    def __init__(self, engine: Engine, max_streams: int = 8, stream_idle_s: float = 30.0) -> None:
+    def __init__(
+        self, engine: Engine, max_streams: int = 8, stream_idle_s: float = 30.0, keys: KeyRing | None = None
+    ) -> None:
         self.engine = engine
         self.streams = StreamGuard(max_streams, stream_idle_s)
+        self.keys = keys  # names the caller in the audit log
+
+    def _actor(self, context: grpc.ServicerContext) -> str:
+        return actor_of(self.keys, context.invocation_metadata())
 
     def CreateExperiment(self, request: pb.CreateExperimentRequest, context: grpc.ServicerContext) -> pb.Experiment:
-        spec = self.engine.create_experiment(spec_from_proto(request.experiment), _timeout(context))
+        spec = self.engine.create_experiment(
+            spec_from_proto(request.experiment), _timeout(context), actor=self._actor(context)
+        )
         return spec_to_proto(spec)
 
     def GetExperiment(self, request: pb.GetExperimentRequest, context: grpc.ServicerContext) -> pb.Experiment:
@@ -265,26 +357,47 @@ class BanditdService(pb_grpc.BanditdServicer):
             request.experiment_id,
             [_arm_from_proto(a, reward_type) for a in request.add_arms],
             list(request.retire_arm_ids),
-            _enum_name(STATE_NAMES, request.set_state, "experiment state"),
+            _enum_name(STATE_NAMES, request.set_state, "experiment state") or None,
             _timeout(context),
+            settings=settings_from_proto(request.settings) if request.HasField("settings") else None,
+            actor=self._actor(context),
         )
         return spec_to_proto(spec)
 
+    def Analyse(self, request: pb.AnalyseRequest, context: grpc.ServicerContext) -> pb.Analysis:
+        return analysis_to_proto(analyse(self.engine, request.experiment_id, request.draws))
+
+    def GetAuditLog(self, request: pb.GetAuditLogRequest, context: grpc.ServicerContext) -> pb.AuditLog:
+        limit = request.limit or 100
+        if limit > MAX_AUDIT_ENTRIES:
+            raise InvalidArgument(f"limit must be at most {MAX_AUDIT_ENTRIES}, got {limit}")
+        if request.experiment_id:
+            self.engine.get_experiment(request.experiment_id)  # NOT_FOUND for an unknown one
+        return audit_to_proto(self.engine.store.audit_log(request.experiment_id, limit))
+
     def Decide(self, request: pb.DecideRequest, context: grpc.ServicerContext) -> pb.DecideResponse:
-        result = self.engine.decide(
-            request.experiment_id, request.unit_id, request.k, context_from_request(request)
-        )
+        started = time.perf_counter()
+        try:
+            result = self.engine.decide(
+                request.experiment_id, request.unit_id, request.k, context_from_request(request)
+            )
+        except Exception as exc:
+            # Guardrails count server-side failures only (see banditd.guardrails).
+            failed = isinstance(exc, SERVER_FAULTS) or not isinstance(exc, BanditdError | _core.CoreError)
+            self.engine.guardian.note_decide(request.experiment_id, time.perf_counter() - started, failed)
+            raise
         rec = result.record
-        return pb.DecideResponse(
+        response = pb.DecideResponse(
             decision_id=rec.decision_id,
             arms=[
                 pb.ChosenArm(arm_id=a, score=s, propensity=p)
                 for a, s, p in zip(rec.arms, result.scores, rec.propensities, strict=True)
             ],
             sticky_hit=result.sticky_hit,
-            # TODO(issue 17): result.model_version once DecisionResult has it (0 = not contextual).
-            model_version=getattr(result, "model_version", 0),
+            model_version=result.model_version,
         )
+        self.engine.guardian.note_decide(request.experiment_id, time.perf_counter() - started, False)
+        return response
 
     def Reward(self, request: pb.RewardRequest, context: grpc.ServicerContext) -> pb.RewardResponse:
         accepted = self.engine.reward(

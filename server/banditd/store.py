@@ -21,12 +21,18 @@ One LMDB environment with named databases (keys join ids with NUL; ids never con
 | models      | experiment               | FeatureDefinition of a contextual experiment (JSON)     |
 | modellog    | experiment\\0version(8 hex) | ModelItems of one commit: the rank-1 updates of the  |
 |             |   seq(16 hex)            | arms' models, in commit order (see `pack_items`)        |
+| audit       | unix ms(16 hex)\\0experiment\\0seq(8 hex) | change record: action, actor, details (JSON) |
+| history_db  | experiment\\0unix ms(16 hex) | snapshot of every arm: share, observations, rewards,  |
+|             |                          | posterior mean and interval, P(best) (JSON)             |
 
 Contextual experiments (`models`, `modellog`, added in schema 2 without a layout change of the
 other databases): a model is a function of its feature definition and the ordered update items
 of its version, so every process and every restart replays the same items to the same model.
 Decision records of contextual experiments carry the encoded features ("x", base64 of float64)
 and the model version ("v"): a reward changes the model of that version only.
+
+`audit` and `history` (schema 2, added without a layout change: a store without them is read
+as having no entries) are in time order; history is thinned with age by the retention sweep.
 
 Decision ids start with their creation time (11 hex digits of unix ms), so the decisions and
 outcomes databases are in time order: expiry and maturation are prefix scans.
@@ -67,7 +73,7 @@ DEFAULT_MAP_SIZE = 1 << 30
 SEP = b"\x00"
 DATABASES = (
     "meta", "experiments", "arms", "policy", "decisions", "outcomes", "maturing", "events", "assignments",
-    "keys", "models", "modellog",
+    "keys", "models", "modellog", "audit", "history_db",
 )  # fmt: skip
 
 # meta keys: per-experiment counter of committed changes to arm statistics, and a counter of
@@ -168,6 +174,9 @@ class DecisionRecord:
     clocks: tuple[float, ...] | None = None
     # Contextual experiments: the encoded feature vector (float64 little-endian).
     features: bytes | None = None
+    # Who chose the arms when not the policy: "control" (the random control share), "floor"
+    # (a traffic floor), "burn_in", "fallback" (a guardrail's); "" = the policy.
+    source: str = ""
 
     def encode(self) -> bytes:
         d: dict[str, Any] = {
@@ -184,6 +193,8 @@ class DecisionRecord:
             d["o"] = self.clocks
         if self.features is not None:
             d["x"] = base64.b64encode(self.features).decode()
+        if self.source:
+            d["s"] = self.source
         return orjson.dumps(d)
 
     @classmethod
@@ -200,6 +211,7 @@ class DecisionRecord:
             d.get("c"),
             tuple(d["o"]) if d.get("o") is not None else None,
             base64.b64decode(d["x"]) if d.get("x") else None,
+            d.get("s", ""),
         )
 
 
@@ -399,6 +411,8 @@ class Store:
     keys: Any
     models: Any
     modellog: Any
+    audit: Any
+    history_db: Any
 
     def __init__(self, path: str | os.PathLike[str], map_size: int = DEFAULT_MAP_SIZE, readonly: bool = False) -> None:
         self.path = Path(path)
@@ -634,6 +648,36 @@ class Store:
                     out.append((int(k[-16:], 16), ModelItems.decode(bytes(v))))
         return out
 
+    def audit_log(self, experiment_id: str, limit: int) -> list[dict[str, Any]]:
+        """The newest `limit` audit entries (of one experiment, or all when empty), newest first."""
+        out: list[dict[str, Any]] = []
+        if self.audit is None:
+            return out
+        with self.reading() as txn:
+            cur = txn.cursor(db=self.audit)
+            ok = cur.last()
+            while ok and len(out) < limit:
+                entry = orjson.loads(cur.value())
+                if not experiment_id or entry["experiment_id"] == experiment_id:
+                    out.append(entry)
+                ok = cur.prev()
+        return out
+
+    def history(self, experiment_id: str, since_ms: int = 0, limit: int = 100_000) -> list[dict[str, Any]]:
+        """Snapshots of the experiment from `since_ms` on, oldest first."""
+        out: list[dict[str, Any]] = []
+        if self.history_db is None:
+            return out
+        prefix = experiment_id.encode() + SEP
+        with self.reading() as txn:
+            cur = txn.cursor(db=self.history_db)
+            if cur.set_range(prefix + f"{since_ms:016x}".encode()):
+                for k, v in cur:
+                    if not k.startswith(prefix) or len(out) >= limit:
+                        break
+                    out.append(orjson.loads(v))
+        return out
+
     def recent_decisions(
         self, experiment_id: str, limit: int, scan: int, model_version: int | None = None
     ) -> list[DecisionRecord]:
@@ -743,6 +787,7 @@ class WriteTxn:
         self._policy: dict[str, PolicyState] = {}
         self._definitions: dict[str, FeatureDefinition] = {}
         self._items: dict[str, ModelItems] = {}
+        self._audit_seq = 0
         self.changes: dict[str, ExperimentChanges] = {}
 
     # Experiments.
@@ -894,6 +939,44 @@ class WriteTxn:
             out.append(k[len(prefix) :].decode())
             cur.delete()
         return out
+
+    # Audit log and history.
+    def add_audit(self, entry: dict[str, Any]) -> None:
+        """Appends an audit entry ({ts_unix_ms, experiment_id, action, actor, details})."""
+        self._audit_seq += 1
+        k = f"{entry['ts_unix_ms']:016x}".encode() + SEP + entry["experiment_id"].encode() + SEP
+        self.txn.put(k + f"{self._audit_seq:08x}".encode(), orjson.dumps(entry), db=self.store.audit)
+
+    def put_snapshot(self, experiment_id: str, ts_ms: int, snapshot: dict[str, Any]) -> None:
+        self.txn.put(
+            experiment_id.encode() + SEP + f"{ts_ms:016x}".encode(), orjson.dumps(snapshot), db=self.store.history_db
+        )
+
+    def thin_history(self, now_ms: int, rules: tuple[tuple[int, int], ...], limit: int) -> int:
+        """Keeps one snapshot per `step` ms for snapshots older than `age` ms, for each
+        (age, step) rule (the coarsest rule that applies wins); returns how many were deleted."""
+        removed = 0
+        cur = self.txn.cursor(db=self.store.history_db)
+        ok = cur.first()
+        last: tuple[bytes, int, int] | None = None  # (experiment, step, bucket) of the kept one
+        while ok and removed < limit:
+            k = bytes(cur.key())
+            exp, _, ts_hex = k.rpartition(SEP)
+            ts = int(ts_hex, 16)
+            age = now_ms - ts
+            step = max((st for a, st in rules if age >= a), default=0)
+            if step:
+                bucket = ts // step
+                if last is not None and last == (exp, step, bucket):
+                    cur.delete()  # moves to the next record
+                    removed += 1
+                    ok = bool(cur.key())
+                    continue
+                last = (exp, step, bucket)
+            else:
+                last = None
+            ok = cur.next()
+        return removed
 
     # Retention.
     def expire(self, cutoff_ms: int, events_from: bytes, limit: int) -> tuple[int, int, bytes]:

@@ -17,6 +17,7 @@ import logging
 import queue
 import threading
 import time
+from bisect import bisect_left
 from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -36,6 +37,13 @@ MAX_MAP_SIZE = 1 << 40
 
 # The write transaction of a batch (kept as a name: write ops take a `Batch`).
 Batch = WriteTxn
+
+# Upper bounds of the commit statistics kept for metrics (`banditd.metrics`): the seconds of
+# each LMDB transaction commit (its fsync) and the operations each group commit carried.
+COMMIT_SECONDS_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
+BATCH_SIZE_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000)
 
 
 class WriteOp:
@@ -104,6 +112,11 @@ class Writer:
         self.ops_committed = 0
         self.failed_commits = 0
         self.last_commit_seconds = 0.0
+        # Commit statistics (writer thread only; read at scrape time): per-bucket counts of
+        # COMMIT_SECONDS_BUCKETS / BATCH_SIZE_BUCKETS, the last one above every bound.
+        self.commit_seconds_sum = 0.0
+        self.commit_seconds_counts = [0] * (len(COMMIT_SECONDS_BUCKETS) + 1)
+        self.batch_size_counts = [0] * (len(BATCH_SIZE_BUCKETS) + 1)
         # The error of the last commit the store refused (disk or map full, I/O error); None
         # once a commit succeeds again. Decisions are refused meanwhile: they could not be stored.
         self.storage_error: BanditdError | None = None
@@ -208,7 +221,9 @@ class Writer:
                         log.exception("write op %s failed", type(op).__name__)
                         results.append((False, Internal(f"{type(op).__name__}: {type(exc).__name__}: {exc}")))
                 batch.flush()
+                commit_started = time.perf_counter()
                 txn.commit()
+                commit_seconds = time.perf_counter() - commit_started
                 break
             except lmdb.MapFullError:
                 self.store.abort_write(txn)
@@ -239,6 +254,9 @@ class Writer:
         self.commits += 1
         self.ops_committed += len(ops)
         self.last_commit_seconds = time.perf_counter() - started
+        self.commit_seconds_sum += commit_seconds
+        self.commit_seconds_counts[bisect_left(COMMIT_SECONDS_BUCKETS, commit_seconds)] += 1
+        self.batch_size_counts[bisect_left(BATCH_SIZE_BUCKETS, len(ops))] += 1
 
 
 def wait_for(future: Future[Any], timeout: float | None) -> Any:

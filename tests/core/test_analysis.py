@@ -9,7 +9,7 @@ import pytest
 
 from banditd import _core
 
-KEYS = {"p_best", "expected_loss", "uplift_low", "uplift_high", "p_uplift", "reference", "control"}
+KEYS = {"p_best", "expected_loss", "uplift_low", "uplift_high", "p_uplift", "p_min_uplift", "reference", "control"}
 
 
 def binary(n: list[float], s: list[float], seed: int = 1) -> _core.Bandit:
@@ -70,3 +70,20 @@ def test_continuous() -> None:
     r = b.winner_analysis(draws=20000, control=0)
     assert r["p_best"][1] > 0.99
     assert 0.0 < r["uplift_low"][1] < 0.1 < r["uplift_high"][1]
+
+
+def test_min_uplift_probability_and_level() -> None:
+    """p_min_uplift is P(theta_a / theta_ref - 1 >= m): 1 at m far below, falls as m grows, and
+    equals p_uplift at m = 0; the interval at a lower level is inside the 95% one."""
+    b = binary([2000.0, 2000.0], [200.0, 260.0])  # rates 0.10 and 0.13: uplift ~ +30%
+    wide = b.winner_analysis(20_000, control=0)
+    zero = b.winner_analysis(20_000, control=0, min_uplift=0.0)
+    assert zero["p_min_uplift"][1] == pytest.approx(zero["p_uplift"][1], abs=1e-9)
+    probs = [b.winner_analysis(20_000, control=0, min_uplift=m)["p_min_uplift"][1] for m in (-0.5, 0.1, 0.3, 0.6)]
+    assert probs[0] == 1.0 and probs[0] > probs[1] > probs[2] > probs[3]
+    assert 0.3 < probs[2] < 0.7  # the truth is near the middle of the posterior
+    narrow = b.winner_analysis(20_000, control=0, level=0.5)
+    assert wide["uplift_low"][1] < narrow["uplift_low"][1] < narrow["uplift_high"][1] < wide["uplift_high"][1]
+    for bad in ({"level": 1.0}, {"level": 0.0}, {"min_uplift": -1.0}, {"min_uplift": float("nan")}):
+        with pytest.raises(_core.CoreError):
+            b.winner_analysis(1_000, control=0, **bad)

@@ -37,6 +37,7 @@ learned from answers); BANDITD_FUZZ_ARTIFACTS=<dir> writes the failures' full pa
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import re
@@ -434,6 +435,35 @@ def hostile_str(rng: random.Random) -> str:
     return rng.choice(HOSTILE_STRS)
 
 
+def hostile_settings(rng: random.Random, s: pb.Settings, arms: list[str]) -> None:
+    """Settings that must be refused (or, rarely, valid ones): shares and floors out of range,
+    floors past 1, unknown arms, metrics and actions, missing fallback arms."""
+    t = rng.randrange(8)
+    if t == 0:
+        s.control_share = rng.choice((1.0, -0.1, 2.0, math.nan, math.inf, 0.1))
+    elif t == 1:
+        s.traffic_floor = rng.choice((0.6, 1.5, -1.0, math.nan, 0.01))
+    elif t == 2:
+        s.arm_floors[rng.choice((*arms, hostile_str(rng)))] = rng.choice((0.9, 1.1, math.nan, 0.0))
+    elif t == 3:
+        s.control_arm_id = rng.choice((hostile_str(rng), "", *arms))
+    elif t == 4:
+        s.burn_in = rng.choice((2**64 - 1, 10**13, 5))
+        s.criteria.horizon = rng.choice((1, 0, 10))
+    elif t == 5:
+        g = s.guardrails.add(metric=rng.choice(("reward_drop", "nope", hostile_str(rng), "latency_p95")))
+        g.action = rng.choice(("pause", "fallback", "explode", ""))
+        g.fallback_arm_id = rng.choice(("", hostile_str(rng), *arms))
+        g.threshold = rng.choice((0.0, -1.0, math.nan, 2.0, 0.05))
+        g.window_seconds = rng.choice((0.0, -5.0, math.inf, 1e12))
+    elif t == 6:
+        s.criteria.confidence = rng.choice((1.0, 0.5, math.nan, 0.9))
+        s.criteria.max_days = rng.choice((-1.0, 0.0, math.inf, 3.0))
+        s.criteria.min_days = rng.choice((5.0, math.nan, -1.0))
+    else:
+        s.criteria.min_uplift = rng.choice((-1.0, math.nan, math.inf, 1e9, 0.03))
+
+
 def hostile_float(rng: random.Random) -> float:
     return rng.choice(HOSTILE_FLOATS)
 
@@ -582,6 +612,11 @@ def valid_request(method: str, rng: random.Random, w: World) -> bytes:
                 arm.prior.alpha, arm.prior.beta, arm.prior.mean, arm.prior.strength = a, b, a, b
         if rng.random() < 0.2 and w.arms.get(exp_id):
             req.retire_arm_ids.append(rng.choice(w.arms[exp_id]))
+        if rng.random() < 0.2:  # valid settings (contextual experiments refuse the control share)
+            req.settings.control_share = rng.choice((0.0, 0.1))
+            req.settings.burn_in = rng.choice((0, 3))
+            req.settings.criteria.min_days = 0.0
+            req.settings.guardrails.add(metric="latency_p95", action="alert")
         return ser(req)
     if method == "Decide":
         exp_id = target(rng, w)
@@ -604,6 +639,10 @@ def valid_request(method: str, rng: random.Random, w: World) -> bytes:
         ))
     if method == "GetModel":
         return ser(pb.GetModelRequest(experiment_id=target(rng, w)))
+    if method == "Analyse":
+        return ser(pb.AnalyseRequest(experiment_id=target(rng, w), draws=rng.choice((0, 100, 1000))))
+    if method == "GetAuditLog":
+        return ser(pb.GetAuditLogRequest(experiment_id=rng.choice(("", target(rng, w))), limit=rng.choice((0, 5))))
     raise AssertionError(method)
 
 
@@ -710,7 +749,10 @@ def hostile_request(method: str, rng: random.Random, w: World) -> bytes:
         req = pb.UpdateExperimentRequest(experiment_id=exp_id)
         raw: list[bytes] = []
         for _ in range(rng.randint(1, 3)):
-            t = rng.randrange(9)
+            t = rng.randrange(10)
+            if t == 9:
+                hostile_settings(rng, req.settings, w.arms.get(exp_id) or ["a0"])
+                continue
             if t == 0:
                 raw.append(raw_id(rng, 1))
             elif t == 1:
@@ -791,6 +833,12 @@ def hostile_request(method: str, rng: random.Random, w: World) -> bytes:
             else:
                 req.experiment_id = hostile_str(rng)
         return ser(req, *raw)
+    if method == "Analyse":
+        req = pb.AnalyseRequest(experiment_id=rng.choice((target(rng, w), hostile_str(rng))))
+        return ser(req, f_varint(2, rng.choice(HOSTILE_INTS))) if rng.random() < 0.5 else ser(req)
+    if method == "GetAuditLog":
+        req = pb.GetAuditLogRequest(experiment_id=rng.choice(("", target(rng, w), hostile_str(rng))))
+        return ser(req, f_varint(2, rng.choice(HOSTILE_INTS))) if rng.random() < 0.5 else ser(req)
     if method in ("Reward", "RewardStream"):
         return hostile_reward(rng, w)
     if method == "RewardBatchStream":

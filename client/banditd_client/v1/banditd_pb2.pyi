@@ -19,6 +19,7 @@ class ExperimentState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     STATE_UNSPECIFIED: _ClassVar[ExperimentState]
     RUNNING: _ClassVar[ExperimentState]
     PAUSED: _ClassVar[ExperimentState]
+    FALLBACK: _ClassVar[ExperimentState]
 
 class OutcomeMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -39,6 +40,7 @@ CONTINUOUS: RewardType
 STATE_UNSPECIFIED: ExperimentState
 RUNNING: ExperimentState
 PAUSED: ExperimentState
+FALLBACK: ExperimentState
 OUTCOME_MODE_UNSPECIFIED: OutcomeMode
 DECISION: OutcomeMode
 EXPLICIT: OutcomeMode
@@ -118,8 +120,65 @@ class Outcomes(_message.Message):
     min_age_seconds: float
     def __init__(self, mode: _Optional[_Union[OutcomeMode, str]] = ..., aggregation: _Optional[_Union[Aggregation, str]] = ..., default_reward: _Optional[float] = ..., min_age_seconds: _Optional[float] = ...) -> None: ...
 
+class StopCriteria(_message.Message):
+    __slots__ = ("min_uplift", "confidence", "min_days", "min_events_per_arm", "max_days", "horizon")
+    MIN_UPLIFT_FIELD_NUMBER: _ClassVar[int]
+    CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
+    MIN_DAYS_FIELD_NUMBER: _ClassVar[int]
+    MIN_EVENTS_PER_ARM_FIELD_NUMBER: _ClassVar[int]
+    MAX_DAYS_FIELD_NUMBER: _ClassVar[int]
+    HORIZON_FIELD_NUMBER: _ClassVar[int]
+    min_uplift: float
+    confidence: float
+    min_days: float
+    min_events_per_arm: int
+    max_days: float
+    horizon: int
+    def __init__(self, min_uplift: _Optional[float] = ..., confidence: _Optional[float] = ..., min_days: _Optional[float] = ..., min_events_per_arm: _Optional[int] = ..., max_days: _Optional[float] = ..., horizon: _Optional[int] = ...) -> None: ...
+
+class Guardrail(_message.Message):
+    __slots__ = ("metric", "threshold", "action", "fallback_arm_id", "window_seconds", "min_samples")
+    METRIC_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    FALLBACK_ARM_ID_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    MIN_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    metric: str
+    threshold: float
+    action: str
+    fallback_arm_id: str
+    window_seconds: float
+    min_samples: int
+    def __init__(self, metric: _Optional[str] = ..., threshold: _Optional[float] = ..., action: _Optional[str] = ..., fallback_arm_id: _Optional[str] = ..., window_seconds: _Optional[float] = ..., min_samples: _Optional[int] = ...) -> None: ...
+
+class Settings(_message.Message):
+    __slots__ = ("control_arm_id", "criteria", "control_share", "traffic_floor", "arm_floors", "burn_in", "guardrails")
+    class ArmFloorsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    CONTROL_ARM_ID_FIELD_NUMBER: _ClassVar[int]
+    CRITERIA_FIELD_NUMBER: _ClassVar[int]
+    CONTROL_SHARE_FIELD_NUMBER: _ClassVar[int]
+    TRAFFIC_FLOOR_FIELD_NUMBER: _ClassVar[int]
+    ARM_FLOORS_FIELD_NUMBER: _ClassVar[int]
+    BURN_IN_FIELD_NUMBER: _ClassVar[int]
+    GUARDRAILS_FIELD_NUMBER: _ClassVar[int]
+    control_arm_id: str
+    criteria: StopCriteria
+    control_share: float
+    traffic_floor: float
+    arm_floors: _containers.ScalarMap[str, float]
+    burn_in: int
+    guardrails: _containers.RepeatedCompositeFieldContainer[Guardrail]
+    def __init__(self, control_arm_id: _Optional[str] = ..., criteria: _Optional[_Union[StopCriteria, _Mapping]] = ..., control_share: _Optional[float] = ..., traffic_floor: _Optional[float] = ..., arm_floors: _Optional[_Mapping[str, float]] = ..., burn_in: _Optional[int] = ..., guardrails: _Optional[_Iterable[_Union[Guardrail, _Mapping]]] = ...) -> None: ...
+
 class Experiment(_message.Message):
-    __slots__ = ("id", "arms", "policy", "reward_type", "sticky", "attribution_window_seconds", "prior", "state", "created_unix_ms", "version", "outcomes")
+    __slots__ = ("id", "arms", "policy", "reward_type", "sticky", "attribution_window_seconds", "prior", "state", "created_unix_ms", "version", "outcomes", "settings", "serving_arm_id")
     ID_FIELD_NUMBER: _ClassVar[int]
     ARMS_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
@@ -131,6 +190,8 @@ class Experiment(_message.Message):
     CREATED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     OUTCOMES_FIELD_NUMBER: _ClassVar[int]
+    SETTINGS_FIELD_NUMBER: _ClassVar[int]
+    SERVING_ARM_ID_FIELD_NUMBER: _ClassVar[int]
     id: str
     arms: _containers.RepeatedCompositeFieldContainer[Arm]
     policy: Policy
@@ -142,7 +203,9 @@ class Experiment(_message.Message):
     created_unix_ms: int
     version: int
     outcomes: Outcomes
-    def __init__(self, id: _Optional[str] = ..., arms: _Optional[_Iterable[_Union[Arm, _Mapping]]] = ..., policy: _Optional[_Union[Policy, _Mapping]] = ..., reward_type: _Optional[_Union[RewardType, str]] = ..., sticky: _Optional[bool] = ..., attribution_window_seconds: _Optional[int] = ..., prior: _Optional[_Union[Prior, _Mapping]] = ..., state: _Optional[_Union[ExperimentState, str]] = ..., created_unix_ms: _Optional[int] = ..., version: _Optional[int] = ..., outcomes: _Optional[_Union[Outcomes, _Mapping]] = ...) -> None: ...
+    settings: Settings
+    serving_arm_id: str
+    def __init__(self, id: _Optional[str] = ..., arms: _Optional[_Iterable[_Union[Arm, _Mapping]]] = ..., policy: _Optional[_Union[Policy, _Mapping]] = ..., reward_type: _Optional[_Union[RewardType, str]] = ..., sticky: _Optional[bool] = ..., attribution_window_seconds: _Optional[int] = ..., prior: _Optional[_Union[Prior, _Mapping]] = ..., state: _Optional[_Union[ExperimentState, str]] = ..., created_unix_ms: _Optional[int] = ..., version: _Optional[int] = ..., outcomes: _Optional[_Union[Outcomes, _Mapping]] = ..., settings: _Optional[_Union[Settings, _Mapping]] = ..., serving_arm_id: _Optional[str] = ...) -> None: ...
 
 class CreateExperimentRequest(_message.Message):
     __slots__ = ("experiment",)
@@ -167,16 +230,18 @@ class ListExperimentsResponse(_message.Message):
     def __init__(self, experiments: _Optional[_Iterable[_Union[Experiment, _Mapping]]] = ...) -> None: ...
 
 class UpdateExperimentRequest(_message.Message):
-    __slots__ = ("experiment_id", "add_arms", "retire_arm_ids", "set_state")
+    __slots__ = ("experiment_id", "add_arms", "retire_arm_ids", "set_state", "settings")
     EXPERIMENT_ID_FIELD_NUMBER: _ClassVar[int]
     ADD_ARMS_FIELD_NUMBER: _ClassVar[int]
     RETIRE_ARM_IDS_FIELD_NUMBER: _ClassVar[int]
     SET_STATE_FIELD_NUMBER: _ClassVar[int]
+    SETTINGS_FIELD_NUMBER: _ClassVar[int]
     experiment_id: str
     add_arms: _containers.RepeatedCompositeFieldContainer[Arm]
     retire_arm_ids: _containers.RepeatedScalarFieldContainer[str]
     set_state: ExperimentState
-    def __init__(self, experiment_id: _Optional[str] = ..., add_arms: _Optional[_Iterable[_Union[Arm, _Mapping]]] = ..., retire_arm_ids: _Optional[_Iterable[str]] = ..., set_state: _Optional[_Union[ExperimentState, str]] = ...) -> None: ...
+    settings: Settings
+    def __init__(self, experiment_id: _Optional[str] = ..., add_arms: _Optional[_Iterable[_Union[Arm, _Mapping]]] = ..., retire_arm_ids: _Optional[_Iterable[str]] = ..., set_state: _Optional[_Union[ExperimentState, str]] = ..., settings: _Optional[_Union[Settings, _Mapping]] = ...) -> None: ...
 
 class ContextValue(_message.Message):
     __slots__ = ("number", "text")
@@ -517,3 +582,111 @@ class ModelReport(_message.Message):
     refits: int
     seconds_since_refit: float
     def __init__(self, experiment_id: _Optional[str] = ..., policy: _Optional[str] = ..., model_version: _Optional[int] = ..., features: _Optional[_Iterable[_Union[Feature, _Mapping]]] = ..., arms: _Optional[_Iterable[_Union[ArmModel, _Mapping]]] = ..., contexts_seen: _Optional[int] = ..., unknown_keys: _Optional[int] = ..., mismatched_values: _Optional[int] = ..., logged_decisions: _Optional[int] = ..., targeted_mean: _Optional[float] = ..., uniform_mean: _Optional[float] = ..., uniform_low: _Optional[float] = ..., uniform_high: _Optional[float] = ..., refits: _Optional[int] = ..., seconds_since_refit: _Optional[float] = ...) -> None: ...
+
+class AnalyseRequest(_message.Message):
+    __slots__ = ("experiment_id", "draws")
+    EXPERIMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    DRAWS_FIELD_NUMBER: _ClassVar[int]
+    experiment_id: str
+    draws: int
+    def __init__(self, experiment_id: _Optional[str] = ..., draws: _Optional[int] = ...) -> None: ...
+
+class ArmAnalysis(_message.Message):
+    __slots__ = ("arm_id", "active", "observations", "mean", "low", "high", "p_best", "expected_loss", "reference_arm_id", "uplift_low", "uplift_high", "p_uplift", "p_min_uplift", "share")
+    ARM_ID_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_FIELD_NUMBER: _ClassVar[int]
+    OBSERVATIONS_FIELD_NUMBER: _ClassVar[int]
+    MEAN_FIELD_NUMBER: _ClassVar[int]
+    LOW_FIELD_NUMBER: _ClassVar[int]
+    HIGH_FIELD_NUMBER: _ClassVar[int]
+    P_BEST_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_LOSS_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_ARM_ID_FIELD_NUMBER: _ClassVar[int]
+    UPLIFT_LOW_FIELD_NUMBER: _ClassVar[int]
+    UPLIFT_HIGH_FIELD_NUMBER: _ClassVar[int]
+    P_UPLIFT_FIELD_NUMBER: _ClassVar[int]
+    P_MIN_UPLIFT_FIELD_NUMBER: _ClassVar[int]
+    SHARE_FIELD_NUMBER: _ClassVar[int]
+    arm_id: str
+    active: bool
+    observations: int
+    mean: float
+    low: float
+    high: float
+    p_best: float
+    expected_loss: float
+    reference_arm_id: str
+    uplift_low: float
+    uplift_high: float
+    p_uplift: float
+    p_min_uplift: float
+    share: float
+    def __init__(self, arm_id: _Optional[str] = ..., active: _Optional[bool] = ..., observations: _Optional[int] = ..., mean: _Optional[float] = ..., low: _Optional[float] = ..., high: _Optional[float] = ..., p_best: _Optional[float] = ..., expected_loss: _Optional[float] = ..., reference_arm_id: _Optional[str] = ..., uplift_low: _Optional[float] = ..., uplift_high: _Optional[float] = ..., p_uplift: _Optional[float] = ..., p_min_uplift: _Optional[float] = ..., share: _Optional[float] = ...) -> None: ...
+
+class Analysis(_message.Message):
+    __slots__ = ("experiment_id", "arms", "verdict", "reason", "stop", "best_arm_id", "control_arm_id", "criteria", "days_running", "min_observations", "control_decisions", "bandit_decisions", "control_mean", "bandit_mean", "bandit_uplift_mean", "bandit_uplift_low", "bandit_uplift_high", "decisions_scanned")
+    EXPERIMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    ARMS_FIELD_NUMBER: _ClassVar[int]
+    VERDICT_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    STOP_FIELD_NUMBER: _ClassVar[int]
+    BEST_ARM_ID_FIELD_NUMBER: _ClassVar[int]
+    CONTROL_ARM_ID_FIELD_NUMBER: _ClassVar[int]
+    CRITERIA_FIELD_NUMBER: _ClassVar[int]
+    DAYS_RUNNING_FIELD_NUMBER: _ClassVar[int]
+    MIN_OBSERVATIONS_FIELD_NUMBER: _ClassVar[int]
+    CONTROL_DECISIONS_FIELD_NUMBER: _ClassVar[int]
+    BANDIT_DECISIONS_FIELD_NUMBER: _ClassVar[int]
+    CONTROL_MEAN_FIELD_NUMBER: _ClassVar[int]
+    BANDIT_MEAN_FIELD_NUMBER: _ClassVar[int]
+    BANDIT_UPLIFT_MEAN_FIELD_NUMBER: _ClassVar[int]
+    BANDIT_UPLIFT_LOW_FIELD_NUMBER: _ClassVar[int]
+    BANDIT_UPLIFT_HIGH_FIELD_NUMBER: _ClassVar[int]
+    DECISIONS_SCANNED_FIELD_NUMBER: _ClassVar[int]
+    experiment_id: str
+    arms: _containers.RepeatedCompositeFieldContainer[ArmAnalysis]
+    verdict: str
+    reason: str
+    stop: bool
+    best_arm_id: str
+    control_arm_id: str
+    criteria: StopCriteria
+    days_running: float
+    min_observations: int
+    control_decisions: int
+    bandit_decisions: int
+    control_mean: float
+    bandit_mean: float
+    bandit_uplift_mean: float
+    bandit_uplift_low: float
+    bandit_uplift_high: float
+    decisions_scanned: int
+    def __init__(self, experiment_id: _Optional[str] = ..., arms: _Optional[_Iterable[_Union[ArmAnalysis, _Mapping]]] = ..., verdict: _Optional[str] = ..., reason: _Optional[str] = ..., stop: _Optional[bool] = ..., best_arm_id: _Optional[str] = ..., control_arm_id: _Optional[str] = ..., criteria: _Optional[_Union[StopCriteria, _Mapping]] = ..., days_running: _Optional[float] = ..., min_observations: _Optional[int] = ..., control_decisions: _Optional[int] = ..., bandit_decisions: _Optional[int] = ..., control_mean: _Optional[float] = ..., bandit_mean: _Optional[float] = ..., bandit_uplift_mean: _Optional[float] = ..., bandit_uplift_low: _Optional[float] = ..., bandit_uplift_high: _Optional[float] = ..., decisions_scanned: _Optional[int] = ...) -> None: ...
+
+class GetAuditLogRequest(_message.Message):
+    __slots__ = ("experiment_id", "limit")
+    EXPERIMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    experiment_id: str
+    limit: int
+    def __init__(self, experiment_id: _Optional[str] = ..., limit: _Optional[int] = ...) -> None: ...
+
+class AuditEntry(_message.Message):
+    __slots__ = ("ts_unix_ms", "experiment_id", "action", "actor", "details")
+    TS_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    EXPERIMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    ACTOR_FIELD_NUMBER: _ClassVar[int]
+    DETAILS_FIELD_NUMBER: _ClassVar[int]
+    ts_unix_ms: int
+    experiment_id: str
+    action: str
+    actor: str
+    details: str
+    def __init__(self, ts_unix_ms: _Optional[int] = ..., experiment_id: _Optional[str] = ..., action: _Optional[str] = ..., actor: _Optional[str] = ..., details: _Optional[str] = ...) -> None: ...
+
+class AuditLog(_message.Message):
+    __slots__ = ("entries",)
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    entries: _containers.RepeatedCompositeFieldContainer[AuditEntry]
+    def __init__(self, entries: _Optional[_Iterable[_Union[AuditEntry, _Mapping]]] = ...) -> None: ...

@@ -90,6 +90,16 @@ class BanditdStub:
                 request_serializer=banditd_dot_v1_dot_banditd__pb2.GetModelRequest.SerializeToString,
                 response_deserializer=banditd_dot_v1_dot_banditd__pb2.ModelReport.FromString,
                 _registered_method=True)
+        self.Analyse = channel.unary_unary(
+                '/banditd.v1.Banditd/Analyse',
+                request_serializer=banditd_dot_v1_dot_banditd__pb2.AnalyseRequest.SerializeToString,
+                response_deserializer=banditd_dot_v1_dot_banditd__pb2.Analysis.FromString,
+                _registered_method=True)
+        self.GetAuditLog = channel.unary_unary(
+                '/banditd.v1.Banditd/GetAuditLog',
+                request_serializer=banditd_dot_v1_dot_banditd__pb2.GetAuditLogRequest.SerializeToString,
+                response_deserializer=banditd_dot_v1_dot_banditd__pb2.AuditLog.FromString,
+                _registered_method=True)
 
 
 class BanditdServicer:
@@ -167,6 +177,20 @@ class BanditdServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Analyse(self, request, context):
+        """Winner analysis from the posterior and the ship / iterate / kill verdict of the stop rule.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetAuditLog(self, request, context):
+        """Every change to experiments (create, update, pause, resume, settings, guardrail actions).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BanditdServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -224,6 +248,16 @@ def add_BanditdServicer_to_server(servicer, server):
                     servicer.GetModel,
                     request_deserializer=banditd_dot_v1_dot_banditd__pb2.GetModelRequest.FromString,
                     response_serializer=banditd_dot_v1_dot_banditd__pb2.ModelReport.SerializeToString,
+            ),
+            'Analyse': grpc.unary_unary_rpc_method_handler(
+                    servicer.Analyse,
+                    request_deserializer=banditd_dot_v1_dot_banditd__pb2.AnalyseRequest.FromString,
+                    response_serializer=banditd_dot_v1_dot_banditd__pb2.Analysis.SerializeToString,
+            ),
+            'GetAuditLog': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetAuditLog,
+                    request_deserializer=banditd_dot_v1_dot_banditd__pb2.GetAuditLogRequest.FromString,
+                    response_serializer=banditd_dot_v1_dot_banditd__pb2.AuditLog.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -523,6 +557,60 @@ class Banditd:
             '/banditd.v1.Banditd/GetModel',
             banditd_dot_v1_dot_banditd__pb2.GetModelRequest.SerializeToString,
             banditd_dot_v1_dot_banditd__pb2.ModelReport.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Analyse(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/banditd.v1.Banditd/Analyse',
+            banditd_dot_v1_dot_banditd__pb2.AnalyseRequest.SerializeToString,
+            banditd_dot_v1_dot_banditd__pb2.Analysis.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetAuditLog(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/banditd.v1.Banditd/GetAuditLog',
+            banditd_dot_v1_dot_banditd__pb2.GetAuditLogRequest.SerializeToString,
+            banditd_dot_v1_dot_banditd__pb2.AuditLog.FromString,
             options,
             channel_credentials,
             insecure,

@@ -10,7 +10,7 @@ PORT ?= 50051
 DATA_DIR ?= ./data/banditd
 HTTP_PORT ?= 8080
 
-.PHONY: install serve test test-rust test-python lint fmt proto demo bench bench-server loadtest simulate clean
+.PHONY: install serve test test-rust test-python lint fmt proto demo demo-dashboard bench bench-server bench-observability loadtest simulate clean
 
 install: $(CORE)
 
@@ -63,6 +63,14 @@ bench: install
 # Precise closed/open-loop load generator vs a numpy reference server and a no-op baseline.
 bench-server: install
 	$(BIN)/python loadtest/bench_server.py
+
+# Server CPU per decision with and without the metrics interceptor and history snapshots.
+bench-observability: install
+	cd loadtest && ../$(BIN)/python bench_observability.py
+
+# A demo experiment and screenshots of its dashboard (needs Debian's chromium) in docs/img.
+demo-dashboard: install
+	$(BIN)/python loadtest/demo_dashboard.py --out docs/img
 
 # Locust, headless, against a server it starts itself (HOST=... to point it elsewhere).
 LOADTEST_ARGS ?=

@@ -14,7 +14,9 @@ The stop rule (criteria per experiment, `banditd.settings.Criteria`):
   starves clear losers by design, and waiting for them would hold every verdict back;
   losers with little data have wide intervals, so they never make a kill verdict early;
 * ship when the best arm (highest P(best)) beats its reference (the control arm, else the
-  runner-up) by at least `min_uplift` with probability >= `confidence`;
+  runner-up) by at least `min_uplift` with probability >= `confidence`, and it is the best:
+  P(best) >= `confidence`, or its expected loss is at most (1 - confidence) x min_uplift x
+  its mean (two equally good challengers never separate, but their expected loss shrinks);
 * kill when with that confidence no arm reaches `min_uplift` over its reference (the control
   arm holds, or the arms are practically equal), or when `max_days` passed without a winner;
 * iterate otherwise.
@@ -34,8 +36,13 @@ if TYPE_CHECKING:
 
 DEFAULT_DRAWS = 20_000
 MAX_DRAWS = 1_000_000
-# Newest decisions read for the bandit-versus-control comparison.
-COMPARISON_DECISIONS = 200_000
+# Default draws shrink for large experiments so one analysis stays within this many
+# arm-draws (16 MB of draws, well under a second), never below 100 draws.
+DEFAULT_CELLS = 2_000_000
+# Newest decisions read for the bandit-versus-control comparison, and the most decision
+# records (of every experiment) looked at to find them.
+COMPARISON_DECISIONS = 100_000
+COMPARISON_SCAN = 1_000_000
 DAY_S = 86_400.0
 
 
@@ -45,14 +52,14 @@ def _nan_to_none(x: float) -> float | None:
 
 def analyse(engine: Engine, experiment_id: str, draws: int = 0) -> dict[str, Any]:
     """The analysis of one experiment (keys are the fields of the Analysis message)."""
-    draws = draws or DEFAULT_DRAWS
-    if not 100 <= draws <= MAX_DRAWS:
+    if draws and not 100 <= draws <= MAX_DRAWS:
         raise InvalidArgument(f"draws must be between 100 and {MAX_DRAWS}, got {draws}")
     rt = engine.runtime(experiment_id)
     if rt is None:
         engine.get_experiment(experiment_id)  # raises NOT_FOUND
         raise AssertionError("unreachable")
     spec = rt.spec
+    draws = draws or max(100, min(DEFAULT_DRAWS, DEFAULT_CELLS // max(1, len(spec.active_indices))))
     cfg = spec.config
     crit = cfg.criteria
     stats = engine.arm_stats(experiment_id)
@@ -133,11 +140,24 @@ def decide_verdict(
             )
         return "iterate", "keep running: needs " + " and ".join(needs)
     p_ship = best["p_min_uplift"]
-    if best["reference_arm_id"] and p_ship >= conf:
+    # Beating the reference is not enough with several challengers: the best must also be the
+    # best (P(best) >= confidence), or so close to it that choosing it costs less than a
+    # (1 - confidence) share of the minimum uplift in expectation (two equally good
+    # challengers never separate; their expected loss shrinks as data come).
+    caring = (1.0 - conf) * crit.min_uplift * abs(best["mean"])
+    settled = best["p_best"] >= conf or best["expected_loss"] <= caring
+    if best["reference_arm_id"] and p_ship >= conf and settled:
         return "ship", (
             f"arm {best['arm_id']!r} beats {best['reference_arm_id']!r} by at least {uplift} with probability "
             f"{p_ship:.3f} >= {conf:g} (uplift {100 * best['uplift_low']:+.1f}% to {100 * best['uplift_high']:+.1f}%, "
-            f"P(best) {best['p_best']:.3f})"
+            f"P(best) {best['p_best']:.3f}, expected loss {best['expected_loss']:.3g})"
+        )
+    if best["reference_arm_id"] and p_ship >= conf:
+        runner = max((a for a in active if a is not best), key=lambda a: a["p_best"])
+        return "iterate", (
+            f"arm {best['arm_id']!r} beats {best['reference_arm_id']!r} by at least {uplift} with probability "
+            f"{p_ship:.3f}, but it is not yet the clear best: P(best) {best['p_best']:.3f} < {conf:g} "
+            f"({runner['arm_id']!r} {runner['p_best']:.3f}), expected loss {best['expected_loss']:.3g} > {caring:.3g}"
         )
     challengers = [a for a in active if a["reference_arm_id"]]
     if challengers and all(a["p_min_uplift"] <= 1.0 - conf for a in challengers):
@@ -162,7 +182,7 @@ def decide_verdict(
 def bandit_vs_control(engine: Engine, rt: Any) -> dict[str, Any]:
     """Mean reward per decision of the random control share and of the policy's decisions,
     and the relative uplift of the policy with a 95% delta-method interval."""
-    recs, values = engine.observed(rt, COMPARISON_DECISIONS)
+    recs, values = engine.observed(rt, COMPARISON_DECISIONS, COMPARISON_SCAN)
     groups: dict[str, list[float]] = {"control": [], "bandit": []}
     for r, v in zip(recs, values, strict=True):
         if r.source == "control":

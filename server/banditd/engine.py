@@ -372,10 +372,13 @@ class Engine:
         ]
         return self._values(rt, recs)
 
-    def observed(self, rt: ExperimentRuntime, limit: int) -> tuple[list[DecisionRecord], list[float]]:
-        """The experiment's newest logged decisions that are observations now, newest first,
-        with the value each is worth under the outcome rule (first arm of a slate)."""
-        return self._values(rt, self.store.recent_decisions(rt.spec.id, limit, 20 * limit))
+    def observed(
+        self, rt: ExperimentRuntime, limit: int, scan: int
+    ) -> tuple[list[DecisionRecord], list[float]]:
+        """The experiment's newest logged decisions (at most `limit`, among the newest `scan`
+        of all experiments) that are observations now, newest first, with the value each is
+        worth under the outcome rule (first arm of a slate)."""
+        return self._values(rt, self.store.recent_decisions(rt.spec.id, limit, scan))
 
     def _values(self, rt: ExperimentRuntime, recs: list[DecisionRecord]) -> tuple[list[DecisionRecord], list[float]]:
         rule = rt.rule

@@ -25,7 +25,7 @@ from banditd.store import SchemaError, Store
 
 COLUMNS = (
     "decision_id", "experiment", "unit", "time_ms", "model_version", "position", "k",
-    "action", "propensity", "reward", "reward_events", "settled", "context",
+    "action", "propensity", "reward", "reward_events", "settled", "context", "source",
 )
 
 
@@ -44,6 +44,9 @@ class LoggedRow:
     reward_events: int
     settled: bool
     context: dict[str, str] | None
+    # Who chose: "policy", or "control" (the random control share), "floor", "burn_in",
+    # "fallback" (see the decision record).
+    source: str = "policy"
 
 
 class LogReader:
@@ -96,6 +99,7 @@ class LogReader:
                 yield LoggedRow(
                     rec.decision_id, experiment, rec.unit_id, rec.ts_ms, rec.model_version, pos, len(rec.arms),
                     arm, prop, value if value is not None else 0.0, out.events if out else 0, settled, rec.context,
+                    rec.source or "policy",
                 )
 
 

@@ -1,5 +1,5 @@
 """Guardrails: per-experiment rules on reward drop, arm concentration, Decide error rate and
-Decide latency, evaluated every second; a breach raises an alarm and takes the configured
+Decide latency, evaluated every 0.5 s; a breach raises an alarm and takes the configured
 action (alert only, pause, or fall back to a named arm), recorded in the audit log.
 
 What each metric reads:
@@ -47,7 +47,7 @@ LATENCY_BOUNDS = (
     0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
 )  # fmt: skip
 KEEP_SECONDS = 3600  # one-second buckets kept per experiment
-EVALUATE_EVERY_S = 1.0
+EVALUATE_EVERY_S = 0.5
 Z_95 = 1.6449  # one-sided
 
 

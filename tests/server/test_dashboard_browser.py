@@ -203,3 +203,41 @@ def test_metrics_scrape_parses_and_counts(web) -> None:
     for family in families.values():
         for s in family.samples:
             assert not set(s.labels) & {"unit", "unit_id", "decision", "decision_id"}
+
+
+def _get(url: str, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+    req = urllib.request.Request(url, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read()
+
+
+def test_http_needs_a_read_key_when_keys_are_on(web) -> None:
+    import base64
+    import json
+
+    from test_auth import create_key
+
+    srv, base = web
+    admin = create_key(srv.data_dir, "admin")
+    scoped = create_key(srv.data_dir, "read", prefix="team-a/")
+    decide_only = create_key(srv.data_dir, "decide")
+    time.sleep(1.5)  # keys are re-read at most every second
+    c = Client(srv.target, api_key=admin)
+    c.create_experiment("team-a/x", ["a", "b"])
+    c.create_experiment("team-b/y", ["a", "b"])
+    assert _get(f"{base}/")[0] == 401
+    assert _get(f"{base}/metrics")[0] == 401
+    assert _get(f"{base}/", {"Authorization": f"Bearer {decide_only}"})[0] == 401
+    status, body = _get(f"{base}/", {"Authorization": f"Bearer {admin}"})
+    assert status == 200 and b"team-b/y" in body
+    basic = base64.b64encode(f"me:{scoped}".encode()).decode()
+    status, body = _get(f"{base}/", {"Authorization": f"Basic {basic}"})
+    assert status == 200 and b"team-a/x" in body and b"team-b/y" not in body
+    assert _get(f"{base}/experiments/{quote('team-b/y', safe='')}", {"Authorization": f"Basic {basic}"})[0] == 404
+    status, body = _get(f"{base}/api/experiments/{quote('team-a/x', safe='')}", {"Authorization": f"Bearer {scoped}"})
+    assert status == 200 and json.loads(body)["experiment"]["id"] == "team-a/x"
+    assert _get(f"{base}/static/style.css")[0] == 200  # the stylesheet is public
+    assert _get(f"{base}/static/..%2Fweb.py")[0] == 404

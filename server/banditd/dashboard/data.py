@@ -18,7 +18,7 @@ from banditd.guardrails import LATENCY_BOUNDS, quantile
 if TYPE_CHECKING:
     from banditd.engine import Engine
 
-ANALYSIS_DRAWS = 10_000
+ANALYSIS_DRAWS = 0  # the analysis' default: fewer for large experiments
 ANALYSIS_TTL_S = 5.0
 HISTORY_DAYS = 14
 PAGE_EVENTS = 200

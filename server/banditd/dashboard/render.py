@@ -287,7 +287,7 @@ def _verdict(verdict: object) -> str:
 
 
 LEADERBOARD_HEADERS = ["arm", "share", "observations", "pulls", "rewards", "mean", "interval", "", "P(best)",
-                       "expected loss", "uplift vs control"]
+                       "expected loss", "uplift vs reference"]
 
 
 def _leaderboard(arms: list[dict[str, Any]], colours: dict[str, str], exp: dict[str, Any],
@@ -324,7 +324,8 @@ def _leaderboard(arms: list[dict[str, Any]], colours: dict[str, str], exp: dict[
             + _td("uplift", uplift, attrs=uplift_attrs + NUM) + "</tr>")
     note = ('<p class="note">share: share of recent decisions · interval: posterior credible interval of the '
             "mean · P(best): posterior probability the arm is best · expected loss: expected shortfall versus "
-            "the best arm if this one is chosen · uplift: relative to the control arm.</p>")
+            "the best arm if this one is chosen · uplift: credible interval relative to the control arm, or "
+            "without one to the best other arm.</p>")
     return _section("Leaderboard", _table("leaderboard", LEADERBOARD_HEADERS, rows, "No arms.",
                                                tuple(LEADERBOARD_HEADERS[1:7] + LEADERBOARD_HEADERS[8:])) + note)
 

@@ -5,7 +5,9 @@ action (alert only, pause, or fall back to a named arm), recorded in the audit l
 What each metric reads:
 * reward_drop — the experiment's cumulative observations and reward sum (the durable arm
   statistics), sampled every evaluation: the reward rate of the observations made in the last
-  `window_s` against the rate of all observations before the window. It fires when the
+  `window_s` against the rate of all observations before the window (until the samples span
+  two windows — a new experiment, a restart, a resume — the newer half of their span is the
+  window). It fires when the
   relative drop exceeds the threshold AND is significant (one-sided z-test at 95%: a drop of
   5% in 100 noisy observations is not one). Both sides need `min_samples` observations. In
   DECISION outcome mode late rewards make a recent window look worse: give such experiments a
@@ -265,7 +267,12 @@ def _reward_drop(
 ) -> tuple[float | None, bool, str]:
     if len(samples) < 2:
         return None, False, "no samples yet"
-    start = now - g.window_s
+    # Until the samples span two windows (a new experiment, a restart, a resume), the recent
+    # part is the newer half of what they span: a drop in the first minutes is seen too.
+    window = min(g.window_s, (now - samples[0][0]) / 2)
+    if window < 2 * EVALUATE_EVERY_S:
+        return None, False, "no samples yet"
+    start = now - window
     # The newest sample at or before the window's start (else the oldest one).
     base = samples[0]
     for s in samples:
@@ -287,7 +294,7 @@ def _reward_drop(
     se = math.sqrt(v_recent / n_recent + v_before / n_before)
     z = (m_before - m_recent) / se if se > 0 else (math.inf if m_recent < m_before else 0.0)
     detail = (
-        f"reward rate {m_recent:.4g} over {n_recent:.0f} observations in the last {g.window_s:g} s vs "
+        f"reward rate {m_recent:.4g} over {n_recent:.0f} observations in the last {window:.3g} s vs "
         f"{m_before:.4g} over {n_before:.0f} before (drop {100 * drop:.1f}%, z = {z:.2f})"
     )
     return drop, drop > g.threshold and z > Z_95, detail

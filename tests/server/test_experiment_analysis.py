@@ -253,3 +253,24 @@ def test_analyse_large_and_degenerate_experiments(server) -> None:
         c.analyse("one")
     with pytest.raises(InvalidArgument):
         c.analyse("one", draws=5)
+
+
+def test_reward_drop_with_the_default_window_is_seen_in_a_new_experiment(server) -> None:
+    """Default rule (5%, 300 s window, 100 samples): a drop minutes before the window could
+    span is still caught, and a steady rate is not a breach."""
+    c = server.client()
+    c.create_experiment("fresh", ["a", "b"], settings={"guardrails": [{"metric": "reward_drop", "action": "pause"}]})
+    c.create_experiment("steady", ["a", "b"], settings={"guardrails": [{"metric": "reward_drop", "action": "pause"}]})
+    play(c, "fresh", {"a": 0.5, "b": 0.5}, 600, seed=8, prefix="good")
+    play(c, "steady", {"a": 0.3, "b": 0.3}, 600, seed=9, prefix="s1")
+    deadline = time.monotonic() + 20
+    n = 0
+    while time.monotonic() < deadline and c.get_experiment("fresh").state == "running":
+        try:
+            play(c, "fresh", {"a": 0.0, "b": 0.0}, 50, seed=n, prefix=f"bad{n}-")
+        except ExperimentPaused:
+            break
+        play(c, "steady", {"a": 0.3, "b": 0.3}, 50, seed=100 + n, prefix=f"s{n}-")
+        n += 1
+    assert c.get_experiment("fresh").state == "paused"
+    assert c.get_experiment("steady").state == "running"

@@ -11,7 +11,8 @@ For each server and each experiment size (10, 1,000, 10,000 arms, Thompson) it m
 The load comes from `--gen-procs` spawned processes sending pre-serialised DecideRequests
 over grpc.aio channels with the generated method path (no protobuf work, no convenience
 client). Steps during which other programs used more than `--max-noise` CPU cores are
-repeated. Then the ingest benchmark (loadtest/bench_ingest.py) runs, unless --no-ingest.
+repeated. Then the ingest benchmark (loadtest/bench_ingest.py) runs, unless --no-ingest, and
+DecideBulk and SDK-side assignment (loadtest/bench_bulk.py), unless --no-bulk.
 
     make bench-server                              # everything, ~10 minutes
     python loadtest/bench_server.py --quick        # shorter steps, coarser search
@@ -301,6 +302,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="niceness of the servers and the generator (default -5 as root: ahead of other programs)")
     ap.add_argument("--quick", action="store_true", help="2 s steps, 10%% precision, 2 s closed loop")
     ap.add_argument("--no-ingest", action="store_true", help="skip the ingest benchmark")
+    ap.add_argument("--no-bulk", action="store_true", help="skip DecideBulk and local assignment (bench_bulk.py)")
     ap.add_argument("--json", type=Path, default=None, help="also write results here (default under reports/)")
     args = ap.parse_args(argv)
     args.arms = [int(a) for a in args.arms.split(",")]
@@ -339,6 +341,10 @@ def main(argv: list[str] | None = None) -> int:
         import bench_ingest
 
         bench_ingest.main([])
+    if not args.no_bulk:
+        import bench_bulk
+
+        bench_bulk.main(["--units", "200000"] if args.quick else [])
     return 0
 
 

@@ -19,8 +19,11 @@ from banditd_client.errors import (
     Unauthenticated,
     Unavailable,
 )
+from banditd_client.local import AssignerStats, LocalAssigner
 from banditd_client.types import (
+    REJECTED_ARM,
     Alarm,
+    Allocation,
     Analysis,
     ArmAnalysis,
     ArmDiagnostics,
@@ -28,18 +31,30 @@ from banditd_client.types import (
     ArmModel,
     ArmStat,
     AuditEntry,
+    BulkBatch,
     ChosenArm,
     Coefficient,
     Decision,
     Diagnostics,
     ExperimentInfo,
+    ExposureItem,
     Feature,
+    LocalDecision,
     ModelReport,
+    RejectedUnit,
     RewardCounts,
 )
 
 __all__ = [
+    "REJECTED_ARM",
     "Alarm",
+    "Allocation",
+    "AssignerStats",
+    "BulkBatch",
+    "ExposureItem",
+    "LocalAssigner",
+    "LocalDecision",
+    "RejectedUnit",
     "Analysis",
     "ArmAnalysis",
     "AuditEntry",

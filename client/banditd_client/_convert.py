@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import numbers
+from array import array
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
+from banditd_client.errors import BanditdError
 from banditd_client.types import (
     Alarm,
+    Allocation,
     Analysis,
     ArmAnalysis,
     ArmDiagnostics,
@@ -16,13 +20,16 @@ from banditd_client.types import (
     ArmModel,
     ArmStat,
     AuditEntry,
+    BulkBatch,
     ChosenArm,
     Coefficient,
     Decision,
     Diagnostics,
     ExperimentInfo,
+    ExposureItem,
     Feature,
     ModelReport,
+    RejectedUnit,
     RewardCounts,
     RewardRejection,
 )
@@ -229,12 +236,15 @@ def context_features(context: Context | None) -> dict[str, pb.ContextValue]:
     return features
 
 
-def decide_request(experiment_id: str, unit_id: str, k: int | None, context: Context | None) -> pb.DecideRequest:
+def decide_request(
+    experiment_id: str, unit_id: str, k: int | None, context: Context | None, allocation_version: int = 0
+) -> pb.DecideRequest:
     return pb.DecideRequest(
         experiment_id=experiment_id,
         unit_id=unit_id,
         k=k or 0,
         features=context_features(context),
+        allocation_version=allocation_version,
     )
 
 
@@ -380,3 +390,184 @@ def model_report(resp: pb.ModelReport) -> ModelReport:
         ),
         **scalars,
     )
+
+
+# DecideBulk: units per DecideBulkRequest; the server refuses batches above MAX_BULK_BATCH.
+BULK_BATCH = 10_000
+MAX_BULK_BATCH = 100_000
+# Batches sent ahead of their answers: keeps the server busy without holding every unit.
+BULK_IN_FLIGHT = 8
+
+
+def check_bulk_args(k: int, batch_size: int, max_in_flight: int) -> None:
+    """Refuses bad arguments before the stream starts (where the caller's traceback is)."""
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be an int >= 1, got {k!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or not 1 <= batch_size <= MAX_BULK_BATCH:
+        raise ValueError(f"batch_size must be an int in [1, {MAX_BULK_BATCH}], got {batch_size!r}")
+    if isinstance(max_in_flight, bool) or not isinstance(max_in_flight, int) or max_in_flight < 1:
+        raise ValueError(f"max_in_flight must be an int >= 1, got {max_in_flight!r}")
+
+
+def bulk_requests(
+    experiment_id: str,
+    unit_ids: Iterable[str],
+    k: int,
+    contexts: Iterable[Context | None] | None,
+    batch_size: int,
+) -> Iterator[tuple[int, list[str], pb.DecideBulkRequest]]:
+    """(first index, units, request) per batch, pulling `batch_size` units at a time from
+    `unit_ids` (and `contexts`, one per unit: both must have the same length), so a stream of
+    any length holds one batch at a time here. Every request names the experiment."""
+    first = 0
+    if contexts is None:
+        ids = iter(unit_ids)
+        while units := list(itertools.islice(ids, batch_size)):
+            yield first, units, pb.DecideBulkRequest(experiment_id=experiment_id, unit_ids=units, k=k)
+            first += len(units)
+        return
+    pairs = zip(unit_ids, contexts, strict=True)
+    while chunk := list(itertools.islice(pairs, batch_size)):
+        units = [u for u, _ in chunk]
+        req = pb.DecideBulkRequest(
+            experiment_id=experiment_id,
+            unit_ids=units,
+            k=k,
+            contexts=[pb.BulkContext(features=context_features(c)) for _, c in chunk],
+        )
+        yield first, units, req
+        first += len(units)
+
+
+def bulk_batch(resp: pb.DecideBulkResponse, units: list[str]) -> BulkBatch:
+    """One answer, columnar: a few C-level copies per batch, no object per decision."""
+    k = resp.k or 1
+    arm_index = array("I", resp.arms)
+    if len(arm_index) != len(units) * k:
+        raise BanditdError(
+            f"DecideBulk answered {len(arm_index)} arms for {len(units)} units at k={k} "
+            f"(batch at index {resp.first_index})"
+        )
+    return BulkBatch(
+        first_index=resp.first_index,
+        unit_ids=units,
+        batch_id=resp.batch_id,
+        arm_ids=tuple(resp.arm_ids),
+        arm_index=arm_index,
+        propensities=array("d", resp.propensities),
+        k=k,
+        rejected=tuple(RejectedUnit(r.index, r.unit_id, r.code, r.reason) for r in resp.rejected),
+        model_version=resp.model_version,
+        explicit_ids=tuple(resp.decision_ids),
+    )
+
+
+class BulkStream:
+    """The units of the batches sent and not yet answered, by first index, between the request
+    side (grpc's sending thread, or task) and the response side; and the error that stopped
+    the request side, if any (raised to the caller once the batches already sent are in)."""
+
+    def __init__(self) -> None:
+        self._units: dict[int, list[str]] = {}
+        self.error: BaseException | None = None
+
+    def sent(self, first: int, units: list[str]) -> None:
+        self._units[first] = units
+
+    def answered(self, resp: pb.DecideBulkResponse) -> BulkBatch:
+        units = self._units.pop(resp.first_index, None)
+        if units is None:
+            raise BanditdError(
+                f"DecideBulk answered a batch at index {resp.first_index}, which no batch sent starts at"
+            )
+        return bulk_batch(resp, units)
+
+    @property
+    def pending(self) -> int:
+        return len(self._units)
+
+
+def allocation(msg: pb.Allocation) -> Allocation:
+    return Allocation(
+        experiment_id=msg.experiment_id,
+        version=msg.version,
+        arm_ids=tuple(msg.arm_ids),
+        probabilities=tuple(msg.probabilities),
+        salt=msg.salt,
+        issued_unix_ms=msg.issued_unix_ms,
+        ttl_seconds=msg.ttl_seconds,
+        max_age_seconds=msg.max_age_seconds,
+        sticky=msg.sticky,
+    )
+
+
+# An exposure: ExposureItem, a plain (decision_id, unit_id, arm_id, allocation_version[,
+# ts_unix_ms]) tuple, or a mapping with those keys ("arm" for arm_id works too).
+ExposureLike = ExposureItem | tuple[str, str, str, int] | tuple[str, str, str, int, int] | Mapping[str, Any]
+# Exposures per ExposureBatch by default; the server takes at most MAX_EXPOSURE_BATCH.
+EXPOSURE_BATCH = 1000
+MAX_EXPOSURE_BATCH = 10_000
+
+
+def exposure_batches(
+    experiment_id: str, exposures: Iterable[ExposureLike], batch_size: int = EXPOSURE_BATCH
+) -> Iterator[pb.ExposureBatch]:
+    """ExposureBatch messages of `batch_size` exposures, pulled lazily from `exposures`. The
+    arguments are checked here, at once; a bad item raises when the stream reaches it."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or not 1 <= batch_size <= MAX_EXPOSURE_BATCH:
+        raise ValueError(f"batch_size must be an int in [1, {MAX_EXPOSURE_BATCH}], got {batch_size!r}")
+    if not experiment_id:
+        raise ValueError("experiment_id is required")
+    return _exposure_batches(experiment_id, exposures, batch_size)
+
+
+def _exposure_batches(
+    experiment_id: str, exposures: Iterable[ExposureLike], batch_size: int
+) -> Iterator[pb.ExposureBatch]:
+    batch = pb.ExposureBatch(experiment_id=experiment_id)
+    add = batch.exposures.add
+    n = 0
+    for item in exposures:
+        if isinstance(item, Mapping):
+            add(
+                decision_id=item["decision_id"],
+                unit_id=item["unit_id"],
+                arm_id=item["arm_id"] if "arm_id" in item else item["arm"],
+                allocation_version=int(item["allocation_version"]),
+                ts_unix_ms=int(item.get("ts_unix_ms", 0)),
+            )
+        elif len(item) == 5:
+            decision_id, unit_id, arm_id, version, ts = item
+            add(decision_id=decision_id, unit_id=unit_id, arm_id=arm_id, allocation_version=version, ts_unix_ms=ts)
+        elif len(item) == 4:
+            decision_id, unit_id, arm_id, version = item  # type: ignore[misc]
+            add(decision_id=decision_id, unit_id=unit_id, arm_id=arm_id, allocation_version=version)
+        else:
+            raise ValueError(
+                "an exposure is (decision_id, unit_id, arm_id, allocation_version[, ts_unix_ms]), "
+                f"got {len(item)} values"
+            )
+        n += 1
+        if n == batch_size:
+            yield batch
+            batch = pb.ExposureBatch(experiment_id=experiment_id)
+            add = batch.exposures.add
+            n = 0
+    if n:
+        yield batch
+
+
+class Capture:
+    """Wraps a request iterator: an exception raised while producing requests (a bad item) is
+    kept and ends the stream instead of cancelling the call, so the caller can raise it
+    itself once the call returns (grpc would report it as a bare CANCELLED)."""
+
+    def __init__(self, requests: Iterator[Any]) -> None:
+        self._requests = requests
+        self.error: BaseException | None = None
+
+    def __iter__(self) -> Iterator[Any]:
+        try:
+            yield from self._requests
+        except Exception as exc:  # noqa: BLE001 - re-raised by the caller
+            self.error = exc

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterable, Awaitable, Callable, Iterable, Mapping, Sequence
+import asyncio
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import grpc
@@ -13,9 +14,11 @@ from banditd_client._channel import Pem, connect
 from banditd_client.client import DEFAULT_TIMEOUT, STREAM_TIMEOUT
 from banditd_client.errors import from_rpc_error
 from banditd_client.types import (
+    Allocation,
     Analysis,
     ArmStat,
     AuditEntry,
+    BulkBatch,
     Decision,
     Diagnostics,
     ExperimentInfo,
@@ -125,14 +128,18 @@ class AsyncClient:
         *,
         k: int | None = None,
         context: conv.Context | None = None,
+        allocation_version: int = 0,
         timeout: float | None = None,
     ) -> Decision:
         """`k` arms (a slate; default 1). `context`: {key: str | int | float}. Strings are
         categories, numbers (int, float, numpy scalars) are used as numbers; a bool is sent as
         the text "true" / "false" (a category, not 1 / 0). Another key or value type raises
         TypeError before anything is sent. Contextual experiments learn from it; the others
-        log it with the decision."""
-        req = conv.decide_request(experiment_id, unit_id, k, context)
+        log it with the decision.
+
+        `allocation_version` (an `Allocation.version`): the server assigns the unit from that
+        snapshot by the SDK's hash rule (one arm, no context), as `LocalAssigner` would."""
+        req = conv.decide_request(experiment_id, unit_id, k, context, allocation_version)
         return conv.decision(await self._call(self._stub.Decide, req, timeout))
 
     async def reward(
@@ -194,3 +201,81 @@ class AsyncClient:
         """Changes to the experiment (every experiment when empty), newest first."""
         req = pb.GetAuditLogRequest(experiment_id=experiment_id, limit=limit)
         return conv.audit_log(await self._call(self._stub.GetAuditLog, req, timeout))
+
+    def decide_bulk(
+        self,
+        experiment_id: str,
+        unit_ids: Iterable[str],
+        *,
+        k: int = 1,
+        contexts: Iterable[conv.Context | None] | None = None,
+        batch_size: int = conv.BULK_BATCH,
+        max_in_flight: int = conv.BULK_IN_FLIGHT,
+        timeout: float | None = None,
+    ) -> AsyncIterator[BulkBatch]:
+        """`async for batch in c.decide_bulk(exp, units): ...` — Client.decide_bulk's twin
+        (same arguments and semantics). To stop early and cancel the stream at once, close the
+        iterator (`contextlib.aclosing`)."""
+        conv.check_bulk_args(k, batch_size, max_in_flight)
+        return self._decide_bulk(experiment_id, unit_ids, k, contexts, batch_size, max_in_flight, timeout)
+
+    async def _decide_bulk(
+        self,
+        experiment_id: str,
+        unit_ids: Iterable[str],
+        k: int,
+        contexts: Iterable[conv.Context | None] | None,
+        batch_size: int,
+        max_in_flight: int,
+        timeout: float | None,
+    ) -> AsyncIterator[BulkBatch]:
+        stream = conv.BulkStream()
+        window = asyncio.Semaphore(max_in_flight)
+
+        async def requests() -> AsyncIterator[pb.DecideBulkRequest]:
+            try:
+                for first, units, req in conv.bulk_requests(experiment_id, unit_ids, k, contexts, batch_size):
+                    await window.acquire()
+                    stream.sent(first, units)
+                    yield req
+            except Exception as exc:  # noqa: BLE001 - raised to the caller after the answers
+                stream.error = exc
+
+        call = self._stub.DecideBulk(requests(), timeout=timeout or STREAM_TIMEOUT, metadata=self._metadata)
+        try:
+            async for resp in call:
+                window.release()
+                yield stream.answered(resp)
+        except grpc.RpcError as err:
+            if stream.error is not None:
+                raise stream.error from None
+            raise from_rpc_error(err) from None
+        finally:
+            call.cancel()
+        if stream.error is not None:
+            raise stream.error
+
+    async def get_allocation(self, experiment_id: str, *, timeout: float | None = None) -> Allocation:
+        """The experiment's current allocation snapshot (see Client.get_allocation)."""
+        req = pb.GetAllocationRequest(experiment_id=experiment_id)
+        return conv.allocation(await self._call(self._stub.GetAllocation, req, timeout))
+
+    async def log_exposures(
+        self,
+        experiment_id: str,
+        exposures: Iterable[conv.ExposureLike],
+        *,
+        batch_size: int = conv.EXPOSURE_BATCH,
+        timeout: float | None = None,
+    ) -> RewardCounts:
+        """Logs units assigned in the SDK from a snapshot (see Client.log_exposures)."""
+        requests = conv.Capture(conv.exposure_batches(experiment_id, exposures, batch_size))
+        try:
+            resp = await self._call(self._stub.LogExposures, iter(requests), timeout or STREAM_TIMEOUT)
+        except Exception:
+            if requests.error is not None:
+                raise requests.error from None
+            raise
+        if requests.error is not None:
+            raise requests.error
+        return conv.reward_counts(resp)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, TypeVar
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 
@@ -11,9 +12,11 @@ from banditd_client import _convert as conv
 from banditd_client._channel import Pem, connect
 from banditd_client.errors import from_rpc_error
 from banditd_client.types import (
+    Allocation,
     Analysis,
     ArmStat,
     AuditEntry,
+    BulkBatch,
     Decision,
     Diagnostics,
     ExperimentInfo,
@@ -22,6 +25,9 @@ from banditd_client.types import (
 )
 from banditd_client.v1 import banditd_pb2 as pb
 from banditd_client.v1 import banditd_pb2_grpc as pb_grpc
+
+if TYPE_CHECKING:
+    from banditd_client.local import LocalAssigner
 
 T = TypeVar("T")
 DEFAULT_TIMEOUT = 5.0
@@ -138,14 +144,18 @@ class Client:
         *,
         k: int | None = None,
         context: conv.Context | None = None,
+        allocation_version: int = 0,
         timeout: float | None = None,
     ) -> Decision:
         """`k` arms (a slate; default 1). `context`: {key: str | int | float}. Strings are
         categories, numbers (int, float, numpy scalars) are used as numbers; a bool is sent as
         the text "true" / "false" (a category, not 1 / 0). Another key or value type raises
         TypeError before anything is sent. Contextual experiments learn from it; the others
-        log it with the decision."""
-        req = conv.decide_request(experiment_id, unit_id, k, context)
+        log it with the decision.
+
+        `allocation_version` (an `Allocation.version`): the server assigns the unit from that
+        snapshot by the SDK's hash rule (one arm, no context), as `LocalAssigner` would."""
+        req = conv.decide_request(experiment_id, unit_id, k, context, allocation_version)
         return conv.decision(self._call(self._stub.Decide, req, timeout))
 
     def reward(
@@ -199,3 +209,113 @@ class Client:
         """Changes to the experiment (every experiment when empty), newest first."""
         req = pb.GetAuditLogRequest(experiment_id=experiment_id, limit=limit)
         return conv.audit_log(self._call(self._stub.GetAuditLog, req, timeout))
+
+    def decide_bulk(
+        self,
+        experiment_id: str,
+        unit_ids: Iterable[str],
+        *,
+        k: int = 1,
+        contexts: Iterable[conv.Context | None] | None = None,
+        batch_size: int = conv.BULK_BATCH,
+        max_in_flight: int = conv.BULK_IN_FLIGHT,
+        timeout: float | None = None,
+    ) -> Iterator[BulkBatch]:
+        """Decides for many units over one DecideBulk stream (campaign sends): yields one
+        `BulkBatch` per `batch_size` units, in order, each once its decisions are durable.
+
+        `unit_ids` (and `contexts`, one per unit when given) are pulled lazily, batch by
+        batch, and at most `max_in_flight` batches are sent ahead of their answers: a stream
+        of millions of units never holds them all. Every decision is logged and rewardable
+        like a single decide (`batch.decision_id(i)`). A rejected unit (bad unit id) is in
+        `batch.rejected` and the others are decided; a bad batch (unknown or paused
+        experiment) ends the stream with its error. `timeout` bounds the whole stream
+        (default 300 s). An error raised by the iterables (a bad context value) is raised
+        after the batches already sent are answered. Stopping the iteration early cancels the
+        stream (batches already decided stay logged)."""
+        conv.check_bulk_args(k, batch_size, max_in_flight)
+        return self._decide_bulk(experiment_id, unit_ids, k, contexts, batch_size, max_in_flight, timeout)
+
+    def _decide_bulk(
+        self,
+        experiment_id: str,
+        unit_ids: Iterable[str],
+        k: int,
+        contexts: Iterable[conv.Context | None] | None,
+        batch_size: int,
+        max_in_flight: int,
+        timeout: float | None,
+    ) -> Iterator[BulkBatch]:
+        stream = conv.BulkStream()
+        window = threading.Semaphore(max_in_flight)
+        done = threading.Event()
+
+        def requests() -> Iterator[pb.DecideBulkRequest]:
+            # Runs in grpc's sending thread: waits for a free slot, gives up once the caller stopped.
+            try:
+                for first, units, req in conv.bulk_requests(experiment_id, unit_ids, k, contexts, batch_size):
+                    while not window.acquire(timeout=0.2):
+                        if done.is_set():
+                            return
+                    if done.is_set():
+                        return
+                    stream.sent(first, units)
+                    yield req
+            except Exception as exc:  # noqa: BLE001 - raised to the caller after the answers
+                stream.error = exc
+
+        call = self._stub.DecideBulk(requests(), timeout=timeout or STREAM_TIMEOUT, metadata=self._metadata)
+        try:
+            for resp in call:
+                window.release()
+                yield stream.answered(resp)
+        except grpc.RpcError as err:
+            if stream.error is not None:
+                raise stream.error from None
+            raise from_rpc_error(err) from None
+        finally:
+            done.set()
+            call.cancel()
+        if stream.error is not None:
+            raise stream.error
+
+    def get_allocation(self, experiment_id: str, *, timeout: float | None = None) -> Allocation:
+        """The experiment's current allocation snapshot, for assignment in the SDK (see
+        `local_assigner`). FailedPrecondition for contextual experiments, ExperimentPaused
+        while paused."""
+        req = pb.GetAllocationRequest(experiment_id=experiment_id)
+        return conv.allocation(self._call(self._stub.GetAllocation, req, timeout))
+
+    def log_exposures(
+        self,
+        experiment_id: str,
+        exposures: Iterable[conv.ExposureLike],
+        *,
+        batch_size: int = conv.EXPOSURE_BATCH,
+        timeout: float | None = None,
+    ) -> RewardCounts:
+        """Logs units assigned in the SDK from a snapshot: (decision_id, unit_id, arm_id,
+        allocation_version[, ts_unix_ms]) items (`ExposureItem`), streamed in batches of
+        `batch_size` (at most 10,000). The decision id is the idempotency key: a resent
+        exposure counts as a duplicate. Returns accepted / duplicate / rejected with the
+        first rejections. An error raised by `exposures` is raised after the batches already
+        sent are counted."""
+        requests = conv.Capture(conv.exposure_batches(experiment_id, exposures, batch_size))
+        try:
+            resp = self._call(self._stub.LogExposures, iter(requests), timeout or STREAM_TIMEOUT)
+        except Exception:
+            if requests.error is not None:
+                raise requests.error from None
+            raise
+        if requests.error is not None:
+            raise requests.error
+        return conv.reward_counts(resp)
+
+    def local_assigner(self, experiment_id: str, **kwargs: Any) -> LocalAssigner:
+        """A `LocalAssigner` for the experiment on this client (keyword arguments: ttl_seconds,
+        flush_every_s, flush_size): assignment in the SDK from an allocation snapshot, with no
+        RPC per unit. Sync client only. Close it (or use it as a context manager) before the
+        client."""
+        from banditd_client.local import LocalAssigner
+
+        return LocalAssigner(self, experiment_id, **kwargs)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from array import array
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 
 @dataclass(frozen=True, slots=True)
@@ -260,3 +261,123 @@ class AuditEntry:
     action: str  # create | update | pause | resume | settings | fallback | guardrail_*
     actor: str
     details: dict[str, Any]
+
+
+# Arm index of a unit DecideBulk refused (DecideBulkResponse.arms).
+REJECTED_ARM = 4294967295
+
+
+@dataclass(frozen=True, slots=True)
+class RejectedUnit:
+    """A unit of a DecideBulk batch that got no decision."""
+
+    index: int  # within the batch
+    unit_id: str
+    code: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class BulkBatch:
+    """The answer to one batch of `decide_bulk`, kept columnar (no object per decision).
+
+    Unit i of the batch (`unit_ids[i]`, stream index `first_index + i`) got the arms
+    `arm_ids[arm_index[i*k + j]]` for j < k with `propensities[i*k + j]`; a rejected unit has
+    arm index REJECTED_ARM (4294967295), propensity 0, and an entry in `rejected`. Its decision
+    id is `decision_id(i)`: `explicit_ids[i]` when the server sent per-unit ids (experiments
+    decided unit by unit), else `f"{batch_id}.{i}"`; reward it like any decision id."""
+
+    first_index: int
+    unit_ids: list[str]
+    batch_id: str
+    arm_ids: tuple[str, ...]
+    arm_index: array[int]
+    propensities: array[float]
+    k: int
+    rejected: tuple[RejectedUnit, ...]
+    model_version: int
+    explicit_ids: tuple[str, ...] = ()
+
+    def __len__(self) -> int:
+        return len(self.unit_ids)
+
+    def decision_id(self, i: int) -> str:
+        if self.explicit_ids:
+            return self.explicit_ids[i]
+        if not 0 <= i < len(self.unit_ids):
+            raise IndexError(f"unit index {i} outside the batch of {len(self.unit_ids)}")
+        return f"{self.batch_id}.{i}"
+
+    @property
+    def decision_ids(self) -> list[str]:
+        """Every unit's decision id, in order (built on demand)."""
+        if self.explicit_ids:
+            return list(self.explicit_ids)
+        prefix = self.batch_id + "."
+        return list(map(prefix.__add__, map(str, range(len(self.unit_ids)))))
+
+    def arm(self, i: int) -> str | None:
+        """Unit i's arm (the first of a slate); None for a rejected unit."""
+        j = self.arm_index[i * self.k]
+        return None if j == REJECTED_ARM else self.arm_ids[j]
+
+    def arms(self, i: int) -> tuple[str, ...]:
+        """Unit i's k arms, best slot first; () for a rejected unit."""
+        k = self.k
+        idx = self.arm_index[i * k : i * k + k]
+        if not idx or idx[0] == REJECTED_ARM:
+            return ()
+        table = self.arm_ids
+        return tuple(table[j] for j in idx)
+
+    def propensity(self, i: int) -> float:
+        """Propensity of unit i's first arm (0 for a rejected unit)."""
+        return self.propensities[i * self.k]
+
+    @property
+    def first_arms(self) -> list[str | None]:
+        """Every unit's (first) arm, in order; None for rejected units."""
+        table = self.arm_ids + (None,)  # REJECTED_ARM never indexes a real arm: map it to None
+        none = len(table) - 1
+        return [table[j if j < none else none] for j in self.arm_index[:: self.k]]
+
+
+@dataclass(frozen=True, slots=True)
+class Allocation:
+    """A versioned allocation snapshot (GetAllocation): assign units in the SDK with it."""
+
+    experiment_id: str
+    version: int
+    arm_ids: tuple[str, ...]
+    probabilities: tuple[float, ...]
+    salt: str
+    issued_unix_ms: int
+    ttl_seconds: float  # refresh after this
+    max_age_seconds: float  # never assign from it past this age
+    sticky: bool  # sticky experiments assign on the server only (use decide)
+
+
+class ExposureItem(NamedTuple):
+    """A unit assigned in the SDK from a snapshot, for `log_exposures` (a plain 5-tuple in the
+    same order works too; ts_unix_ms 0 = when the server receives it)."""
+
+    decision_id: str
+    unit_id: str
+    arm_id: str
+    allocation_version: int
+    ts_unix_ms: int = 0
+
+
+class LocalDecision(NamedTuple):
+    """An assignment by `LocalAssigner.assign`: from the allocation snapshot in the SDK
+    (source "snapshot", logged as an exposure) or, when no usable snapshot is at hand, from
+    a Decide call (source "rpc", allocation_version 0). Reward `decision_id` either way. A
+    NamedTuple: built by `tuple.__new__` in one call, ~2x cheaper than a frozen dataclass
+    on the hot path of local assignment."""
+
+    decision_id: str
+    unit_id: str
+    arm: str
+    propensity: float
+    allocation_version: int
+    source: str  # "snapshot" | "rpc"

@@ -125,6 +125,9 @@ struct PyBandit {
     arm_ints: Mutex<Vec<Option<Py<PyAny>>>>,
 }
 
+/// `choose_many`: decisions per call, and per hold of the state lock.
+const MAX_BULK: usize = 1_000_000;
+const BULK_CHUNK: usize = 512;
 /// Decisions over fewer arms than this keep the GIL (a few microseconds of work).
 const QUICK_ARMS: usize = 4_096;
 /// Reward batches smaller than this keep the GIL.
@@ -399,6 +402,53 @@ impl PyBandit {
         ))
     }
 
+    /// `n` independent decisions of k arms from the current posterior (a campaign batch):
+    /// the arm indices (u32 little endian, k per decision) and each one's inclusion
+    /// probability (f64 little endian). The GIL is released; the state lock is taken per
+    /// chunk of `BULK_CHUNK` decisions, so single decisions are served in between.
+    #[pyo3(signature = (n, k=1))]
+    fn choose_many<'py>(
+        &self,
+        py: Python<'py>,
+        n: usize,
+        k: usize,
+    ) -> PyResult<(Bound<'py, PyBytes>, Bound<'py, PyBytes>)> {
+        if n > MAX_BULK {
+            return Err(RsError::invalid(format!(
+                "at most {MAX_BULK} decisions per call, got {n}"
+            ))
+            .into());
+        }
+        let mut arms: Vec<u8> = Vec::with_capacity(n * k * 4);
+        let mut props: Vec<u8> = Vec::with_capacity(n * k * 8);
+        let mut done = 0;
+        while done < n {
+            let m = BULK_CHUNK.min(n - done);
+            let (a, p) = self.with(py, |state| {
+                let mut idx = Vec::with_capacity(m * k);
+                for _ in 0..m {
+                    idx.extend(
+                        state
+                            .bandit
+                            .choose(&mut state.rng, k)?
+                            .iter()
+                            .map(|c| c.arm),
+                    );
+                }
+                let all: Vec<usize> = (0..state.bandit.len()).collect();
+                let p = state.propensities(k, &all)?;
+                let probs: Vec<f64> = idx.iter().map(|&a| p[a]).collect();
+                Ok((idx, probs))
+            })?;
+            for (arm, prob) in a.iter().zip(&p) {
+                arms.extend_from_slice(&(*arm as u32).to_le_bytes());
+                props.extend_from_slice(&prob.to_le_bytes());
+            }
+            done += m;
+        }
+        Ok((PyBytes::new(py, &arms), PyBytes::new(py, &props)))
+    }
+
     /// Checks a batch without applying it.
     fn validate_rewards(&self, py: Python<'_>, arms: Vec<usize>, values: Vec<f64>) -> PyResult<()> {
         self.with(py, |s| s.bandit.validate_rewards(&arms, &values))
@@ -455,7 +505,7 @@ impl PyBandit {
     /// random control share, a traffic floor) whose logged propensity mixes them in.
     #[pyo3(signature = (arms, k=1))]
     fn propensities_of(&self, py: Python<'_>, arms: Vec<usize>, k: usize) -> PyResult<Vec<f64>> {
-        self.with(py, |state| {
+        self.with_quick(py, self.quick_choice(), |state| {
             let n = state.bandit.len();
             if let Some(&bad) = arms.iter().find(|&&a| a >= n) {
                 return Err(RsError::invalid(format!(
@@ -579,12 +629,12 @@ impl PyBandit {
 
     #[getter]
     fn version(&self, py: Python<'_>) -> PyResult<u64> {
-        self.with(py, |s| Ok(s.bandit.version))
+        self.with_quick(py, true, |s| Ok(s.bandit.version))
     }
 
     #[getter]
     fn n_arms(&self, py: Python<'_>) -> PyResult<usize> {
-        self.with(py, |s| Ok(s.bandit.len()))
+        self.with_quick(py, true, |s| Ok(s.bandit.len()))
     }
 
     /// Winner analysis by Monte Carlo from the posterior (see `analysis`): a dict of lists,

@@ -7,12 +7,13 @@ expiry:
 
 | scope    | RPCs                                                              |
 |----------|-------------------------------------------------------------------|
-| `decide` | Decide, Reward, RewardStream, RewardBatchStream                   |
+| `decide` | Decide, Reward, RewardStream, RewardBatchStream, DecideBulk, GetAllocation, LogExposures |
 | `read`   | GetExperiment, ListExperiments, GetArmStats, GetDiagnostics, GetModel, Analyse, GetAuditLog |
 | `admin`  | CreateExperiment, UpdateExperiment, and everything `read` and `decide` allow |
 
 A key with a prefix may only name experiments whose id starts with it (PERMISSION_DENIED
-otherwise; ListExperiments shows only those). Rewards name a decision, not an experiment, so
+otherwise; ListExperiments shows only those; every message of DecideBulk and LogExposures
+streams is checked). Rewards name a decision, not an experiment, so
 they are checked by scope only: a decision id (48 random bits after its timestamp) is known only
 to whoever got the decision, and looking its experiment up here would refuse rewards for
 decisions still waiting for their group commit.
@@ -36,7 +37,7 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,7 @@ import grpc
 from banditd.config import ServerConfig
 from banditd.store import ApiKeyRecord, Store
 from banditd_client.errors import ERROR_TRAILER
+from banditd_client.errors import PermissionDenied as PermissionDeniedError
 from banditd_client.v1 import banditd_pb2 as pb
 
 log = logging.getLogger("banditd.auth")
@@ -72,6 +74,9 @@ METHOD_SCOPES: dict[str, str] = {
     "Reward": "decide",
     "RewardStream": "decide",
     "RewardBatchStream": "decide",
+    "DecideBulk": "decide",
+    "GetAllocation": "decide",
+    "LogExposures": "decide",
 }
 # A Banditd RPC missing from the table (added later) needs admin until it is classified.
 DEFAULT_SCOPE = "admin"
@@ -307,10 +312,12 @@ def _denying_handler(handler: grpc.RpcMethodHandler, denied: Denied) -> grpc.Rpc
 def _prefix_handler(handler: grpc.RpcMethodHandler, method: str, principal: Principal) -> grpc.RpcMethodHandler:
     """Wraps a unary handler: after parsing, the request's experiment must carry the key's
     prefix; ListExperiments answers only those."""
-    if handler.request_streaming or handler.response_streaming or handler.unary_unary is None:
-        return handler  # reward streams: scope only (module doc)
-    inner = handler.unary_unary
     prefix = principal.prefix
+    if handler.request_streaming:
+        return _prefix_stream_handler(handler, principal)
+    if handler.response_streaming or handler.unary_unary is None:
+        return handler
+    inner = handler.unary_unary
 
     if method == "ListExperiments":
 
@@ -340,6 +347,44 @@ def _prefix_handler(handler: grpc.RpcMethodHandler, method: str, principal: Prin
         request_deserializer=handler.request_deserializer,
         response_serializer=handler.response_serializer,
     )
+
+
+def _prefix_stream_handler(handler: grpc.RpcMethodHandler, principal: Principal) -> grpc.RpcMethodHandler:
+    """Client streams whose messages name an experiment (DecideBulk, LogExposures): every
+    message is checked against the key's prefix. Reward streams name decisions only: scope
+    only (module doc)."""
+    prefix = principal.prefix
+
+    def checked(requests: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
+        for req in requests:
+            exp = getattr(req, "experiment_id", "")
+            if exp and not exp.startswith(prefix):
+                # Raised inside the handler's loop: its error mapping gives the status and trailer.
+                raise PermissionDeniedError(
+                    f"API key {principal.key_id} may only use experiments whose id starts with {prefix!r}, "
+                    f"not {exp!r}"
+                )
+            yield req
+
+    if handler.response_streaming:
+        inner_ss = handler.stream_stream
+
+        def stream_stream(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
+            return inner_ss(checked(requests, context), context)
+
+        return grpc.stream_stream_rpc_method_handler(
+            stream_stream, request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )  # fmt: skip
+    inner_su = handler.stream_unary
+
+    def stream_unary(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
+        return inner_su(checked(requests, context), context)
+
+    return grpc.stream_unary_rpc_method_handler(
+        stream_unary, request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )  # fmt: skip
 
 
 class AuthInterceptor(grpc.ServerInterceptor):

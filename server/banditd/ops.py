@@ -14,7 +14,7 @@ from typing import Any
 from banditd.errors import ExperimentAlreadyExists, ExperimentNotFound, FailedPrecondition
 from banditd.experiment import ExperimentSpec
 from banditd.outcomes import Delta, combine, on_event, on_maturity
-from banditd.store import DecisionRecord, EventRecord, FeatureDefinition, Outcome, WriteTxn
+from banditd.store import DecisionBatch, DecisionRecord, EventRecord, FeatureDefinition, Outcome, WriteTxn
 from banditd.writer import WriteOp
 
 # Stored weights are rescaled once the clock has run this many half-lives past their base
@@ -97,6 +97,18 @@ class Accounting:
             self._rescale()
         return clock
 
+    def observe_many(self, arm_id: str, count: int, value: float) -> None:
+        """`count` observations of `value` at once (a decision batch). Only without a
+        half-life and a model: the engine sends other experiments' batches decision by decision."""
+        assert self.discount >= 1.0 and not self.contextual
+        row = self.txn.arm(self.exp, arm_id)
+        row.n += count
+        row.sum += count * value
+        row.sumsq += count * value * value
+        row.observations += count
+        row.value_sum += count * value
+        self.txn.policy(self.exp).clock += count
+
     def swap(self, arm_id: str, delta: Delta, clock: float | None, x: bytes | None = None) -> None:
         """An observed decision's value changed by `delta` (count unchanged)."""
         w = self._weight(clock)
@@ -163,6 +175,23 @@ class PutExperiment(WriteOp):
         self.on_commit(result)
 
 
+def record_decision(batch: WriteTxn, acct: Accounting, r: DecisionRecord) -> None:
+    """Stores a decision and counts it: pulls, and in decision mode an observation now (or
+    once it matures)."""
+    rule = acct.spec.rule
+    batch.policy(r.experiment_id).decisions += 1
+    for arm in r.arms:
+        batch.arm(r.experiment_id, arm).pulls += 1
+    if rule.min_age_ms > 0:
+        batch.add_maturing(r.experiment_id, r.decision_id)
+    elif rule.mode == "decision":
+        x = acct.features(r)
+        clocks = tuple(acct.observe(arm, on_maturity(rule, None).sum, x=x) for arm in r.arms)
+        if acct.discount < 1.0:
+            r.clocks = clocks
+    batch.put_decision(r)
+
+
 class LogDecision(WriteOp):
     """Stores a decision (and a sticky assignment); in decision mode it is an observation
     from now on (or once it matures). The response never waits for it."""
@@ -182,28 +211,37 @@ class LogDecision(WriteOp):
         self.on_done = on_done
 
     def write(self, batch: WriteTxn) -> None:
-        r = self.record
-        rule = self.spec.rule
-        acct = Accounting(batch, self.spec)
-        batch.policy(r.experiment_id).decisions += 1
-        for arm in r.arms:
-            batch.arm(r.experiment_id, arm).pulls += 1
-        if rule.min_age_ms > 0:
-            batch.add_maturing(r.experiment_id, r.decision_id)
-        elif rule.mode == "decision":
-            x = acct.features(r)
-            clocks = tuple(acct.observe(arm, on_maturity(rule, None).sum, x=x) for arm in r.arms)
-            if acct.discount < 1.0:
-                r.clocks = clocks
-        batch.put_decision(r)
-        if self.sticky and r.unit_id:
-            batch.put_assignment(r.experiment_id, r.unit_id, r.arms)
+        record_decision(batch, Accounting(batch, self.spec), self.record)
+        if self.sticky and self.record.unit_id:
+            batch.put_assignment(self.record.experiment_id, self.record.unit_id, self.record.arms)
 
     def after_commit(self, result: None) -> None:
         self.on_done(self.record.decision_id)
 
     def failed(self, exc: BaseException) -> None:
         self.on_done(self.record.decision_id)
+
+
+class LogDecisionBatch(WriteOp):
+    """Stores a decision batch (one columnar record) and counts its decisions: pulls per
+    arm and, in decision mode, one observation each (experiments without maturation delay,
+    half-life or model: the engine decides the others one by one)."""
+
+    def __init__(self, batch: DecisionBatch, spec: ExperimentSpec, counts: dict[str, int]) -> None:
+        self.batch = batch
+        self.spec = spec
+        self.counts = counts
+
+    def write(self, txn: WriteTxn) -> None:
+        exp, rule = self.spec.id, self.spec.rule
+        txn.policy(exp).decisions += len(self.batch.units)
+        acct = Accounting(txn, self.spec)
+        value = on_maturity(rule, None).sum
+        for arm_id, count in self.counts.items():
+            txn.arm(exp, arm_id).pulls += count
+            if rule.mode == "decision":
+                acct.observe_many(arm_id, count, value)
+        txn.put_decision_batch(self.batch)
 
 
 @dataclass(slots=True)
@@ -357,3 +395,34 @@ class ThinHistory(WriteOp):
 
     def write(self, batch: WriteTxn) -> int:
         return batch.thin_history(self.now_ms, self.rules, self.limit)
+
+
+class LogExposures(WriteOp):
+    """Decisions the SDK made from an allocation snapshot: each stored and counted like a
+    Decide's, once per decision id (a repeated id is a duplicate)."""
+
+    def __init__(self, records: list[DecisionRecord], spec: ExperimentSpec) -> None:
+        self.records = records
+        self.spec = spec
+
+    def write(self, batch: WriteTxn) -> list[str]:
+        acct = Accounting(batch, self.spec)
+        out = []
+        for r in self.records:
+            if batch.has_decision(r.decision_id):
+                out.append(DUPLICATE)
+                continue
+            record_decision(batch, acct, r)
+            out.append(ACCEPTED)
+        return out
+
+
+class PutAllocation(WriteOp):
+    """Issues an allocation snapshot: stores it under the experiment's next version."""
+
+    def __init__(self, experiment_id: str, snapshot: dict[str, Any]) -> None:
+        self.experiment_id = experiment_id
+        self.snapshot = snapshot
+
+    def write(self, batch: WriteTxn) -> int:
+        return batch.put_allocation(self.experiment_id, self.snapshot)

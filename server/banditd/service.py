@@ -14,8 +14,10 @@ import grpc
 import orjson
 
 from banditd import _core
+from banditd.allocation import MAX_EXPOSURES_PER_BATCH, Allocations
 from banditd.analysis import analyse
 from banditd.auth import KeyRing, actor_of
+from banditd.bulk import BulkResult, decide_bulk
 from banditd.engine import Engine, RewardInput, RewardResult
 from banditd.errors import (
     BanditdError,
@@ -172,6 +174,8 @@ def spec_to_proto(spec: ExperimentSpec) -> pb.Experiment:
 def context_from_request(request: pb.DecideRequest) -> dict[str, ContextScalar] | None:
     """One context from the string map `context` (older clients) and the typed map `features`,
     checked here at the edge so that a refused call reaches neither the engine nor the log."""
+    if not request.context and not request.features:
+        return None  # the common case, without building a dict
     merged: dict[str, ContextScalar] = dict(request.context)
     for key, value in request.features.items():
         if key in merged:
@@ -287,9 +291,11 @@ def add_service(servicer: BanditdService, server: grpc.Server) -> None:
     for method in SERVICE.methods:
         request_cls = getattr(pb, method.input_type.name)
         response_cls = getattr(pb, method.output_type.name)
-        factory = (
-            grpc.stream_unary_rpc_method_handler if method.client_streaming else grpc.unary_unary_rpc_method_handler
-        )
+        factory = {
+            (False, False): grpc.unary_unary_rpc_method_handler,
+            (True, False): grpc.stream_unary_rpc_method_handler,
+            (True, True): grpc.stream_stream_rpc_method_handler,
+        }[(method.client_streaming, method.server_streaming)]
         handlers[method.name] = factory(
             getattr(servicer, method.name),
             request_deserializer=_tolerant(request_cls),
@@ -319,6 +325,27 @@ def audit_to_proto(entries: list[dict[str, Any]]) -> pb.AuditLog:
     )
 
 
+def _bulk_context(c: pb.BulkContext) -> dict[str, ContextScalar] | None:
+    ctx = context_from_request(pb.DecideRequest(features=c.features))
+    check_context(ctx)
+    return ctx
+
+
+def bulk_response(r: BulkResult, first: int) -> pb.DecideBulkResponse:
+    resp = pb.DecideBulkResponse(
+        batch_id=r.batch_id, decision_ids=r.decision_ids, arm_ids=r.arm_ids, k=r.k, first_index=first,
+        model_version=r.model_version,
+        rejected=[pb.RejectedUnit(index=i, unit_id=u, code=c, reason=m) for i, u, c, m in r.rejected],
+    )  # fmt: skip
+    resp.arms.extend(r.arms.tolist())
+    resp.propensities.extend(r.propensities.tolist())
+    return resp
+
+
+ALLOCATION_FIELDS = (
+    "experiment_id", "version", "arm_ids", "probabilities", "salt", "issued_unix_ms", "ttl_seconds",
+    "max_age_seconds", "sticky",
+)  # fmt: skip
 MAX_AUDIT_ENTRIES = 10_000
 SERVER_FAULTS = (Internal, Unavailable, ResourceExhausted, DeadlineExceeded)
 
@@ -331,6 +358,7 @@ class BanditdService(pb_grpc.BanditdServicer):
         self.engine = engine
         self.streams = StreamGuard(max_streams, stream_idle_s)
         self.keys = keys  # names the caller in the audit log
+        self.allocations = Allocations(engine)
 
     def _actor(self, context: grpc.ServicerContext) -> str:
         return actor_of(self.keys, context.invocation_metadata())
@@ -367,6 +395,70 @@ class BanditdService(pb_grpc.BanditdServicer):
     def Analyse(self, request: pb.AnalyseRequest, context: grpc.ServicerContext) -> pb.Analysis:
         return analysis_to_proto(analyse(self.engine, request.experiment_id, request.draws))
 
+    def DecideBulk(
+        self, request_iterator: Iterator[pb.DecideBulkRequest], context: grpc.ServicerContext
+    ) -> Iterator[pb.DecideBulkResponse]:
+        """Batches in, one answer per batch once its decisions are durable (see banditd.bulk).
+        A bad batch (unknown or paused experiment, too many units) ends the stream with its
+        status; a bad unit is refused in the answer and the others are decided."""
+        with self.streams.admit(context) as touch:
+            experiment_id = ""
+            first = 0
+            for req in request_iterator:
+                touch()
+                if isinstance(req, Undecodable):
+                    raise InvalidArgument(f"undecodable DecideBulkRequest message ({req.error})")
+                if req.experiment_id and experiment_id and req.experiment_id != experiment_id:
+                    raise InvalidArgument(
+                        f"one experiment per DecideBulk stream: {experiment_id!r} then {req.experiment_id!r}"
+                    )
+                experiment_id = req.experiment_id or experiment_id
+                if not experiment_id:
+                    raise InvalidArgument("the first DecideBulkRequest must name the experiment")
+                units = list(req.unit_ids)
+                contexts = None
+                if req.contexts:
+                    contexts = [_bulk_context(c) for c in req.contexts]
+                result = decide_bulk(self.engine, experiment_id, units, req.k, contexts, _timeout(context))
+                yield bulk_response(result, first)
+                first += len(units)
+
+    def GetAllocation(self, request: pb.GetAllocationRequest, context: grpc.ServicerContext) -> pb.Allocation:
+        snap = self.allocations.current(request.experiment_id, _timeout(context))
+        return pb.Allocation(**{f: snap[f] for f in ALLOCATION_FIELDS})
+
+    def LogExposures(
+        self, request_iterator: Iterator[pb.ExposureBatch], context: grpc.ServicerContext
+    ) -> pb.RewardStreamResponse:
+        """Per-exposure results as RewardStream reports them; each batch is committed durably."""
+        counts = {"accepted": 0, "duplicate": 0, "rejected": 0}
+        rejections: list[pb.RejectedReward] = []
+        index = 0
+        with self.streams.admit(context) as touch:
+            for batch in request_iterator:
+                touch()
+                if isinstance(batch, Undecodable):
+                    raise InvalidArgument(f"undecodable ExposureBatch message ({batch.error})")
+                items = list(batch.exposures)
+                if len(items) > MAX_EXPOSURES_PER_BATCH:
+                    raise InvalidArgument(
+                        f"an ExposureBatch holds at most {MAX_EXPOSURES_PER_BATCH} exposures, got {len(items)}"
+                    )
+                if not batch.experiment_id:
+                    raise InvalidArgument("ExposureBatch.experiment_id is required")
+                results = self.allocations.log_exposures(batch.experiment_id, items, _timeout(context))
+                for item, (status, reason) in zip(items, results, strict=True):
+                    if status in ("accepted", "duplicate"):
+                        counts[status] += 1
+                    else:
+                        counts["rejected"] += 1
+                        if len(rejections) < MAX_REPORTED_REJECTIONS:
+                            rejections.append(pb.RejectedReward(
+                                index=index, decision_id=item.decision_id[:128], code=status, reason=reason
+                            ))  # fmt: skip
+                    index += 1
+        return pb.RewardStreamResponse(rejections=rejections, **counts)
+
     def GetAuditLog(self, request: pb.GetAuditLogRequest, context: grpc.ServicerContext) -> pb.AuditLog:
         limit = request.limit or 100
         if limit > MAX_AUDIT_ENTRIES:
@@ -378,9 +470,14 @@ class BanditdService(pb_grpc.BanditdServicer):
     def Decide(self, request: pb.DecideRequest, context: grpc.ServicerContext) -> pb.DecideResponse:
         started = time.perf_counter()
         try:
-            result = self.engine.decide(
-                request.experiment_id, request.unit_id, request.k, context_from_request(request)
-            )
+            if request.allocation_version:
+                if request.k > 1 or request.context or request.features:
+                    raise InvalidArgument("allocation_version assigns one arm without a context; drop k and context")
+                result = self.allocations.decide(request.experiment_id, request.unit_id, request.allocation_version)
+            else:
+                result = self.engine.decide(
+                    request.experiment_id, request.unit_id, request.k, context_from_request(request)
+                )
         except Exception as exc:
             # Guardrails count server-side failures only (see banditd.guardrails).
             failed = isinstance(exc, SERVER_FAULTS) or not isinstance(exc, BanditdError | _core.CoreError)

@@ -11,7 +11,8 @@ One LMDB environment with named databases (keys join ids with NUL; ids never con
 | experiments | experiment               | ExperimentSpec as JSON                                  |
 | arms        | experiment\\0arm         | ArmRow, 8 little-endian doubles                         |
 | policy      | experiment               | PolicyState: decisions u64, clock f64, base f64         |
-| decisions   | decision id              | DecisionRecord as JSON                                  |
+| decisions   | decision id              | DecisionRecord as JSON, or a DecisionBatch (columnar,   |
+|             |                          | DecideBulk): decision "B.i" is unit i of batch B        |
 | outcomes    | decision id\\0arm        | Outcome: aggregate, events, observation clock (JSON)    |
 | maturing    | experiment\\0decision id | empty: decisions waiting for their min_age              |
 | events      | experiment\\0event key   | [decision id, arm, value, unix ms]: idempotency + log   |
@@ -24,6 +25,8 @@ One LMDB environment with named databases (keys join ids with NUL; ids never con
 | audit       | unix ms(16 hex)\\0experiment\\0seq(8 hex) | change record: action, actor, details (JSON) |
 | history_db  | experiment\\0unix ms(16 hex) | snapshot of every arm: share, observations, rewards,  |
 |             |                          | posterior mean and interval, P(best) (JSON)             |
+| allocations | experiment\\0version(16 hex) | allocation snapshot issued for SDK assignment: arms, |
+|             |                          | probabilities, salt, time (JSON)                        |
 
 Contextual experiments (`models`, `modellog`, added in schema 2 without a layout change of the
 other databases): a model is a function of its feature definition and the ordered update items
@@ -57,6 +60,7 @@ import logging
 import os
 import struct
 import threading
+from array import array
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -73,7 +77,7 @@ DEFAULT_MAP_SIZE = 1 << 30
 SEP = b"\x00"
 DATABASES = (
     "meta", "experiments", "arms", "policy", "decisions", "outcomes", "maturing", "events", "assignments",
-    "keys", "models", "modellog", "audit", "history_db",
+    "keys", "models", "modellog", "audit", "history_db", "allocations",
 )  # fmt: skip
 
 # meta keys: per-experiment counter of committed changes to arm statistics, and a counter of
@@ -86,6 +90,8 @@ KEYS_COUNTER = b"keys"
 # sequence number of its last model log entry.
 MODELS_COUNTER = b"models"
 MODEL_SEQ = b"modelseq\0"
+# meta key: per experiment, the last allocation snapshot version issued.
+ALLOCATION_SEQ = b"allocseq\0"
 SCHEMA_KEY = b"schema_version"
 # Characters of a decision id that encode its creation time.
 DECISION_TIME_CHARS = 11
@@ -100,10 +106,27 @@ def key(*parts: str) -> bytes:
     return "\x00".join(parts).encode()
 
 
+_RANDOM_IDS_PER_READ = 4096
+_random = threading.local()
+
+
+def _random_hex12() -> str:
+    """48 bits from the OS's CSPRNG (decision ids must not be guessable: auth.py), read
+    4,096 ids at a time per thread: one getrandom call per decision cost up to ~40 µs on a
+    VM, more than the rest of a Decide."""
+    buf: bytes | None = getattr(_random, "buf", None)
+    pos: int = getattr(_random, "pos", 0)
+    if buf is None or pos >= len(buf):
+        buf, pos = os.urandom(6 * _RANDOM_IDS_PER_READ), 0
+        _random.buf = buf
+    _random.pos = pos + 6
+    return buf[pos : pos + 6].hex()
+
+
 def new_decision_id(ms: int) -> str:
     """Time-ordered (ms, hex) then random: sorts by age, which keeps expiry and maturation
     scans to a prefix of the database."""
-    return f"{ms:011x}{os.urandom(6).hex()}"
+    return f"{ms:011x}{_random_hex12()}"
 
 
 def decision_time_prefix(ms: int) -> bytes:
@@ -213,6 +236,108 @@ class DecisionRecord:
             base64.b64decode(d["x"]) if d.get("x") else None,
             d.get("s", ""),
         )
+
+
+# A decision batch (DecideBulk): one columnar record for many decisions, told apart from a
+# JSON decision record by its first byte. Decision i of batch B is "B.i" (decimal).
+BATCH_MAGIC = b"\x00B1"
+BATCH_REJECTED = 0xFFFFFFFF
+_U32 = struct.Struct("<I")
+
+
+@dataclass(slots=True)
+class DecisionBatch:
+    """Columnar decisions of one experiment made at one time: header JSON (experiment, time,
+    model version, k, arm table, source, count), then u32 arm indexes (k per unit, REJECTED
+    for a refused unit), f64 propensities, u32 offsets of the unit ids (n + 1) and the unit
+    ids' UTF-8 bytes."""
+
+    batch_id: str
+    experiment_id: str
+    ts_ms: int
+    model_version: int
+    k: int
+    arm_ids: list[str]
+    arms: bytes  # u32 little endian, n * k
+    propensities: bytes  # f64 little endian, n * k
+    units: list[str]
+    source: str = ""
+
+    def encode(self) -> bytes:
+        header = orjson.dumps({"e": self.experiment_id, "t": self.ts_ms, "v": self.model_version, "k": self.k,
+                               "a": self.arm_ids, "s": self.source, "n": len(self.units)})  # fmt: skip
+        encoded = [u.encode() for u in self.units]
+        offsets = array("I", [0])
+        total = 0
+        for b in encoded:
+            total += len(b)
+            offsets.append(total)
+        return b"".join((BATCH_MAGIC, _U32.pack(len(header)), header, self.arms, self.propensities,
+                         offsets.tobytes(), *encoded))  # fmt: skip
+
+    @staticmethod
+    def is_batch(raw: bytes) -> bool:
+        return raw[:3] == BATCH_MAGIC
+
+
+def _batch_header(raw: bytes) -> tuple[dict[str, Any], int]:
+    (hlen,) = _U32.unpack_from(raw, 3)
+    return orjson.loads(raw[7 : 7 + hlen]), 7 + hlen
+
+
+def batch_item(decision_id: str, raw: bytes) -> DecisionRecord | None:
+    """Decision "B.i" of a batch record (None: no such index, or the unit was refused)."""
+    head, pos = _batch_header(raw)
+    try:
+        i = int(decision_id.rpartition(".")[2])
+    except ValueError:
+        return None
+    n, k = head["n"], head["k"]
+    if not 0 <= i < n:
+        return None
+    arms_at = pos + 4 * i * k
+    props_at = pos + 4 * n * k + 8 * i * k
+    idx = struct.unpack_from(f"<{k}I", raw, arms_at)
+    if idx[0] == BATCH_REJECTED:
+        return None
+    props = struct.unpack_from(f"<{k}d", raw, props_at)
+    off_at = pos + 12 * n * k
+    start, end = struct.unpack_from("<2I", raw, off_at + 4 * i)
+    units_at = off_at + 4 * (n + 1)
+    unit = raw[units_at + start : units_at + end].decode()
+    table = head["a"]
+    return DecisionRecord(decision_id, head["e"], tuple(table[a] for a in idx), props, unit, head["t"], head["v"],
+                          None, None, None, head["s"])  # fmt: skip
+
+
+def batch_items(batch_id: str, raw: bytes) -> Iterator[DecisionRecord]:
+    """Every decision of a batch record (refused units skipped), in order."""
+    head, pos = _batch_header(raw)
+    n, k, table = head["n"], head["k"], head["a"]
+    idx = array("I")
+    idx.frombytes(raw[pos : pos + 4 * n * k])
+    props = array("d")
+    props.frombytes(raw[pos + 4 * n * k : pos + 12 * n * k])
+    offsets = array("I")
+    off_at = pos + 12 * n * k
+    offsets.frombytes(raw[off_at : off_at + 4 * (n + 1)])
+    units = raw[off_at + 4 * (n + 1) :]
+    for i in range(n):
+        if idx[i * k] == BATCH_REJECTED:
+            continue
+        yield DecisionRecord(
+            f"{batch_id}.{i}", head["e"], tuple(table[a] for a in idx[i * k : i * k + k]),
+            tuple(props[i * k : i * k + k]), units[offsets[i] : offsets[i + 1]].decode(), head["t"], head["v"],
+            None, None, None, head["s"],
+        )  # fmt: skip
+
+
+def decode_records(key_: str, raw: bytes) -> Iterator[DecisionRecord]:
+    """The decision(s) a `decisions` record holds (a batch holds many)."""
+    if DecisionBatch.is_batch(raw):
+        yield from batch_items(key_, raw)
+    else:
+        yield DecisionRecord.decode(key_, raw)
 
 
 @dataclass(slots=True)
@@ -413,6 +538,7 @@ class Store:
     modellog: Any
     audit: Any
     history_db: Any
+    allocations: Any
 
     def __init__(self, path: str | os.PathLike[str], map_size: int = DEFAULT_MAP_SIZE, readonly: bool = False) -> None:
         self.path = Path(path)
@@ -583,16 +709,26 @@ class Store:
         return policy, arms, counter
 
     def decision(self, decision_id: str) -> DecisionRecord | None:
-        with self.reading() as txn:
-            raw = txn.get(decision_id.encode(), db=self.decisions)
-        return None if raw is None else DecisionRecord.decode(decision_id, bytes(raw))
+        return self.decisions_many([decision_id]).get(decision_id)
 
     def decisions_many(self, decision_ids: list[str]) -> dict[str, DecisionRecord]:
-        """One cursor for many decisions (a get each would release the GIL each time)."""
-        keys = sorted({d.encode() for d in decision_ids})
+        """One cursor for many decisions (a get each would release the GIL each time); ids
+        "B.i" are decision i of batch record B (each batch read once)."""
+        keys = sorted({k for d in decision_ids if (k := d.partition(".")[0].encode())})
         with self.reading() as txn:
-            found = {bytes(k): bytes(v) for k, v in txn.cursor(db=self.decisions).getmulti(keys)}
-        return {k.decode(): DecisionRecord.decode(k.decode(), v) for k, v in found.items()}
+            found = {bytes(k).decode(): bytes(v) for k, v in txn.cursor(db=self.decisions).getmulti(keys)}
+        out: dict[str, DecisionRecord] = {}
+        for d in decision_ids:
+            raw = found.get(d.partition(".")[0])
+            if raw is None:
+                continue
+            if DecisionBatch.is_batch(raw):
+                rec = batch_item(d, raw) if "." in d else None
+                if rec is not None:
+                    out[d] = rec
+            elif "." not in d:
+                out[d] = DecisionRecord.decode(d, raw)
+        return out
 
     def assignment(self, experiment_id: str, unit_id: str) -> tuple[str, ...] | None:
         with self.reading() as txn:
@@ -607,7 +743,7 @@ class Store:
             if not found:
                 return
             for k, v in cur:
-                yield DecisionRecord.decode(k.decode(), bytes(v))
+                yield from decode_records(k.decode(), bytes(v))
 
     def outcomes_of(self, experiment_id: str) -> dict[tuple[str, str], Outcome]:
         """(decision id, arm) -> aggregate, for the decisions of one experiment that have events."""
@@ -663,6 +799,13 @@ class Store:
                 ok = cur.prev()
         return out
 
+    def allocation(self, experiment_id: str, version: int) -> dict[str, Any] | None:
+        if self.allocations is None:
+            return None
+        with self.reading() as txn:
+            raw = txn.get(key(experiment_id, f"{version:016x}"), db=self.allocations)
+        return None if raw is None else orjson.loads(raw)
+
     def history(self, experiment_id: str, since_ms: int = 0, limit: int = 100_000) -> list[dict[str, Any]]:
         """Snapshots of the experiment from `since_ms` on, oldest first."""
         out: list[dict[str, Any]] = []
@@ -692,13 +835,14 @@ class Store:
             for _ in range(scan):
                 raw = cur.value()
                 if marker in raw:  # cheap filter before decoding
-                    rec = DecisionRecord.decode(cur.key().decode(), bytes(raw))
-                    if rec.experiment_id == experiment_id and (
-                        model_version is None or rec.model_version == model_version
-                    ):
-                        out.append(rec)
-                        if len(out) >= limit:
-                            break
+                    for rec in reversed(list(decode_records(cur.key().decode(), bytes(raw)))):
+                        if rec.experiment_id == experiment_id and (
+                            model_version is None or rec.model_version == model_version
+                        ):
+                            out.append(rec)
+                    if len(out) >= limit:
+                        del out[limit:]
+                        break
                 if not cur.prev():
                     break
         return out
@@ -900,8 +1044,20 @@ class WriteTxn:
         self.txn.put(rec.decision_id.encode(), rec.encode(), db=self.store.decisions)
 
     def decision(self, decision_id: str) -> DecisionRecord | None:
-        raw = self.txn.get(decision_id.encode(), db=self.store.decisions)
-        return None if raw is None else DecisionRecord.decode(decision_id, bytes(raw))
+        k = decision_id.partition(".")[0].encode()
+        raw = self.txn.get(k, db=self.store.decisions) if k else None
+        if raw is None:
+            return None
+        raw = bytes(raw)
+        if DecisionBatch.is_batch(raw):
+            return batch_item(decision_id, raw) if "." in decision_id else None
+        return DecisionRecord.decode(decision_id, raw) if "." not in decision_id else None
+
+    def put_decision_batch(self, batch: DecisionBatch) -> None:
+        self.txn.put(batch.batch_id.encode(), batch.encode(), db=self.store.decisions)
+
+    def has_decision(self, decision_id: str) -> bool:
+        return self.txn.get(decision_id.encode(), db=self.store.decisions) is not None
 
     def outcome(self, decision_id: str, arm_id: str) -> Outcome | None:
         raw = self.txn.get(key(decision_id, arm_id), db=self.store.outcomes)
@@ -939,6 +1095,16 @@ class WriteTxn:
             out.append(k[len(prefix) :].decode())
             cur.delete()
         return out
+
+    # Allocation snapshots.
+    def put_allocation(self, experiment_id: str, snapshot: dict[str, Any]) -> int:
+        """Stores a snapshot under the experiment's next version; returns the version."""
+        name = ALLOCATION_SEQ + experiment_id.encode()
+        version = int(self.txn.get(name, db=self.store.meta) or b"0") + 1
+        self.txn.put(name, str(version).encode(), db=self.store.meta)
+        self.txn.put(key(experiment_id, f"{version:016x}"), orjson.dumps({**snapshot, "version": version}),
+                     db=self.store.allocations)  # fmt: skip
+        return version
 
     # Audit log and history.
     def add_audit(self, entry: dict[str, Any]) -> None:

@@ -106,6 +106,7 @@ class Writer:
         self.max_batch = max_batch
         self.linger_s = linger_s
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=queue_limit)
+        self._urgent = threading.Event()
         self._thread = threading.Thread(target=self._run, name="banditd-writer", daemon=True)
         self._closed = False
         self.commits = 0
@@ -135,6 +136,8 @@ class Writer:
             raise ResourceExhausted(
                 f"write queue is full ({self._queue.maxsize} pending operations); retry with backoff"
             ) from None
+        if not op.deferrable:
+            self._urgent.set()  # ends a linger at once (see _run)
 
     def submit_and_wait(self, op: WriteOp, timeout: float | None = None) -> Any:
         op.future = Future()
@@ -151,6 +154,7 @@ class Writer:
             return
         self._closed = True
         self._queue.put(_STOP)
+        self._urgent.set()
         self._thread.join(timeout)
 
     @property
@@ -164,24 +168,21 @@ class Writer:
             if first is _STOP:
                 break
             ops = [first]
-            deferrable = first.deferrable
-            deadline = 0.0
+            if first.deferrable and self.linger_s > 0:
+                # Linger for more decision records without waking per record: the thread sleeps
+                # on `_urgent` (set by a non-deferrable op) rather than on the queue, whose every
+                # put would wake it and take the GIL from the handler threads.
+                self._urgent.wait(self.linger_s)
+            self._urgent.clear()
             while len(ops) < self.max_batch:
                 try:
                     op = self._queue.get_nowait()
                 except queue.Empty:
-                    if not (deferrable and self.linger_s > 0):
-                        break
-                    deadline = deadline or time.monotonic() + self.linger_s
-                    try:
-                        op = self._queue.get(timeout=max(deadline - time.monotonic(), 0.0))
-                    except queue.Empty:
-                        break
+                    break
                 if op is _STOP:
                     stop = True
                     break
                 ops.append(op)
-                deferrable = deferrable and op.deferrable
             try:
                 self._commit(ops)
             except BaseException as exc:  # noqa: BLE001 - the writer must survive and answer

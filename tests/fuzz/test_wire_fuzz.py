@@ -88,6 +88,7 @@ SERVICE = pb.DESCRIPTOR.services_by_name["Banditd"]
 PREFIX = f"/{SERVICE.full_name}/"
 METHODS = [m.name for m in SERVICE.methods]
 STREAMING = {m.name for m in SERVICE.methods if m.client_streaming}
+BIDI = {m.name for m in SERVICE.methods if m.client_streaming and m.server_streaming}
 REQUEST_TYPES: dict[str, type[Message]] = {m.name: getattr(pb, m.input_type.name) for m in SERVICE.methods}
 
 SC = grpc.StatusCode
@@ -639,6 +640,21 @@ def valid_request(method: str, rng: random.Random, w: World) -> bytes:
         ))
     if method == "GetModel":
         return ser(pb.GetModelRequest(experiment_id=target(rng, w)))
+    if method == "DecideBulk":
+        req = pb.DecideBulkRequest(experiment_id=target(rng, w), k=rng.choice((0, 1, 2)))
+        req.unit_ids.extend(f"b{rng.randrange(10**6)}" for _ in range(rng.choice((1, 5, 300))))
+        return ser(req)
+    if method == "GetAllocation":
+        return ser(pb.GetAllocationRequest(experiment_id=target(rng, w)))
+    if method == "LogExposures":
+        batch = pb.ExposureBatch(experiment_id=target(rng, w))
+        now = int(time.time() * 1000)
+        for _ in range(rng.randint(1, 5)):
+            batch.exposures.add(
+                decision_id=f"{now:011x}{rng.randrange(16**12):012x}", unit_id=f"x{rng.randrange(100)}",
+                arm_id=rng.choice(w.arms.get(batch.experiment_id) or ["a0"]), allocation_version=rng.choice((1, 2)),
+            )  # fmt: skip
+        return ser(batch)
     if method == "Analyse":
         return ser(pb.AnalyseRequest(experiment_id=target(rng, w), draws=rng.choice((0, 100, 1000))))
     if method == "GetAuditLog":
@@ -833,6 +849,25 @@ def hostile_request(method: str, rng: random.Random, w: World) -> bytes:
             else:
                 req.experiment_id = hostile_str(rng)
         return ser(req, *raw)
+    if method == "DecideBulk":
+        req = pb.DecideBulkRequest(experiment_id=rng.choice((target(rng, w), hostile_str(rng), "")))
+        units = (hostile_str(rng), "", "\x00", "u" * 300, "ok")
+        req.unit_ids.extend(rng.choice(units) for _ in range(rng.randint(0, 6)))
+        if rng.random() < 0.3:
+            req.contexts.add().features[hostile_str(rng)].number = hostile_float(rng)
+        raw = [f_varint(3, rng.choice(HOSTILE_INTS))] if rng.random() < 0.4 else []
+        return ser(req, *raw)
+    if method == "GetAllocation":
+        return ser(pb.GetAllocationRequest(experiment_id=rng.choice((target(rng, w), hostile_str(rng), ""))))
+    if method == "LogExposures":
+        batch = pb.ExposureBatch(experiment_id=rng.choice((target(rng, w), hostile_str(rng), "")))
+        for _ in range(rng.randint(0, 6)):
+            batch.exposures.add(
+                decision_id=rng.choice((hostile_str(rng), "0" * 23, "f" * 23, "1a2b", "")),
+                unit_id=rng.choice((hostile_str(rng), "", "u")), arm_id=hostile_str(rng),
+                allocation_version=rng.choice(HOSTILE_INTS), ts_unix_ms=rng.choice((0, -1, 2**62, 1)),
+            )  # fmt: skip
+        return ser(batch)
     if method == "Analyse":
         req = pb.AnalyseRequest(experiment_id=rng.choice((target(rng, w), hostile_str(rng))))
         return ser(req, f_varint(2, rng.choice(HOSTILE_INTS))) if rng.random() < 0.5 else ser(req)
@@ -1037,6 +1072,8 @@ def call(channel: grpc.Channel, case: Case) -> Outcome:
     try:
         if isinstance(case.payload, bytes):
             response = channel.unary_unary(path)(case.payload, timeout=CALL_DEADLINE_S)
+        elif case.method in BIDI:
+            response = b"".join(channel.stream_stream(path)(iter(case.payload), timeout=CALL_DEADLINE_S))
         else:
             response = channel.stream_unary(path)(iter(case.payload), timeout=CALL_DEADLINE_S)
         code, details = SC.OK, ""
@@ -1353,6 +1390,22 @@ def _judge(
                     extra=f"took {out.elapsed:.2f} s of its {CALL_DEADLINE_S:g} s deadline ({context})")
 
 
+def _bidi_future(channel: grpc.Channel, path: str, payload: list[bytes]) -> Any:
+    """A response-streaming call as a future of its joined responses."""
+    from concurrent.futures import Future
+
+    fut: Future[bytes] = Future()
+
+    def run() -> None:
+        try:
+            fut.set_result(b"".join(channel.stream_stream(path)(iter(payload), timeout=CALL_DEADLINE_S)))
+        except BaseException as exc:  # noqa: BLE001 - handed to the reader of the future
+            fut.set_exception(exc)
+
+    threading.Thread(target=run, daemon=True).start()
+    return fut
+
+
 def call_many(channel: grpc.Channel, cases: list[Case]) -> list[Outcome]:
     """The cases at once (futures on one channel), each with its own deadline."""
     started = time.monotonic()
@@ -1361,6 +1414,8 @@ def call_many(channel: grpc.Channel, cases: list[Case]) -> list[Outcome]:
         path = PREFIX + case.method
         if isinstance(case.payload, bytes):
             fut = channel.unary_unary(path).future(case.payload, timeout=CALL_DEADLINE_S)
+        elif case.method in BIDI:  # no future for a response stream: read it on a thread
+            fut = _bidi_future(channel, path, case.payload)
         else:
             fut = channel.stream_unary(path).future(iter(case.payload), timeout=CALL_DEADLINE_S)
         done: list[float] = []
@@ -1534,7 +1589,8 @@ def _after_run(srv: ServerProcess, world: World, before: dict[str, Any]) -> list
 def test_wire_fuzz(tmp_path: Path) -> None:
     print(f"\nwire fuzz: seed {FUZZ_SEED} (BANDITD_FUZZ_SEED), {FUZZ_SECONDS:g} s (BANDITD_FUZZ_SECONDS), "
           f"at most {FUZZ_MAX_CALLS} calls (BANDITD_FUZZ_MAX_CALLS)")
-    srv = ServerProcess(tmp_path / "data")
+    # Decision records within 5 ms: the state checks wait 50 ms for earlier decisions to land.
+    srv = ServerProcess(tmp_path / "data", ("--decision-linger-ms", "5"))
     srv.start()
     log = ServerLog(srv.log_path)
     problems: list[str] = []

@@ -87,6 +87,10 @@ def call(rpc: str, target: str, key: str | None, exp: str, decision: str) -> Non
             "GetDiagnostics": lambda: c.diagnostics(exp),
             "GetModel": lambda: _get_model(c, exp),
             "Analyse": lambda: c.analyse(exp),
+            "DecideBulk": lambda: list(c.decide_bulk(exp, ["u1", "u2"])),
+            "GetAllocation": lambda: c.get_allocation(exp),
+            # Version 1 was never issued: refused per item, the call itself succeeds.
+            "LogExposures": lambda: c.log_exposures(exp, [(f"{int(time.time() * 1000):011x}{'0' * 12}", "u", "a", 1)]),
             "GetAuditLog": lambda: c.audit_log(exp),
             "Decide": lambda: c.decide(exp, unit_id="u"),
             "Reward": lambda: c.reward(decision, 1.0, event_id=uuid.uuid4().hex),
@@ -236,6 +240,9 @@ def test_prefix_key_only_touches_its_experiments(authed: Authed) -> None:
             lambda: c.diagnostics("team-b/exp"),
             lambda: c.decide("team-a", unit_id="u"),  # a prefix of the prefix is outside too
             lambda: c.get_experiment("no-such-experiment"),  # outside: denied before "not found"
+            lambda: list(c.decide_bulk("team-b/exp", ["u1"])),  # stream messages are checked too
+            lambda: c.get_allocation("team-b/exp"),
+            lambda: c.log_exposures("team-b/exp", [(f"{int(time.time() * 1000):011x}{'0' * 12}", "u", "a", 1)]),
         ]
         for fn in outside:
             with pytest.raises(PermissionDenied, match="only use experiments whose id starts with 'team-a/'"):

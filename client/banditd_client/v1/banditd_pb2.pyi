@@ -252,7 +252,7 @@ class ContextValue(_message.Message):
     def __init__(self, number: _Optional[float] = ..., text: _Optional[str] = ...) -> None: ...
 
 class DecideRequest(_message.Message):
-    __slots__ = ("experiment_id", "unit_id", "k", "context", "features")
+    __slots__ = ("experiment_id", "unit_id", "k", "context", "features", "allocation_version")
     class ContextEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -272,12 +272,14 @@ class DecideRequest(_message.Message):
     K_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_FIELD_NUMBER: _ClassVar[int]
     FEATURES_FIELD_NUMBER: _ClassVar[int]
+    ALLOCATION_VERSION_FIELD_NUMBER: _ClassVar[int]
     experiment_id: str
     unit_id: str
     k: int
     context: _containers.ScalarMap[str, str]
     features: _containers.MessageMap[str, ContextValue]
-    def __init__(self, experiment_id: _Optional[str] = ..., unit_id: _Optional[str] = ..., k: _Optional[int] = ..., context: _Optional[_Mapping[str, str]] = ..., features: _Optional[_Mapping[str, ContextValue]] = ...) -> None: ...
+    allocation_version: int
+    def __init__(self, experiment_id: _Optional[str] = ..., unit_id: _Optional[str] = ..., k: _Optional[int] = ..., context: _Optional[_Mapping[str, str]] = ..., features: _Optional[_Mapping[str, ContextValue]] = ..., allocation_version: _Optional[int] = ...) -> None: ...
 
 class ChosenArm(_message.Message):
     __slots__ = ("arm_id", "score", "propensity")
@@ -690,3 +692,112 @@ class AuditLog(_message.Message):
     ENTRIES_FIELD_NUMBER: _ClassVar[int]
     entries: _containers.RepeatedCompositeFieldContainer[AuditEntry]
     def __init__(self, entries: _Optional[_Iterable[_Union[AuditEntry, _Mapping]]] = ...) -> None: ...
+
+class DecideBulkRequest(_message.Message):
+    __slots__ = ("experiment_id", "unit_ids", "k", "contexts")
+    EXPERIMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    UNIT_IDS_FIELD_NUMBER: _ClassVar[int]
+    K_FIELD_NUMBER: _ClassVar[int]
+    CONTEXTS_FIELD_NUMBER: _ClassVar[int]
+    experiment_id: str
+    unit_ids: _containers.RepeatedScalarFieldContainer[str]
+    k: int
+    contexts: _containers.RepeatedCompositeFieldContainer[BulkContext]
+    def __init__(self, experiment_id: _Optional[str] = ..., unit_ids: _Optional[_Iterable[str]] = ..., k: _Optional[int] = ..., contexts: _Optional[_Iterable[_Union[BulkContext, _Mapping]]] = ...) -> None: ...
+
+class BulkContext(_message.Message):
+    __slots__ = ("features",)
+    class FeaturesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: ContextValue
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[ContextValue, _Mapping]] = ...) -> None: ...
+    FEATURES_FIELD_NUMBER: _ClassVar[int]
+    features: _containers.MessageMap[str, ContextValue]
+    def __init__(self, features: _Optional[_Mapping[str, ContextValue]] = ...) -> None: ...
+
+class DecideBulkResponse(_message.Message):
+    __slots__ = ("batch_id", "decision_ids", "arm_ids", "arms", "propensities", "k", "first_index", "rejected", "model_version")
+    BATCH_ID_FIELD_NUMBER: _ClassVar[int]
+    DECISION_IDS_FIELD_NUMBER: _ClassVar[int]
+    ARM_IDS_FIELD_NUMBER: _ClassVar[int]
+    ARMS_FIELD_NUMBER: _ClassVar[int]
+    PROPENSITIES_FIELD_NUMBER: _ClassVar[int]
+    K_FIELD_NUMBER: _ClassVar[int]
+    FIRST_INDEX_FIELD_NUMBER: _ClassVar[int]
+    REJECTED_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    batch_id: str
+    decision_ids: _containers.RepeatedScalarFieldContainer[str]
+    arm_ids: _containers.RepeatedScalarFieldContainer[str]
+    arms: _containers.RepeatedScalarFieldContainer[int]
+    propensities: _containers.RepeatedScalarFieldContainer[float]
+    k: int
+    first_index: int
+    rejected: _containers.RepeatedCompositeFieldContainer[RejectedUnit]
+    model_version: int
+    def __init__(self, batch_id: _Optional[str] = ..., decision_ids: _Optional[_Iterable[str]] = ..., arm_ids: _Optional[_Iterable[str]] = ..., arms: _Optional[_Iterable[int]] = ..., propensities: _Optional[_Iterable[float]] = ..., k: _Optional[int] = ..., first_index: _Optional[int] = ..., rejected: _Optional[_Iterable[_Union[RejectedUnit, _Mapping]]] = ..., model_version: _Optional[int] = ...) -> None: ...
+
+class RejectedUnit(_message.Message):
+    __slots__ = ("index", "unit_id", "code", "reason")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    UNIT_ID_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    unit_id: str
+    code: str
+    reason: str
+    def __init__(self, index: _Optional[int] = ..., unit_id: _Optional[str] = ..., code: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class GetAllocationRequest(_message.Message):
+    __slots__ = ("experiment_id",)
+    EXPERIMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    experiment_id: str
+    def __init__(self, experiment_id: _Optional[str] = ...) -> None: ...
+
+class Allocation(_message.Message):
+    __slots__ = ("experiment_id", "version", "arm_ids", "probabilities", "salt", "issued_unix_ms", "ttl_seconds", "max_age_seconds", "sticky")
+    EXPERIMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    ARM_IDS_FIELD_NUMBER: _ClassVar[int]
+    PROBABILITIES_FIELD_NUMBER: _ClassVar[int]
+    SALT_FIELD_NUMBER: _ClassVar[int]
+    ISSUED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    MAX_AGE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    STICKY_FIELD_NUMBER: _ClassVar[int]
+    experiment_id: str
+    version: int
+    arm_ids: _containers.RepeatedScalarFieldContainer[str]
+    probabilities: _containers.RepeatedScalarFieldContainer[float]
+    salt: str
+    issued_unix_ms: int
+    ttl_seconds: float
+    max_age_seconds: float
+    sticky: bool
+    def __init__(self, experiment_id: _Optional[str] = ..., version: _Optional[int] = ..., arm_ids: _Optional[_Iterable[str]] = ..., probabilities: _Optional[_Iterable[float]] = ..., salt: _Optional[str] = ..., issued_unix_ms: _Optional[int] = ..., ttl_seconds: _Optional[float] = ..., max_age_seconds: _Optional[float] = ..., sticky: _Optional[bool] = ...) -> None: ...
+
+class Exposure(_message.Message):
+    __slots__ = ("decision_id", "unit_id", "arm_id", "allocation_version", "ts_unix_ms")
+    DECISION_ID_FIELD_NUMBER: _ClassVar[int]
+    UNIT_ID_FIELD_NUMBER: _ClassVar[int]
+    ARM_ID_FIELD_NUMBER: _ClassVar[int]
+    ALLOCATION_VERSION_FIELD_NUMBER: _ClassVar[int]
+    TS_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    decision_id: str
+    unit_id: str
+    arm_id: str
+    allocation_version: int
+    ts_unix_ms: int
+    def __init__(self, decision_id: _Optional[str] = ..., unit_id: _Optional[str] = ..., arm_id: _Optional[str] = ..., allocation_version: _Optional[int] = ..., ts_unix_ms: _Optional[int] = ...) -> None: ...
+
+class ExposureBatch(_message.Message):
+    __slots__ = ("experiment_id", "exposures")
+    EXPERIMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    EXPOSURES_FIELD_NUMBER: _ClassVar[int]
+    experiment_id: str
+    exposures: _containers.RepeatedCompositeFieldContainer[Exposure]
+    def __init__(self, experiment_id: _Optional[str] = ..., exposures: _Optional[_Iterable[_Union[Exposure, _Mapping]]] = ...) -> None: ...

@@ -100,6 +100,21 @@ class BanditdStub:
                 request_serializer=banditd_dot_v1_dot_banditd__pb2.GetAuditLogRequest.SerializeToString,
                 response_deserializer=banditd_dot_v1_dot_banditd__pb2.AuditLog.FromString,
                 _registered_method=True)
+        self.DecideBulk = channel.stream_stream(
+                '/banditd.v1.Banditd/DecideBulk',
+                request_serializer=banditd_dot_v1_dot_banditd__pb2.DecideBulkRequest.SerializeToString,
+                response_deserializer=banditd_dot_v1_dot_banditd__pb2.DecideBulkResponse.FromString,
+                _registered_method=True)
+        self.GetAllocation = channel.unary_unary(
+                '/banditd.v1.Banditd/GetAllocation',
+                request_serializer=banditd_dot_v1_dot_banditd__pb2.GetAllocationRequest.SerializeToString,
+                response_deserializer=banditd_dot_v1_dot_banditd__pb2.Allocation.FromString,
+                _registered_method=True)
+        self.LogExposures = channel.stream_unary(
+                '/banditd.v1.Banditd/LogExposures',
+                request_serializer=banditd_dot_v1_dot_banditd__pb2.ExposureBatch.SerializeToString,
+                response_deserializer=banditd_dot_v1_dot_banditd__pb2.RewardStreamResponse.FromString,
+                _registered_method=True)
 
 
 class BanditdServicer:
@@ -191,6 +206,29 @@ class BanditdServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DecideBulk(self, request_iterator, context):
+        """Bulk decisions for campaign sends: a stream of batches of units answered batch by batch,
+        each decision logged and rewardable like a single Decide.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetAllocation(self, request, context):
+        """A versioned allocation snapshot for assignment in the SDK.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LogExposures(self, request_iterator, context):
+        """Exposures assigned in the SDK from a snapshot, in batches; per-item rejections as
+        RewardStream reports them.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BanditdServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -258,6 +296,21 @@ def add_BanditdServicer_to_server(servicer, server):
                     servicer.GetAuditLog,
                     request_deserializer=banditd_dot_v1_dot_banditd__pb2.GetAuditLogRequest.FromString,
                     response_serializer=banditd_dot_v1_dot_banditd__pb2.AuditLog.SerializeToString,
+            ),
+            'DecideBulk': grpc.stream_stream_rpc_method_handler(
+                    servicer.DecideBulk,
+                    request_deserializer=banditd_dot_v1_dot_banditd__pb2.DecideBulkRequest.FromString,
+                    response_serializer=banditd_dot_v1_dot_banditd__pb2.DecideBulkResponse.SerializeToString,
+            ),
+            'GetAllocation': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetAllocation,
+                    request_deserializer=banditd_dot_v1_dot_banditd__pb2.GetAllocationRequest.FromString,
+                    response_serializer=banditd_dot_v1_dot_banditd__pb2.Allocation.SerializeToString,
+            ),
+            'LogExposures': grpc.stream_unary_rpc_method_handler(
+                    servicer.LogExposures,
+                    request_deserializer=banditd_dot_v1_dot_banditd__pb2.ExposureBatch.FromString,
+                    response_serializer=banditd_dot_v1_dot_banditd__pb2.RewardStreamResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -611,6 +664,87 @@ class Banditd:
             '/banditd.v1.Banditd/GetAuditLog',
             banditd_dot_v1_dot_banditd__pb2.GetAuditLogRequest.SerializeToString,
             banditd_dot_v1_dot_banditd__pb2.AuditLog.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DecideBulk(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/banditd.v1.Banditd/DecideBulk',
+            banditd_dot_v1_dot_banditd__pb2.DecideBulkRequest.SerializeToString,
+            banditd_dot_v1_dot_banditd__pb2.DecideBulkResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetAllocation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/banditd.v1.Banditd/GetAllocation',
+            banditd_dot_v1_dot_banditd__pb2.GetAllocationRequest.SerializeToString,
+            banditd_dot_v1_dot_banditd__pb2.Allocation.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LogExposures(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/banditd.v1.Banditd/LogExposures',
+            banditd_dot_v1_dot_banditd__pb2.ExposureBatch.SerializeToString,
+            banditd_dot_v1_dot_banditd__pb2.RewardStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -524,6 +524,14 @@ def exposure_batches(
 def _exposure_batches(
     experiment_id: str, exposures: Iterable[ExposureLike], batch_size: int
 ) -> Iterator[pb.ExposureBatch]:
+    if isinstance(exposures, list) and all(type(e) is tuple and len(e) == 5 for e in exposures[:1]):
+        # LocalAssigner's queue: 5-tuples. Sent columnar, a few C calls per batch instead of a
+        # message per exposure (~0.3 µs an exposure instead of ~1.3).
+        try:
+            yield from _columnar_exposures(experiment_id, exposures, batch_size)
+            return
+        except (TypeError, ValueError):
+            pass  # mixed items: the general path below says which one is wrong
     batch = pb.ExposureBatch(experiment_id=experiment_id)
     add = batch.exposures.add
     n = 0
@@ -555,6 +563,31 @@ def _exposure_batches(
             n = 0
     if n:
         yield batch
+
+
+def _columnar_exposures(
+    experiment_id: str, exposures: list[Any], batch_size: int
+) -> Iterator[pb.ExposureBatch]:
+    messages = []
+    for start in range(0, len(exposures), batch_size):
+        chunk = exposures[start : start + batch_size]
+        ids, units, arms, versions, ts = zip(*chunk, strict=True)
+        by_version: dict[int, list[int]] = {}
+        for i, v in enumerate(versions):
+            by_version.setdefault(v, []).append(i)
+        for version, rows in by_version.items():
+            pick = rows if len(rows) < len(chunk) else None
+            table: dict[str, int] = {}
+            col_arms = [table.setdefault(arms[i], len(table)) for i in (pick or range(len(chunk)))]
+            batch = pb.ExposureBatch(experiment_id=experiment_id, allocation_version=int(version))
+            batch.decision_ids.extend(ids if pick is None else [ids[i] for i in pick])
+            batch.unit_ids.extend(units if pick is None else [units[i] for i in pick])
+            batch.ts_unix_ms.extend(ts if pick is None else [ts[i] for i in pick])
+            batch.arm_ids.extend(table)
+            batch.arms.extend(col_arms)
+            messages.append(batch)
+    # Built before the first is sent: a bad item (TypeError, ValueError) falls back whole.
+    yield from messages
 
 
 class Capture:

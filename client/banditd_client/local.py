@@ -4,10 +4,9 @@
 unit by the rule the server uses (`Decide` with `allocation_version` gives the same arm for
 the same snapshot):
 
-    u = int.from_bytes(blake2b((salt + "\\x00" + unit_id).encode(), digest_size=8).digest(),
-                       "little") / 2**64
-    arm = the first arm whose cumulative probability exceeds u (the last arm when rounding
-          leaves u above every sum); propensity = that arm's probability
+    u   = blake2b((salt + "\\x00" + unit_id).encode(), digest_size=8).digest(), big endian
+    T_i = min(2**64 - 1, int(cumulative_i * 2**64))   (cumulative sums of the probabilities)
+    arm = the first i with T_i > u (the last arm when none is); propensity = its probability
 
 Each assignment gets a decision id like the server's (11 hex digits of unix ms, then 12 hex
 digits) and is queued as an exposure; a background thread sends the queue with
@@ -74,13 +73,14 @@ TRANSIENT = frozenset(
     }
 )
 
-_TWO_TO_MINUS_64 = 2.0**-64  # x * 2^-64 == x / 2^64 exactly (both round x to a double once)
+def unit_digest(salt: str, unit_id: str) -> bytes:
+    """BLAKE2b-64 of salt + NUL + unit id: the unit's point u in [0, 2^64), big endian."""
+    return hashlib.blake2b((salt + "\x00" + unit_id).encode(), digest_size=8).digest()
 
 
 def unit_point(salt: str, unit_id: str) -> float:
-    """The unit's point in [0, 1] for a snapshot's salt (the server's rule)."""
-    digest = hashlib.blake2b((salt + "\x00" + unit_id).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") / 2**64
+    """u / 2^64 in [0, 1) (for reading; assignment compares the digest bytes)."""
+    return int.from_bytes(unit_digest(salt, unit_id), "big") / 2**64
 
 
 def cumulative(probabilities: Sequence[float]) -> list[float]:
@@ -88,16 +88,23 @@ def cumulative(probabilities: Sequence[float]) -> list[float]:
     return list(itertools.accumulate(probabilities))
 
 
-def pick(cum: Sequence[float], u: float) -> int:
-    """Index of the first arm whose cumulative probability exceeds u; the last arm when u is
-    at or above every sum (rounding)."""
-    return min(bisect.bisect_right(cum, u), len(cum) - 1)
+def thresholds(probabilities: Sequence[float]) -> list[bytes]:
+    """T_i = min(2^64 - 1, floor(cumulative_i x 2^64)) as 8 big-endian bytes: the unit's arm
+    is the first i with T_i > u, found by comparing digests as bytes (no int conversion on
+    the hot path; the server computes the same integers from the same doubles)."""
+    top = 2**64 - 1
+    return [min(top, int(c * 2**64)).to_bytes(8, "big") for c in cumulative(probabilities)]
+
+
+def pick(thr: Sequence[bytes], digest: bytes) -> int:
+    """Index of the first arm whose threshold exceeds the digest; the last arm when none does."""
+    return min(bisect.bisect_right(thr, digest), len(thr) - 1)
 
 
 def arm_index(allocation: Allocation, unit_id: str) -> int:
     """Index into `allocation.arm_ids` of the unit's arm (what `Decide` with the snapshot's
     version gives)."""
-    return pick(cumulative(allocation.probabilities), unit_point(allocation.salt, unit_id))
+    return pick(thresholds(allocation.probabilities), unit_digest(allocation.salt, unit_id))
 
 
 def new_decision_id(ms: int | None = None) -> str:
@@ -176,7 +183,7 @@ class LocalAssigner:
         self.flush_size = int(flush_size)
         self.max_queued = int(max_queued)
         # Hot-path state: `_snap` is None (no usable snapshot: assign asks the server) or a
-        # tuple (base hash, cumulative, last index, arm ids, probabilities, version, dies at
+        # tuple (base hash, thresholds, last index, arm ids, probabilities, version, dies at
         # time_ns, id counter, exposure queue, flush size), replaced as a whole: one
         # attribute read gives assign everything.
         self._snap: tuple[Any, ...] | None = None
@@ -227,8 +234,6 @@ class LocalAssigner:
         unit_id: str,
         # Bound at definition: locals are the fastest lookups. Not arguments to pass.
         _time_ns: Any = time.time_ns,
-        _from_bytes: Any = int.from_bytes,
-        _scale: float = _TWO_TO_MINUS_64,
         _bisect: Any = bisect.bisect_right,
         _new: Any = tuple.__new__,
         _cls: Any = LocalDecision,
@@ -246,7 +251,7 @@ class LocalAssigner:
             return self._assign_by_rpc(unit_id)
         h = base.copy()
         h.update(unit_id.encode())
-        i = _bisect(cum, _from_bytes(h.digest(), "little") * _scale)
+        i = _bisect(cum, h.digest())
         if i > last:
             i = last
         ms = now // 1_000_000
@@ -296,7 +301,7 @@ class LocalAssigner:
         )  # fmt: skip
         if usable:
             base = hashlib.blake2b((alloc.salt + "\x00").encode(), digest_size=8)
-            cum = cumulative(alloc.probabilities)
+            cum = thresholds(alloc.probabilities)
             dies_ns = started_ns + int(life * 1e9)
             self._snap = (
                 base, cum, len(cum) - 1, alloc.arm_ids, alloc.probabilities, alloc.version, dies_ns,

@@ -6,9 +6,11 @@ for the others), mixed with the control share and traffic floors, uniform during
 the fallback arm alone in FALLBACK. It is versioned and stored (`allocations` db), so an
 exposure naming a version can be checked and gets that snapshot's exact propensity.
 
-Assignment (the SDK and `Decide` with `allocation_version` use the same rule): u = the first
-8 bytes, little endian, of BLAKE2b-64(salt + "\\0" + unit id) / 2^64; the arm is the first
-whose cumulative probability exceeds u. The salt is fixed per experiment, so a unit keeps its
+Assignment (the SDK and `Decide` with `allocation_version` use the same rule): u = the
+BLAKE2b-64 digest of salt + "\\0" + unit id read big endian; with T_i = min(2^64 - 1,
+floor(cumulative_i x 2^64)) from the cumulative sums of the probabilities, the arm is the first
+i with T_i > u (the last arm when none is). Comparing the digest bytes with T_i as 8 bytes
+keeps the SDK's hot path free of int conversions. The salt is fixed per experiment, so a unit keeps its
 arm across snapshots whenever its interval still covers u.
 
 The server re-issues a snapshot at most once per REISSUE_S per experiment (callers in between
@@ -55,15 +57,19 @@ def salt_of(experiment_id: str, created_ms: int) -> str:
     return f"{experiment_id}:{created_ms}"
 
 
-def unit_point(salt: str, unit_id: str) -> float:
-    digest = hashlib.blake2b(f"{salt}\0{unit_id}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") / 2.0**64
+def unit_digest(salt: str, unit_id: str) -> bytes:
+    return hashlib.blake2b(f"{salt}\0{unit_id}".encode(), digest_size=8).digest()
+
+
+def thresholds(probabilities: list[float]) -> list[bytes]:
+    top = 2**64 - 1
+    return [min(top, int(c * 2**64)).to_bytes(8, "big") for c in itertools.accumulate(probabilities)]
 
 
 def assign(snapshot: dict[str, Any], unit_id: str) -> int:
     """Index (into the snapshot's arms) of the unit's arm."""
-    cumulative = snapshot["cumulative"]
-    return min(bisect.bisect_right(cumulative, unit_point(snapshot["salt"], unit_id)), len(cumulative) - 1)
+    thr = snapshot["thresholds"]
+    return min(bisect.bisect_right(thr, unit_digest(snapshot["salt"], unit_id)), len(thr) - 1)
 
 
 def probabilities(rt: ExperimentRuntime) -> tuple[list[str], list[float]]:
@@ -123,7 +129,7 @@ class Allocations:
         return snap
 
     def _remember(self, snap: dict[str, Any]) -> dict[str, Any]:
-        snap["cumulative"] = list(itertools.accumulate(snap["probabilities"]))
+        snap["thresholds"] = thresholds(snap["probabilities"])
         snap["index"] = {a: i for i, a in enumerate(snap["arm_ids"])}
         with self._lock:
             if len(self._issued) > 10_000:

@@ -155,7 +155,11 @@ def serve(config: ServerConfig) -> None:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    done.wait()
+    # Wake now and then: Python runs signal handlers only when the main thread runs bytecode,
+    # and a SIGTERM the kernel hands to another thread does not end a lock wait without timeout
+    # (seen once: a test's SIGTERM unanswered for 30 s).
+    while not done.wait(0.5):
+        pass
     server.stop()
     # Handler threads stuck in a client's stream would keep the interpreter alive (the thread
     # pool joins them at exit): everything durable is committed and closed, so leave now.

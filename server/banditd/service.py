@@ -8,7 +8,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, NamedTuple
 
 import grpc
 import orjson
@@ -342,6 +342,35 @@ def bulk_response(r: BulkResult, first: int) -> pb.DecideBulkResponse:
     return resp
 
 
+class ExposureIn(NamedTuple):
+    decision_id: str
+    unit_id: str
+    arm_id: str
+    allocation_version: int
+    ts_unix_ms: int
+
+
+def columnar_exposures(batch: pb.ExposureBatch) -> list[ExposureIn]:
+    """The columnar part of an ExposureBatch as items (an arm index outside the table gives
+    an empty arm id, refused per item)."""
+    n = len(batch.decision_ids)
+    if not n and not batch.unit_ids and not batch.arms:
+        return []
+    if len(batch.unit_ids) != n or len(batch.arms) != n or (batch.ts_unix_ms and len(batch.ts_unix_ms) != n):
+        raise InvalidArgument(
+            f"columnar exposures need as many unit_ids, arms (and ts_unix_ms, if any) as decision_ids ({n}); got "
+            f"{len(batch.unit_ids)}, {len(batch.arms)}, {len(batch.ts_unix_ms)}"
+        )
+    table = list(batch.arm_ids)
+    arms = [table[a] if a < len(table) else "" for a in batch.arms]
+    ts = list(batch.ts_unix_ms) or [0] * n
+    version = batch.allocation_version
+    return [
+        ExposureIn(d, u, a, version, t)
+        for d, u, a, t in zip(batch.decision_ids, batch.unit_ids, arms, ts, strict=True)
+    ]
+
+
 ALLOCATION_FIELDS = (
     "experiment_id", "version", "arm_ids", "probabilities", "salt", "issued_unix_ms", "ttl_seconds",
     "max_age_seconds", "sticky",
@@ -439,7 +468,7 @@ class BanditdService(pb_grpc.BanditdServicer):
                 touch()
                 if isinstance(batch, Undecodable):
                     raise InvalidArgument(f"undecodable ExposureBatch message ({batch.error})")
-                items = list(batch.exposures)
+                items = [*batch.exposures, *columnar_exposures(batch)]
                 if len(items) > MAX_EXPOSURES_PER_BATCH:
                     raise InvalidArgument(
                         f"an ExposureBatch holds at most {MAX_EXPOSURES_PER_BATCH} exposures, got {len(items)}"

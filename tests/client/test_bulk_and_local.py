@@ -39,7 +39,7 @@ from banditd_client import (
     Unavailable,
 )
 from banditd_client import _convert as conv
-from banditd_client.local import arm_index, cumulative, new_decision_id, pick, unit_point
+from banditd_client.local import arm_index, cumulative, new_decision_id, pick, thresholds, unit_point
 from banditd_client.types import ChosenArm, Decision
 from banditd_client.v1 import banditd_pb2 as pb
 
@@ -51,15 +51,17 @@ DECISION_ID = re.compile(r"[0-9a-f]{23}")
 
 def ref_point(salt: str, unit_id: str) -> float:
     digest = hashlib.blake2b((salt + "\x00" + unit_id).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") / 2**64
+    return int.from_bytes(digest, "big") / 2**64
 
 
 def ref_arm(probabilities: list[float] | tuple[float, ...], salt: str, unit_id: str) -> int:
-    u = ref_point(salt, unit_id)
+    """The documented rule, with integers: first i with min(2^64 - 1, floor(c_i 2^64)) > u."""
+    digest = hashlib.blake2b((salt + "\x00" + unit_id).encode(), digest_size=8).digest()
+    u = int.from_bytes(digest, "big")
     total = 0.0
     for i, p in enumerate(probabilities):
         total += p
-        if total > u:
+        if min(2**64 - 1, int(total * 2**64)) > u:
             return i
     return len(probabilities) - 1
 
@@ -165,16 +167,19 @@ def test_point_is_uniform_enough() -> None:
     assert all(1800 < c < 2200 for c in counts), counts
 
 
-def test_pick_is_the_first_cumulative_above_u_and_clamps() -> None:
-    cum = cumulative([0.3, 0.3, 0.0, 0.3999999])
-    assert cum == [0.3, 0.6, 0.6, 0.3 + 0.3 + 0.0 + 0.3999999]
-    assert pick(cum, 0.0) == 0
-    assert pick(cum, 0.2999) == 0
-    assert pick(cum, 0.3) == 1  # strictly greater: u on a boundary belongs to the next arm
-    assert pick(cum, 0.6) == 3  # the zero-probability arm (index 2) is skipped
-    assert pick(cum, 0.99999995) == 3  # above every sum (rounding): the last arm
-    assert pick(cum, 1.0) == 3
-    assert pick([1.0], 0.999) == 0
+def test_pick_is_the_first_threshold_above_u_and_clamps() -> None:
+    def point(u: float) -> bytes:
+        return min(2**64 - 1, int(u * 2**64)).to_bytes(8, "big")
+
+    thr = thresholds([0.3, 0.3, 0.0, 0.3999999])
+    assert thr == [point(c) for c in (0.3, 0.6, 0.6, 0.3 + 0.3 + 0.0 + 0.3999999)]
+    assert pick(thr, point(0.0)) == 0
+    assert pick(thr, point(0.2999)) == 0
+    assert pick(thr, point(0.3)) == 1  # strictly greater: u on a boundary belongs to the next arm
+    assert pick(thr, point(0.6)) == 3  # the zero-probability arm (index 2) is skipped
+    assert pick(thr, point(0.99999995)) == 3  # above every sum (rounding): the last arm
+    assert pick(thr, b"\xff" * 8) == 3
+    assert pick(thresholds([1.0]), b"\xff" * 8) == 0  # 1.0 maps to 2^64 - 1, the last arm anyway
     # Left-to-right running sums, as the server computes them.
     probs = [0.1] * 10
     expected, total = [], 0.0
@@ -258,10 +263,20 @@ def test_bulk_requests_are_lazy_batches() -> None:
 
 
 def test_exposure_batches() -> None:
-    items: list[Any] = [(f"{i:023x}", f"u{i}", "a", 3, 1_700_000_000_000 + i) for i in range(2500)]
+    items: list[Any] = [(f"{i:023x}", f"u{i}", "ab"[i % 2], 3, 1_700_000_000_000 + i) for i in range(2500)]
+    # A list of 5-tuples (LocalAssigner's queue) goes columnar.
     batches = list(conv.exposure_batches("exp", items, 1000))
+    assert [len(b.decision_ids) for b in batches] == [1000, 1000, 500]
+    assert all(b.experiment_id == "exp" and b.allocation_version == 3 and not b.exposures for b in batches)
+    b = batches[2]
+    last = (b.decision_ids[499], b.unit_ids[499], b.arm_ids[b.arms[499]], b.allocation_version, b.ts_unix_ms[499])
+    assert last == items[-1]
+    # Two snapshot versions in one chunk: one columnar message per version.
+    mixed = [(*items[0][:3], 3, 1), (*items[1][:3], 4, 2)]
+    assert sorted(m.allocation_version for m in conv.exposure_batches("exp", mixed)) == [3, 4]
+    # Any other iterable: one Exposure message each.
+    batches = list(conv.exposure_batches("exp", iter(items), 1000))
     assert [len(b.exposures) for b in batches] == [1000, 1000, 500]
-    assert all(b.experiment_id == "exp" for b in batches)
     e = batches[2].exposures[499]
     assert (e.decision_id, e.unit_id, e.arm_id, e.allocation_version, e.ts_unix_ms) == items[-1]
     forms: list[Any] = [

@@ -867,6 +867,14 @@ def hostile_request(method: str, rng: random.Random, w: World) -> bytes:
                 unit_id=rng.choice((hostile_str(rng), "", "u")), arm_id=hostile_str(rng),
                 allocation_version=rng.choice(HOSTILE_INTS), ts_unix_ms=rng.choice((0, -1, 2**62, 1)),
             )  # fmt: skip
+        if rng.random() < 0.5:  # the columnar form: lengths that disagree, indexes past the table
+            n = rng.randint(0, 4)
+            batch.decision_ids.extend(rng.choice((hostile_str(rng), "0" * 23)) for _ in range(n))
+            batch.unit_ids.extend("u" for _ in range(rng.choice((n, n + 1, 0))))
+            batch.arm_ids.extend(rng.choice(((), ("a0",), (hostile_str(rng),))))
+            batch.arms.extend(rng.choice((0, 1, 2**32 - 1)) for _ in range(rng.choice((n, 0))))
+            batch.allocation_version = rng.choice(HOSTILE_INTS)
+            batch.ts_unix_ms.extend(rng.choice((0, -1, 2**62)) for _ in range(rng.choice((0, n))))
         return ser(batch)
     if method == "Analyse":
         req = pb.AnalyseRequest(experiment_id=rng.choice((target(rng, w), hostile_str(rng))))

@@ -4,7 +4,6 @@ own statistics."""
 
 from __future__ import annotations
 
-import itertools
 import os
 import time
 from collections.abc import Iterator
@@ -12,7 +11,7 @@ from collections.abc import Iterator
 import grpc
 import pytest
 
-from banditd.allocation import assign
+from banditd.allocation import assign, thresholds
 from banditd.export import LogReader
 from banditd_client.v1 import banditd_pb2 as pb
 from banditd_client.v1 import banditd_pb2_grpc as pb_grpc
@@ -137,7 +136,7 @@ def test_allocation_snapshot_decide_and_exposures(server) -> None:
     assert min(snap.probabilities) >= 0.1 - 1e-9  # the control share reaches every arm
     assert snap.ttl_seconds > 0 and snap.max_age_seconds >= snap.ttl_seconds and not snap.sticky
     # The server, asked with the snapshot's version, assigns as the SDK rule does.
-    rule = {"cumulative": list(itertools.accumulate(snap.probabilities)), "salt": snap.salt}
+    rule = {"thresholds": thresholds(list(snap.probabilities)), "salt": snap.salt}
     for i in range(100):
         r = stub.Decide(pb.DecideRequest(experiment_id="al", unit_id=f"z{i}", allocation_version=snap.version))
         j = assign(rule, f"z{i}")
@@ -191,3 +190,24 @@ def test_allocation_is_refused_where_no_snapshot_can_stand_for_decide(server) ->
     with pytest.raises(grpc.RpcError) as err:
         stub.Decide(pb.DecideRequest(experiment_id="fresh", unit_id="u", allocation_version=7))
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_columnar_exposures(server) -> None:
+    c = server.client()
+    stub = stub_of(server)
+    c.create_experiment("col", ["a", "b"])
+    snap = stub.GetAllocation(pb.GetAllocationRequest(experiment_id="col"))
+    now = int(time.time() * 1000)
+    ids = [f"{now:011x}{os.urandom(6).hex()}" for _ in range(4)]
+    batch = pb.ExposureBatch(
+        experiment_id="col", allocation_version=snap.version, decision_ids=ids, unit_ids=["u0", "u1", "u2", "u3"],
+        arm_ids=["b", "a"], arms=[0, 1, 0, 7],  # 7: outside the table, refused for that item
+    )  # fmt: skip
+    resp = stub.LogExposures(iter([batch]), timeout=10)
+    assert (resp.accepted, resp.rejected) == (3, 1) and resp.rejections[0].index == 3
+    assert c.reward(ids[0], 1.0) is True
+    assert {s.arm: s.rewards for s in c.arm_stats("col")}["b"] == 1
+    bad = pb.ExposureBatch(experiment_id="col", allocation_version=snap.version, decision_ids=ids, unit_ids=["u0"])
+    with pytest.raises(grpc.RpcError) as err:
+        stub.LogExposures(iter([bad]), timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT

@@ -795,9 +795,21 @@ class Exposure(_message.Message):
     def __init__(self, decision_id: _Optional[str] = ..., unit_id: _Optional[str] = ..., arm_id: _Optional[str] = ..., allocation_version: _Optional[int] = ..., ts_unix_ms: _Optional[int] = ...) -> None: ...
 
 class ExposureBatch(_message.Message):
-    __slots__ = ("experiment_id", "exposures")
+    __slots__ = ("experiment_id", "exposures", "decision_ids", "unit_ids", "arm_ids", "arms", "allocation_version", "ts_unix_ms")
     EXPERIMENT_ID_FIELD_NUMBER: _ClassVar[int]
     EXPOSURES_FIELD_NUMBER: _ClassVar[int]
+    DECISION_IDS_FIELD_NUMBER: _ClassVar[int]
+    UNIT_IDS_FIELD_NUMBER: _ClassVar[int]
+    ARM_IDS_FIELD_NUMBER: _ClassVar[int]
+    ARMS_FIELD_NUMBER: _ClassVar[int]
+    ALLOCATION_VERSION_FIELD_NUMBER: _ClassVar[int]
+    TS_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     experiment_id: str
     exposures: _containers.RepeatedCompositeFieldContainer[Exposure]
-    def __init__(self, experiment_id: _Optional[str] = ..., exposures: _Optional[_Iterable[_Union[Exposure, _Mapping]]] = ...) -> None: ...
+    decision_ids: _containers.RepeatedScalarFieldContainer[str]
+    unit_ids: _containers.RepeatedScalarFieldContainer[str]
+    arm_ids: _containers.RepeatedScalarFieldContainer[str]
+    arms: _containers.RepeatedScalarFieldContainer[int]
+    allocation_version: int
+    ts_unix_ms: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, experiment_id: _Optional[str] = ..., exposures: _Optional[_Iterable[_Union[Exposure, _Mapping]]] = ..., decision_ids: _Optional[_Iterable[str]] = ..., unit_ids: _Optional[_Iterable[str]] = ..., arm_ids: _Optional[_Iterable[str]] = ..., arms: _Optional[_Iterable[int]] = ..., allocation_version: _Optional[int] = ..., ts_unix_ms: _Optional[_Iterable[int]] = ...) -> None: ...

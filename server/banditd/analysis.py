@@ -209,13 +209,15 @@ def bandit_vs_control(engine: Engine, rt: Any) -> dict[str, Any]:
             out[f"{name}_mean"] = m
     if len(stats) == 2 and stats["control"][0] != 0:
         (mb, vb, nb), (mc, vc, nc) = stats["bandit"], stats["control"]
-        ratio = mb / mc
-        # Delta method for a ratio of independent means.
-        if mb != 0:
-            se = abs(ratio) * math.sqrt(vb / (nb * mb * mb) + vc / (nc * mc * mc))
-        else:
-            se = math.sqrt(vb / nb) / abs(mc)
-        out["bandit_uplift_mean"] = ratio - 1.0
-        out["bandit_uplift_low"] = ratio - 1.0 - 1.96 * se
-        out["bandit_uplift_high"] = ratio - 1.0 + 1.96 * se
+        try:
+            ratio = mb / mc
+            # Delta method for a ratio of independent means, in a form that never squares
+            # the control mean (continuous rewards may be tiny or huge).
+            se = math.hypot(math.sqrt(vb / nb) / abs(mc), abs(ratio) * math.sqrt(vc / nc) / abs(mc))
+        except (ZeroDivisionError, OverflowError):
+            ratio, se = nan, nan
+        if math.isfinite(ratio) and math.isfinite(se):
+            out["bandit_uplift_mean"] = ratio - 1.0
+            out["bandit_uplift_low"] = ratio - 1.0 - 1.96 * se
+            out["bandit_uplift_high"] = ratio - 1.0 + 1.96 * se
     return out

@@ -274,3 +274,17 @@ def test_reward_drop_with_the_default_window_is_seen_in_a_new_experiment(server)
         n += 1
     assert c.get_experiment("fresh").state == "paused"
     assert c.get_experiment("steady").state == "running"
+
+
+def test_analyse_survives_extreme_continuous_rewards(server) -> None:
+    """Found by the wire fuzz: a control mean whose square underflows (1e-200) made the
+    bandit-vs-control interval divide by zero (INTERNAL). Now: finite numbers or NaN."""
+    c = server.client()
+    for exp, value in (("tiny", 1e-200), ("huge", 1e12), ("mixed", -1e12)):
+        c.create_experiment(exp, ["a", "b"], reward_type="continuous", settings={"control_share": 0.5})
+        for i in range(60):
+            d = c.decide(exp, unit_id=f"u{i}")
+            c.reward(d.decision_id, value if i % 3 else 0.0)
+        a = c.analyse(exp)
+        assert a.verdict in ("ship", "iterate", "kill")
+        assert a.control_decisions + a.bandit_decisions > 0

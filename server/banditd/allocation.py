@@ -99,10 +99,7 @@ class Allocations:
         self._lock = threading.Lock()
 
     def current(self, experiment_id: str, timeout: float | None = None) -> dict[str, Any]:
-        rt = self.engine.runtime(experiment_id)
-        if rt is None:
-            self.engine.get_experiment(experiment_id)  # NOT_FOUND
-            raise AssertionError("unreachable")
+        rt = self.engine.require(experiment_id)
         spec = rt.spec
         if spec.state == "paused":
             raise ExperimentPaused(f"experiment {experiment_id!r} is paused; resume it to get an allocation")
@@ -151,10 +148,7 @@ class Allocations:
 
     def decide(self, experiment_id: str, unit_id: str, version: int) -> DecisionResult:
         """Decide from a snapshot (the SDK's rule): the unit's arm, with the snapshot's propensity."""
-        rt = self.engine.runtime(experiment_id)
-        if rt is None:
-            self.engine.get_experiment(experiment_id)
-            raise AssertionError("unreachable")
+        rt = self.engine.require(experiment_id)
         if rt.spec.state == "paused":
             raise ExperimentPaused(f"experiment {experiment_id!r} is paused; resume it to get decisions")
         check_id("unit id", unit_id)

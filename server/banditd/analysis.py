@@ -54,10 +54,7 @@ def analyse(engine: Engine, experiment_id: str, draws: int = 0) -> dict[str, Any
     """The analysis of one experiment (keys are the fields of the Analysis message)."""
     if draws and not 100 <= draws <= MAX_DRAWS:
         raise InvalidArgument(f"draws must be between 100 and {MAX_DRAWS}, got {draws}")
-    rt = engine.runtime(experiment_id)
-    if rt is None:
-        engine.get_experiment(experiment_id)  # raises NOT_FOUND
-        raise AssertionError("unreachable")
+    rt = engine.require(experiment_id)
     spec = rt.spec
     draws = draws or max(100, min(DEFAULT_DRAWS, DEFAULT_CELLS // max(1, len(spec.active_indices))))
     cfg = spec.config

@@ -355,7 +355,7 @@ def _prefix_stream_handler(handler: grpc.RpcMethodHandler, principal: Principal)
     only (module doc)."""
     prefix = principal.prefix
 
-    def checked(requests: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
+    def checked(requests: Iterator[Any]) -> Iterator[Any]:
         for req in requests:
             exp = getattr(req, "experiment_id", "")
             if exp and not exp.startswith(prefix):
@@ -366,25 +366,17 @@ def _prefix_stream_handler(handler: grpc.RpcMethodHandler, principal: Principal)
                 )
             yield req
 
-    if handler.response_streaming:
-        inner_ss = handler.stream_stream
+    inner = handler.stream_stream if handler.response_streaming else handler.stream_unary
+    make = (
+        grpc.stream_stream_rpc_method_handler if handler.response_streaming else grpc.stream_unary_rpc_method_handler
+    )
 
-        def stream_stream(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
-            return inner_ss(checked(requests, context), context)
+    def behavior(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
+        return inner(checked(requests), context)
 
-        return grpc.stream_stream_rpc_method_handler(
-            stream_stream, request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )  # fmt: skip
-    inner_su = handler.stream_unary
-
-    def stream_unary(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
-        return inner_su(checked(requests, context), context)
-
-    return grpc.stream_unary_rpc_method_handler(
-        stream_unary, request_deserializer=handler.request_deserializer,
-        response_serializer=handler.response_serializer,
-    )  # fmt: skip
+    return make(
+        behavior, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
+    )
 
 
 class AuthInterceptor(grpc.ServerInterceptor):

@@ -27,6 +27,7 @@ from banditd.validation import check_id, check_k
 
 if TYPE_CHECKING:
     from banditd.engine import Engine
+    from banditd.experiment import ExperimentRuntime
 
 MAX_BATCH_UNITS = 100_000
 REJECTED = BATCH_REJECTED
@@ -44,10 +45,7 @@ class BulkResult:
     model_version: int = 0
 
 
-def fast_path(engine: Engine, experiment_id: str) -> bool:
-    rt = engine.runtime(experiment_id)
-    if rt is None:
-        return False
+def fast_path(rt: ExperimentRuntime) -> bool:
     spec = rt.spec
     return (
         rt.model is None and not spec.sticky and not spec.mixed and spec.state == "running"
@@ -63,10 +61,7 @@ def decide_bulk(
     contexts: list[dict[str, Any] | None] | None,
     timeout: float | None,
 ) -> BulkResult:
-    rt = engine.runtime(experiment_id)
-    if rt is None:
-        engine.get_experiment(experiment_id)  # NOT_FOUND
-        raise AssertionError("unreachable")
+    rt = engine.require(experiment_id)
     if len(units) > MAX_BATCH_UNITS:
         raise InvalidArgument(f"a batch holds at most {MAX_BATCH_UNITS} units, got {len(units)}; send more batches")
     if contexts and len(contexts) != len(units):
@@ -78,8 +73,8 @@ def decide_bulk(
         raise ResourceExhausted(
             f"decisions are refused while the store cannot write ({engine.writer.storage_error.message})"
         )
-    if not contexts and fast_path(engine, experiment_id):
-        return _columnar(engine, experiment_id, units, k, timeout)
+    if not contexts and fast_path(rt):
+        return _columnar(engine, rt, units, k, timeout)
     return _unit_by_unit(engine, experiment_id, units, k, contexts, timeout)
 
 
@@ -94,9 +89,10 @@ def _check_units(units: list[str]) -> list[tuple[int, str, str, str]]:
     return rejected
 
 
-def _columnar(engine: Engine, experiment_id: str, units: list[str], k: int, timeout: float | None) -> BulkResult:
-    rt = engine.runtime(experiment_id)
-    assert rt is not None
+def _columnar(
+    engine: Engine, rt: ExperimentRuntime, units: list[str], k: int, timeout: float | None
+) -> BulkResult:
+    experiment_id = rt.spec.id
     rejected = _check_units(units)
     n_ok = len(units) - len(rejected)
     try:

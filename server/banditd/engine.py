@@ -213,7 +213,9 @@ class Engine:
         rt = self._runtimes.get(experiment_id)
         return rt.spec if rt is not None else None
 
-    def _require(self, experiment_id: str) -> ExperimentRuntime:
+    def require(self, experiment_id: str) -> ExperimentRuntime:
+        """The experiment's runtime; NOT_FOUND when it does not exist (in a pool, one another
+        process just created is adopted first)."""
         rt = self._runtimes.get(experiment_id)
         if rt is None:
             check_id("experiment id", experiment_id)
@@ -466,7 +468,7 @@ class Engine:
             return self.writer.submit_and_wait(PutExperiment(spec, True, register, entry), timeout)
 
     def get_experiment(self, experiment_id: str) -> ExperimentSpec:
-        return self._require(experiment_id).spec
+        return self.require(experiment_id).spec
 
     def list_experiments(self) -> list[ExperimentSpec]:
         return [rt.spec for rt in sorted(self._runtimes.values(), key=lambda r: r.spec.id)]
@@ -491,7 +493,7 @@ class Engine:
             if raw is not None:
                 self._adopt(ExperimentSpec.from_json(raw))
         with self._admin_lock:
-            rt = self._require(experiment_id)
+            rt = self.require(experiment_id)
             old = rt.spec
             arms = [replace(a) for a in old.arms]
             by_id = {a.id: a for a in arms}
@@ -558,7 +560,7 @@ class Engine:
     def decide(
         self, experiment_id: str, unit_id: str, k: int, context: dict[str, Any] | None = None
     ) -> DecisionResult:
-        rt = self._require(experiment_id)
+        rt = self.require(experiment_id)
         spec = rt.spec
         if spec.state != "running":
             if spec.state == "paused":
@@ -754,7 +756,7 @@ class Engine:
             raise DecisionNotFound(
                 f"decision {r.decision_id!r} is unknown: it was never issued by this server or has expired"
             )
-        rt = self._require(rec.experiment_id)
+        rt = self.require(rec.experiment_id)
         arm = r.arm_id or rec.arms[0]
         if arm not in rec.arms:
             raise ArmNotFound(
@@ -825,7 +827,7 @@ class Engine:
 
     # Statistics.
     def arm_stats(self, experiment_id: str) -> list[ArmStatsRow]:
-        rt = self._require(experiment_id)
+        rt = self.require(experiment_id)
         means = rt.bandit.means()
         lows, highs = rt.bandit.intervals(0.95)
         shares = rt.recent_shares()
@@ -850,7 +852,7 @@ class Engine:
 
     def diagnostics(self, experiment_id: str, silence_s: float = 0.0) -> dict[str, Any]:
         """Learning-loop diagnostics of one experiment (see `banditd.diagnostics`)."""
-        rt = self._require(experiment_id)
+        rt = self.require(experiment_id)
         views = self.arm_stats(experiment_id)
         report = diagnostics.build(
             rt.monitor,
@@ -877,7 +879,7 @@ class Engine:
         """A contextual experiment's model: feature definition, per-arm coefficients with 95%
         intervals, feature importance and targeted-versus-uniform reward (the keys are the
         fields of the ModelReport message)."""
-        rt = self._require(experiment_id)
+        rt = self.require(experiment_id)
         if rt.model is None:
             raise FailedPrecondition(
                 f"experiment {experiment_id!r} uses the context-free policy {rt.spec.policy!r}; "

@@ -16,7 +16,7 @@ from banditd import _core, features
 from banditd.cache import BoundedCache
 from banditd.diagnostics import LearningMonitor
 from banditd.errors import InvalidArgument
-from banditd.outcomes import OutcomeRule
+from banditd.outcomes import OutcomeRule, on_maturity
 from banditd.settings import Settings
 from banditd.store import ArmRow, FeatureDefinition, ModelItems, PolicyState
 from banditd.validation import MAX_ARMS, MAX_WINDOW_SECONDS, check_id, check_params, check_prior
@@ -89,6 +89,16 @@ class ExperimentSpec:
     def rule(self) -> OutcomeRule:
         """The outcome rule (validated; computed once: it is on the write path of every reward)."""
         return OutcomeRule.for_experiment(self.reward_type == "binary", **self.outcomes)
+
+    @cached_property
+    def decision_observation(self) -> float | None:
+        """The value a decision record is observed with the moment it is stored, when that
+        is all the accounting it needs (decision mode, no maturation delay, half-life or
+        model: the writer's per-decision fast path); None otherwise."""
+        rule = self.rule
+        if rule.mode != "decision" or rule.min_age_ms > 0 or self.half_life > 0 or self.contextual:
+            return None
+        return on_maturity(rule, None).sum
 
     @cached_property
     def active_indices(self) -> list[int]:

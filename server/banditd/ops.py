@@ -211,7 +211,23 @@ class LogDecision(WriteOp):
         self.on_done = on_done
 
     def write(self, batch: WriteTxn) -> None:
-        record_decision(batch, Accounting(batch, self.spec), self.record)
+        value = self.spec.decision_observation
+        if value is None:
+            record_decision(batch, Accounting(batch, self.spec), self.record)
+        else:  # what record_decision and Accounting.observe do at weight 1, inlined
+            rec = self.record
+            policy = batch.policy(rec.experiment_id)
+            policy.decisions += 1
+            for arm in rec.arms:
+                row = batch.arm(rec.experiment_id, arm)
+                row.pulls += 1
+                row.n += 1
+                row.sum += value
+                row.sumsq += value * value
+                row.observations += 1
+                row.value_sum += value
+                policy.clock += 1
+            batch.put_decision(rec)
         if self.sticky and self.record.unit_id:
             batch.put_assignment(self.record.experiment_id, self.record.unit_id, self.record.arms)
 

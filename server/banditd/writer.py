@@ -1,6 +1,7 @@
 """Group commit: one thread owns every LMDB write transaction.
 
-Handlers submit write operations to a bounded queue. The writer takes everything queued
+Handlers submit write operations to a bounded queue (a deque: appending is one atomic
+operation under the GIL, where queue.Queue takes a lock and notifies a condition per put). The writer takes everything queued
 (up to `max_batch`), runs the operations in ONE transaction, commits it (synced to disk),
 hands the statistics it changed to the engine (`on_commit`), then applies each operation's
 in-memory effects and resolves its future. So a reward is acknowledged only once it is
@@ -14,10 +15,10 @@ from __future__ import annotations
 
 import errno
 import logging
-import queue
 import threading
 import time
 from bisect import bisect_left
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -105,7 +106,11 @@ class Writer:
         self.store = store
         self.max_batch = max_batch
         self.linger_s = linger_s
-        self._queue: queue.Queue[Any] = queue.Queue(maxsize=queue_limit)
+        self.queue_limit = queue_limit
+        self._ops: deque[Any] = deque()
+        # `_wake`: there is something to write (set by an op entering an empty queue and by
+        # every non-deferrable op); `_urgent`: a non-deferrable op waits, end any linger.
+        self._wake = threading.Event()
         self._urgent = threading.Event()
         self._thread = threading.Thread(target=self._run, name="banditd-writer", daemon=True)
         self._closed = False
@@ -130,14 +135,17 @@ class Writer:
     def submit(self, op: WriteOp) -> None:
         if self._closed:
             raise Unavailable("server is shutting down; retry against another instance")
-        try:
-            self._queue.put_nowait(op)
-        except queue.Full:
+        ops = self._ops
+        if len(ops) >= self.queue_limit:  # may overshoot by the handler threads racing here
             raise ResourceExhausted(
-                f"write queue is full ({self._queue.maxsize} pending operations); retry with backoff"
-            ) from None
+                f"write queue is full ({self.queue_limit} pending operations); retry with backoff"
+            )
+        ops.append(op)
         if not op.deferrable:
             self._urgent.set()  # ends a linger at once (see _run)
+            self._wake.set()
+        elif len(ops) == 1:
+            self._wake.set()
 
     def submit_and_wait(self, op: WriteOp, timeout: float | None = None) -> Any:
         op.future = Future()
@@ -153,36 +161,40 @@ class Writer:
         if self._closed:
             return
         self._closed = True
-        self._queue.put(_STOP)
+        self._ops.append(_STOP)
         self._urgent.set()
+        self._wake.set()
         self._thread.join(timeout)
 
     @property
     def pending(self) -> int:
-        return self._queue.qsize()
+        return len(self._ops)
 
     def _run(self) -> None:
+        ops_queue = self._ops
         stop = False
         while not stop:
-            first = self._queue.get()
-            if first is _STOP:
-                break
-            ops = [first]
-            if first.deferrable and self.linger_s > 0:
+            self._wake.clear()
+            if not ops_queue:
+                # An op appended after the check sets `_wake` after the clear: no lost wake-up.
+                self._wake.wait()
+                continue
+            first = ops_queue[0]
+            if first is not _STOP and first.deferrable and self.linger_s > 0:
                 # Linger for more decision records without waking per record: the thread sleeps
-                # on `_urgent` (set by a non-deferrable op) rather than on the queue, whose every
-                # put would wake it and take the GIL from the handler threads.
+                # on `_urgent` (set by a non-deferrable op), so handlers appending decisions
+                # never hand it the GIL.
                 self._urgent.wait(self.linger_s)
             self._urgent.clear()
-            while len(ops) < self.max_batch:
-                try:
-                    op = self._queue.get_nowait()
-                except queue.Empty:
-                    break
+            ops: list[WriteOp] = []
+            while ops_queue and len(ops) < self.max_batch:
+                op = ops_queue.popleft()
                 if op is _STOP:
                     stop = True
                     break
                 ops.append(op)
+            if not ops:
+                continue
             try:
                 self._commit(ops)
             except BaseException as exc:  # noqa: BLE001 - the writer must survive and answer

@@ -32,6 +32,7 @@ from banditd.experiment import ArmSpec, ExperimentRuntime, ExperimentSpec, now_m
 from banditd.guardrails import Guardian
 from banditd.ops import (
     ACCEPTED,
+    ClaimAssignment,
     LogDecision,
     MatureDecisions,
     PutExperiment,
@@ -95,6 +96,8 @@ ArmStatsRow = ArmView
 # How long a pool process waits for another process to commit the decisions a reward batch
 # names (once per batch, not per reward).
 DECISION_WAIT_S = 0.25
+# A sticky unit's first assignment in a shared store waits at most this long for its commit.
+CLAIM_TIMEOUT_S = 10.0
 # Propensity refresher: at least this often, and at most this share of one core. In decision
 # mode every commit of decision records moves the posterior (an observation each), so at a
 # steady load the refresher always has work: at 10 arms 10% of a core was ~20 µs per Decide
@@ -613,6 +616,12 @@ class Engine:
         chosen = tuple(arm_ids[i] for i in arms)
         if rt.model is None and k not in rt.slate_sizes:
             rt.slate_sizes.add(k)
+        if spec.sticky and self.shared:
+            held = self._claim(rt, unit_id, chosen)
+            if held != chosen:  # another process or node assigned the unit first
+                rt.assignments.put(unit_id, held)
+                scores = tuple(rt.bandit.means_of([rt.index[a] for a in held]))
+                return self._record(rt, unit_id, held, (1.0,) * k, scores, True, context, x)
         if spec.sticky:
             self._pending_sticky[(spec.id, unit_id)] = chosen
         try:
@@ -624,6 +633,15 @@ class Engine:
         if spec.sticky:
             rt.assignments.put(unit_id, chosen)
         return result
+
+    def _claim(self, rt: ExperimentRuntime, unit_id: str, arms: tuple[str, ...]) -> tuple[str, ...]:
+        """The unit's arms after a durable first-claim-wins write (shared stores only: alone,
+        `_pending_sticky` and the in-order writer already keep a unit's arm)."""
+        active = frozenset(a.id for a in rt.spec.arms if a.active)
+        held: tuple[str, ...] = self.writer.submit_and_wait(
+            ClaimAssignment(rt.spec.id, unit_id, arms, active), CLAIM_TIMEOUT_S
+        )
+        return held
 
     def _uniform(self, rt: ExperimentRuntime, k: int) -> tuple[int, ...]:
         active = rt.spec.active_indices

@@ -238,6 +238,25 @@ class LogDecision(WriteOp):
         self.on_done(self.record.decision_id)
 
 
+class ClaimAssignment(WriteOp):
+    """A sticky unit's first assignment when other processes or nodes share the store: made
+    durable before the decision is answered, and the first claim wins (a later one gets the
+    arms already held), so a unit keeps its arm whichever process or node it reaches."""
+
+    def __init__(self, experiment_id: str, unit_id: str, arms: tuple[str, ...], active: frozenset[str]) -> None:
+        self.experiment_id = experiment_id
+        self.unit_id = unit_id
+        self.arms = arms
+        self.active = active
+
+    def write(self, batch: WriteTxn) -> tuple[str, ...]:
+        held = batch.assignment(self.experiment_id, self.unit_id)
+        if held is not None and len(held) == len(self.arms) and all(a in self.active for a in held):
+            return held
+        batch.put_assignment(self.experiment_id, self.unit_id, self.arms)
+        return self.arms
+
+
 class LogDecisionBatch(WriteOp):
     """Stores a decision batch (one columnar record) and counts its decisions: pulls per
     arm and, in decision mode, one observation each (experiments without maturation delay,

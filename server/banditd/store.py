@@ -1066,6 +1066,10 @@ class WriteTxn:
     def put_outcome(self, decision_id: str, arm_id: str, outcome: Outcome) -> None:
         self.txn.put(key(decision_id, arm_id), outcome.encode(), db=self.store.outcomes)
 
+    def assignment(self, experiment_id: str, unit_id: str) -> tuple[str, ...] | None:
+        raw = self.txn.get(key(experiment_id, unit_id), db=self.store.assignments)
+        return None if raw is None else tuple(orjson.loads(raw))
+
     def put_assignment(self, experiment_id: str, unit_id: str, arms: tuple[str, ...]) -> None:
         self.txn.put(key(experiment_id, unit_id), orjson.dumps(arms), db=self.store.assignments)
 

@@ -1,11 +1,12 @@
 """Group commit: one thread owns every LMDB write transaction.
 
 Handlers submit write operations to a bounded queue (a deque: appending is one atomic
-operation under the GIL, where queue.Queue takes a lock and notifies a condition per put). The writer takes everything queued
-(up to `max_batch`), runs the operations in ONE transaction, commits it (synced to disk),
-hands the statistics it changed to the engine (`on_commit`), then applies each operation's
-in-memory effects and resolves its future. So a reward is acknowledged only once it is
-durable and applied, and a thousand rewards cost about one fsync.
+operation under the GIL, where queue.Queue takes a lock and notifies a condition per put).
+The writer takes everything queued (up to `max_batch`), runs the operations in ONE
+transaction, commits it (synced to disk), hands the statistics it changed to the engine
+(`on_commit`), then applies each operation's in-memory effects and resolves its future. So a
+reward is acknowledged only once it is durable and applied, and a thousand rewards cost
+about one fsync.
 
 Every submitted operation's future is resolved, whatever fails: a transaction that cannot
 begin, a map that cannot grow, a commit the disk refuses.

@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import grpc
+
 from banditd_client import Client
 from conftest import ServerProcess
 
@@ -18,11 +20,17 @@ def wait_for(predicate, timeout: float = 5.0) -> bool:  # type: ignore[no-untype
     return predicate()
 
 
+def own_connection(target: str) -> Client:
+    """A client on its own TCP connection (grpc shares one per target between channels by
+    default), so that SO_REUSEPORT spreads the clients over the processes."""
+    channel = grpc.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)])
+    return Client(target, channel=channel, timeout=10.0)
+
+
 def test_two_workers_share_experiments_decisions_and_rewards(tmp_path: Path) -> None:
     srv = ServerProcess(tmp_path / "data", ("--workers", "2", "--refresh-ms", "20"))
     srv.start()
-    # Each client has its own connection; SO_REUSEPORT spreads connections over the processes.
-    clients = [Client(srv.target, timeout=10.0) for _ in range(8)]
+    clients = [own_connection(srv.target) for _ in range(8)]
     try:
         clients[0].create_experiment("shared", arms=["a", "b", "c"], policy="thompson", sticky=True)
         # Every connection sees the experiment at once (a miss looks in the store).
@@ -64,3 +72,24 @@ def test_two_workers_share_experiments_decisions_and_rewards(tmp_path: Path) -> 
             assert sum(s.rewards for s in c.arm_stats("shared")) == 200
     finally:
         single.kill()
+
+
+def test_a_sticky_unit_keeps_its_arm_when_its_next_call_reaches_another_process_at_once(tmp_path: Path) -> None:
+    """The second call follows the first without a pause, through another connection (likely
+    another process): the first assignment must already be visible there, not lingering in
+    the first process's write queue."""
+    srv = ServerProcess(tmp_path / "data", ("--workers", "2", "--refresh-ms", "20"))
+    srv.start()
+    clients = [own_connection(srv.target) for _ in range(6)]
+    try:
+        arms = [f"arm-{i}" for i in range(20)]  # many arms: a fresh draw rarely repeats the arm
+        clients[0].create_experiment("sticky", arms=arms, policy="thompson", sticky=True)
+        for i in range(120):
+            unit = f"unit-{i}"
+            got = [clients[(i + j) % len(clients)].decide("sticky", unit_id=unit) for j in range(3)]
+            assert len({d.arm for d in got}) == 1, (unit, [d.arm for d in got])
+            assert [d.sticky_hit for d in got[1:]] == [True, True]
+    finally:
+        for c in clients:
+            c.close()
+        srv.stop()

@@ -5,6 +5,7 @@
 
 #[cfg(target_arch = "x86_64")]
 pub mod analysis;
+mod avx2;
 mod avx512;
 pub mod bandit;
 pub mod encoder;
@@ -128,6 +129,8 @@ struct PyBandit {
 /// `choose_many`: decisions per call, and per hold of the state lock.
 const MAX_BULK: usize = 1_000_000;
 const BULK_CHUNK: usize = 512;
+/// `choose_many`: at most this many units share one posterior draw.
+const MAX_UNITS_PER_DRAW: usize = 64;
 /// Decisions over fewer arms than this keep the GIL (a few microseconds of work).
 const QUICK_ARMS: usize = 4_096;
 /// Reward batches smaller than this keep the GIL.
@@ -237,7 +240,7 @@ pub(crate) fn poisoned() -> PyErr {
 impl PyBandit {
     /// reward_type: "binary" | "continuous"; policy: thompson | ucb1 | kl_ucb |
     /// epsilon_greedy | softmax | greedy | uniform. Zero-valued parameters take their
-    /// defaults. thompson_path: auto | full | pruned; isa: auto | avx512 | scalar;
+    /// defaults. thompson_path: auto | full | pruned; isa: auto | avx512 | avx2 | scalar;
     /// prune_epsilon bounds the chance that the pruned draw differs from the full one.
     #[new]
     #[pyo3(signature = (reward_type="binary", policy="thompson", *, exploitation=0.0,
@@ -332,7 +335,7 @@ impl PyBandit {
         self.with(py, |s| Ok(s.bandit.last_drawn()))
     }
 
-    /// Instruction set of the Thompson kernel: "avx512" or "scalar".
+    /// Instruction set of the Thompson kernel: "avx512", "avx2" or "scalar".
     #[getter]
     fn isa(&self, py: Python<'_>) -> PyResult<&'static str> {
         self.with(py, |s| Ok(s.bandit.isa.name()))
@@ -402,20 +405,33 @@ impl PyBandit {
         ))
     }
 
-    /// `n` independent decisions of k arms from the current posterior (a campaign batch):
-    /// the arm indices (u32 little endian, k per decision) and each one's inclusion
-    /// probability (f64 little endian). The GIL is released; the state lock is taken per
-    /// chunk of `BULK_CHUNK` decisions, so single decisions are served in between.
-    #[pyo3(signature = (n, k=1))]
+    /// `n` decisions of k arms from the current posterior (a campaign batch): the arm
+    /// indices (u32 little endian, k per decision) and each one's inclusion probability (f64
+    /// little endian). The GIL is released; the state lock is taken per chunk of
+    /// `BULK_CHUNK` decisions, so single decisions are served in between.
+    ///
+    /// `units_per_draw` > 1 lets units share posterior draws: a chunk of m units makes
+    /// ceil(m / units_per_draw) draws and gives each unit one of them picked uniformly at
+    /// random. Each unit's arms are still an exact draw from the policy's distribution (so
+    /// the logged propensities hold), but units of a chunk are no longer independent: arm
+    /// counts vary more than with one draw each. What makes 10,000-arm campaigns affordable.
+    #[pyo3(signature = (n, k=1, units_per_draw=1))]
     fn choose_many<'py>(
         &self,
         py: Python<'py>,
         n: usize,
         k: usize,
+        units_per_draw: usize,
     ) -> PyResult<(Bound<'py, PyBytes>, Bound<'py, PyBytes>)> {
         if n > MAX_BULK {
             return Err(RsError::invalid(format!(
                 "at most {MAX_BULK} decisions per call, got {n}"
+            ))
+            .into());
+        }
+        if !(1..=MAX_UNITS_PER_DRAW).contains(&units_per_draw) {
+            return Err(RsError::invalid(format!(
+                "units_per_draw must be in [1, {MAX_UNITS_PER_DRAW}], got {units_per_draw}"
             ))
             .into());
         }
@@ -426,14 +442,20 @@ impl PyBandit {
             let m = BULK_CHUNK.min(n - done);
             let (a, p) = self.with(py, |state| {
                 let mut idx = Vec::with_capacity(m * k);
-                for _ in 0..m {
-                    idx.extend(
-                        state
-                            .bandit
-                            .choose(&mut state.rng, k)?
-                            .iter()
-                            .map(|c| c.arm),
-                    );
+                let draws = m.div_ceil(units_per_draw);
+                let mut picks = Vec::with_capacity(draws * k);
+                for _ in 0..draws {
+                    let slate = state.bandit.choose(&mut state.rng, k)?;
+                    picks.extend(slate.iter().map(|c| c.arm));
+                }
+                let width = picks.len() / draws;
+                if draws == m {
+                    idx = picks;
+                } else {
+                    for _ in 0..m {
+                        let j = state.rng.scalar.random_range(0..draws);
+                        idx.extend_from_slice(&picks[j * width..(j + 1) * width]);
+                    }
                 }
                 let all: Vec<usize> = (0..state.bandit.len()).collect();
                 let p = state.propensities(k, &all)?;

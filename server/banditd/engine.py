@@ -26,7 +26,6 @@ from banditd.errors import (
     FailedPrecondition,
     InvalidArgument,
     OutsideAttributionWindow,
-    ResourceExhausted,
 )
 from banditd.experiment import ArmSpec, ExperimentRuntime, ExperimentSpec, now_ms
 from banditd.guardrails import Guardian
@@ -575,10 +574,7 @@ class Engine:
                 )
         k = check_k(k or 1)
         check_context(context)
-        if self.writer.storage_error is not None:
-            raise ResourceExhausted(
-                f"decisions are refused while the store cannot write ({self.writer.storage_error.message})"
-            )
+        self.writer.refuse_if_failing()
         if unit_id:
             check_id("unit id", unit_id)
         elif spec.sticky:

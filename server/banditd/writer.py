@@ -148,6 +148,14 @@ class Writer:
         elif len(ops) == 1:
             self._wake.set()
 
+    def refuse_if_failing(self) -> None:
+        """Decisions are refused (with the store's status: RESOURCE_EXHAUSTED for a full disk,
+        UNAVAILABLE for a database that cannot be reached) while the last commit failed:
+        they could not be logged. The background thread's probe clears it."""
+        err = self.storage_error
+        if err is not None:
+            raise type(err)(f"decisions are refused while the store cannot write ({err.message})")
+
     def submit_and_wait(self, op: WriteOp, timeout: float | None = None) -> Any:
         op.future = Future()
         self.submit(op)
@@ -205,7 +213,7 @@ class Writer:
     def _fail(self, ops: list[WriteOp], exc: BaseException) -> None:
         self.failed_commits += 1
         error = exc if isinstance(exc, BanditdError) else storage_error(exc)
-        if isinstance(error, ResourceExhausted):
+        if isinstance(error, ResourceExhausted | Unavailable):
             self.storage_error = error
         for op in ops:
             try:

@@ -153,3 +153,34 @@ def test_pruned_and_full_paths_agree_on_a_clear_winner() -> None:
         assert b.choose(1)[0] == (1234,)
         if path == "pruned":
             assert 0 < b.last_drawn < 5000
+
+
+def test_bulk_units_sharing_posterior_draws_follow_the_logged_propensities() -> None:
+    """choose_many with units_per_draw > 1 (a 10,000-arm campaign's way to stay cheap): each
+    unit's arm is still a draw from the policy's distribution, so arm frequencies match the
+    logged propensities, as with one draw per unit; a bad share is refused."""
+    import numpy as np
+
+    b = _core.Bandit("binary", "thompson", seed=5)
+    leaders = [(60.0, 40.0), (57.0, 43.0), (52.0, 48.0)]  # three arms carry almost all P(best)
+    alphas = [a for a, _ in leaders] + [1.0] * 1997
+    betas = [b_ for _, b_ in leaders] + [30.0] * 1997
+    b.add_arms(alphas, betas)
+    n = 40_000
+    for share in (1, 8):
+        raw_arms, raw_props = b.choose_many(n, 1, share)
+        arms = np.frombuffer(raw_arms, dtype=np.uint32)
+        props = np.frombuffer(raw_props, dtype=np.float64)
+        assert arms.size == props.size == n
+        logged = {int(a): float(p) for a, p in zip(arms, props, strict=True)}
+        for arm in (0, 1, 2):
+            freq = float(np.mean(arms == arm))
+            se = (logged[arm] * (1 - logged[arm]) / n * share) ** 0.5 + 0.011  # + the estimate's own error
+            assert abs(freq - logged[arm]) < 4 * se, (share, arm, freq, logged[arm])
+    for bad in (0, 65):
+        try:
+            b.choose_many(10, 1, bad)
+        except _core.CoreError as exc:
+            assert "units_per_draw" in str(exc)
+        else:
+            raise AssertionError(f"units_per_draw={bad} accepted")

@@ -101,11 +101,11 @@ CLAIM_TIMEOUT_S = 10.0
 # mode every commit of decision records moves the posterior (an observation each), so at a
 # steady load the refresher always has work: at 10 arms 10% of a core was ~20 µs per Decide
 # at 3,000/s, a tenth of what the gRPC call itself costs.
-PROPENSITY_REFRESH_S = 0.25
+PROPENSITY_REFRESH_S = 0.5
 PROPENSITY_CPU_SHARE = 0.04
 # Monte Carlo draws per refresh: at least 2,000 (standard error <= 0.5/sqrt(2000) = 0.011),
 # more for small experiments while a refresh stays within this many arm-draws.
-MIN_DRAWS, MAX_DRAWS, DRAW_BUDGET = 2_000, 20_000, 200_000
+MIN_DRAWS, MAX_DRAWS, DRAW_BUDGET = 2_000, 10_000, 200_000
 
 
 def propensity_draws(n_arms: int) -> int:

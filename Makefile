@@ -60,7 +60,9 @@ bench: install
 	$(BIN)/python loadtest/bench_core.py
 	cd loadtest && ../$(BIN)/python bench_contextual.py
 
-# Precise closed/open-loop load generator vs a numpy reference server and a no-op baseline.
+# Decisions/s at p99 <= 10 ms (Python closed/open-loop generator) vs a numpy reference server and a
+# no-op baseline; server CPU per Decide with h2load (compiled generator, Debian's nghttp2-client,
+# installed when missing and root); then ingest and DecideBulk.
 bench-server: install
 	$(BIN)/python loadtest/bench_server.py
 

@@ -11,29 +11,43 @@ For each server and each experiment size (10, 1,000, 10,000 arms, Thompson) it m
 The load comes from `--gen-procs` spawned processes sending pre-serialised DecideRequests
 over grpc.aio channels with the generated method path (no protobuf work, no convenience
 client). Steps during which other programs used more than `--max-noise` CPU cores are
-repeated. Then the ingest benchmark (loadtest/bench_ingest.py) runs, unless --no-ingest, and
+repeated.
+
+Then, unless --no-cpu, server CPU per Decide measured with h2load (a compiled generator,
+~35 µs of CPU per call against ~225 µs for the Python one): the no-op server and banditd with
+1 and 2 processes, 10 and 10,000 arms, closed loop h2load -c 4 -m 8, `--cpu-rounds`
+interleaved rounds of `--cpu-seconds`, medians; plus one open-loop run at `--open-rps`.
+Then the ingest benchmark (loadtest/bench_ingest.py) runs, unless --no-ingest, and
 DecideBulk and SDK-side assignment (loadtest/bench_bulk.py), unless --no-bulk.
 
     make bench-server                              # everything, ~10 minutes
     python loadtest/bench_server.py --quick        # shorter steps, coarser search
     python loadtest/bench_server.py --servers banditd-1,numpy --arms 10000
     python loadtest/bench_server.py --servers noop,noop-aio --no-ingest   # sync vs grpc.aio
+    python loadtest/bench_server.py --only-cpu     # the h2load section alone, ~5 minutes
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shlex
+import signal
+import statistics
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
+import h2load
 import numpy as np
+import psutil
 from _common import (
+    LOADTEST_DIR,
     REPORTS,
     ExperimentPlan,
     GenResult,
@@ -46,6 +60,7 @@ from _common import (
     decide_payloads,
     ensure_experiment,
     fmt_table,
+    free_port,
     method_path,
     percentiles_ms,
     steal_cpu_seconds,
@@ -53,6 +68,7 @@ from _common import (
     wait_for_quiet,
 )
 
+from banditd_client.v1 import banditd_pb2 as pb
 from banditd_client.v1 import banditd_pb2_grpc as pb_grpc
 
 P99_MS = 10.0
@@ -277,6 +293,340 @@ def targets(rows: list[Row]) -> list[str]:
     return lines
 
 
+# Server CPU per Decide with a compiled load generator (h2load): the Python generator above
+# costs ~225 µs of CPU per call on the cores it shares with the server, h2load ~35 µs.
+
+CPU_CONNS, CPU_STREAMS = 4, 8  # closed loop: h2load -c 4 -m 8, 32 calls in flight
+CPU_TAIL_S = 0.25  # after h2load exits: calls still in flight, the last group commit
+CPU_TOLERANCE = 0.01  # decisions made vs 2xx responses counted by h2load
+
+
+@dataclass
+class CpuSample:
+    round: int
+    completed: int  # HTTP 2xx responses (h2load)
+    failed: int
+    started: int
+    seconds: float
+    rate: float  # completed per second
+    server_us: float  # server CPU (all its processes) per completed call
+    gen_us: float  # h2load CPU per completed call
+    busiest_share: float  # share of the server CPU used by its busiest process
+    other_cores: float  # CPU used by other programs meanwhile, in cores
+    steal_cores: float
+    idle_servers_cores: float  # the servers of this section that were not measured
+
+
+@dataclass
+class CpuTarget:
+    """One server and experiment size, measured once per round."""
+
+    processes: int
+    server: str  # "noop" | "banditd"
+    arms: int | None  # None: the no-op server ignores the experiment
+    srv: ServerProcess
+    body: Path
+    experiment: str
+    checked: bool = False
+    samples: list[CpuSample] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        return f"{self.server} x{self.processes}" + (f", {self.arms:,} arms" if self.arms else "")
+
+
+@dataclass
+class CpuRow:
+    processes: int
+    server: str
+    arms: int | None
+    rate: float  # medians over rounds
+    server_us: float
+    vs_noop: float | None  # server_us / the no-op's with the same process count
+    gen_us: float
+    rounds: int
+    server_us_rounds: list[float]
+
+
+@dataclass
+class OpenRow:
+    processes: int
+    server: str
+    arms: int | None
+    target_rps: int
+    rate: float
+    completed: int
+    failed: int
+    server_us: float
+    vs_closed: float | None  # server_us / the same server's closed-loop median (saturation)
+    gen_us: float
+
+
+def _pid_cpu(server: ServerProcess) -> dict[int, float]:
+    out = {}
+    for pid in server.pids():
+        try:
+            t = psutil.Process(pid).cpu_times()
+            out[pid] = t.user + t.system
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+def wait_listening(server: ServerProcess, processes: int, timeout: float = 60.0) -> None:
+    """Waits until `processes` processes of the server listen on its port: the health check
+    answers as soon as one does, and SO_REUSEPORT only spreads connections over the others
+    once they listen too."""
+    deadline = time.monotonic() + timeout
+    while True:
+        listening = 0
+        for pid in server.pids():
+            try:
+                conns = psutil.Process(pid).net_connections(kind="tcp")
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+            listening += any(c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == server.port
+                             for c in conns)
+        if listening >= processes:
+            return
+        if not server.alive():
+            raise RuntimeError(f"{server.name} exited:\n{server.log_tail()}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{server.name}: {listening} of {processes} processes listen after {timeout:.0f} s")
+        time.sleep(0.1)
+
+
+def make_noop(workdir: Path, processes: int) -> ServerProcess:
+    if processes == 1:  # exactly the default reference server
+        return ServerProcess.reference(workdir, "noop")
+    port = free_port()
+    cmd = [sys.executable, str(LOADTEST_DIR / "reference_server.py"), "--port", str(port), "--mode", "noop",
+           "--processes", str(processes)]
+    return ServerProcess(f"reference-noop-x{processes}", cmd, port, workdir)
+
+
+def make_banditd(workdir: Path, processes: int, extra: tuple[str, ...]) -> ServerProcess:
+    return ServerProcess.banditd(workdir, "--workers", str(processes), *extra, name=f"banditd-{processes}")
+
+
+def _decisions(target: CpuTarget) -> int:
+    with channel(target.srv.target) as ch:
+        stats = pb_grpc.BanditdStub(ch).GetArmStats(
+            pb.GetArmStatsRequest(experiment_id=target.experiment), timeout=60
+        )
+    return int(stats.total_decisions)
+
+
+def _settled_decisions(target: CpuTarget, timeout: float = 15.0) -> int:
+    """The decision count once it stops moving: decision records commit behind the calls
+    (linger) and the other pool processes pick them up every --refresh-ms."""
+    last = _decisions(target)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        time.sleep(0.3)
+        now = _decisions(target)
+        if now == last:
+            return now
+        last = now
+    return last
+
+
+class CpuBench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        from reference_server import NoopService
+
+        self.noop_frame = 5 + NoopService.DECISION.ByteSize()  # gRPC frame of the constant response
+        self.servers: list[ServerProcess] = []  # all of them: the idle ones are not "other programs"
+
+    def start(self, workdir: Path, workers: bool, stack: contextlib.ExitStack, notes: list[str]) -> list[CpuTarget]:
+        """Every server at once (stopped by `stack`, also on errors), experiments created."""
+        args = self.args
+        extra = tuple(shlex.split(args.banditd_args))
+        bodies = {}
+        for arms in args.cpu_arms:
+            plan = ExperimentPlan(f"cpu-{arms}", arms, posterior=args.posterior)
+            bodies[arms] = (plan, h2load.write_body(decide_payloads(plan.id, 1)[0], workdir))
+        targets: list[CpuTarget] = []
+        for p in args.cpu_processes:
+            servers: list[tuple[str, ServerProcess]] = [("noop", make_noop(workdir, p))]
+            if p > 1 and not workers:
+                notes.append(f"banditd x{p} skipped: `banditd serve --help` lists no --workers")
+                print(notes[-1])
+            else:
+                servers.append(("banditd", make_banditd(workdir, p, extra)))
+            for kind, srv in servers:
+                srv.nice = args.nice
+                stack.callback(srv.stop)  # registered before start: a failed start is stopped too
+                self.servers.append(srv)
+                srv.start()
+                wait_listening(srv, p)
+                print(f"  started {kind} x{p}: {' '.join(srv.cmd[1:])}", flush=True)
+                if kind == "noop":
+                    plan, body = bodies[args.cpu_arms[0]]
+                    targets.append(CpuTarget(p, kind, None, srv, body, plan.id))
+                    continue
+                with channel(srv.target) as ch:
+                    stub = pb_grpc.BanditdStub(ch)
+                    for arms in args.cpu_arms:
+                        plan, body = bodies[arms]
+                        ensure_experiment(stub, plan)
+                        targets.append(CpuTarget(p, kind, arms, srv, body, plan.id))
+        return targets
+
+    def measure(self, target: CpuTarget, rnd: int, rps: int | None = None) -> CpuSample:
+        args = self.args
+        srv = target.srv
+        if not target.checked:
+            status, message = h2load.grpc_status(srv.port, target.body)
+            if status != 0:
+                raise RuntimeError(f"{target.label}: one call with h2load's body and headers got grpc-status "
+                                   f"{status} {message!r}: h2load's 2xx would not be decisions")
+        if rps is None:
+            h2load.closed_loop(srv.port, target.body, 1, CPU_CONNS, CPU_STREAMS, nice=args.nice)  # warm-up
+        time.sleep(CPU_TAIL_S)
+        before = _settled_decisions(target) if target.server == "banditd" and not target.checked else None
+        idle0 = sum(s.cpu_seconds() for s in self.servers if s is not srv)
+        cpu0, busy0, steal0, t0 = _pid_cpu(srv), busy_cpu_seconds(), steal_cpu_seconds(), time.monotonic()
+        if rps is None:
+            res = h2load.closed_loop(srv.port, target.body, args.cpu_seconds, CPU_CONNS, CPU_STREAMS, nice=args.nice)
+        else:
+            res = h2load.open_loop(srv.port, target.body, args.open_seconds, rps, nice=args.nice)
+        time.sleep(CPU_TAIL_S)
+        cpu1, busy1, steal1, wall = _pid_cpu(srv), busy_cpu_seconds(), steal_cpu_seconds(), time.monotonic() - t0
+        idle = sum(s.cpu_seconds() for s in self.servers if s is not srv) - idle0
+        per_pid = [cpu1[pid] - cpu0.get(pid, 0.0) for pid in cpu1]
+        used = sum(per_pid)
+        other = max(0.0, (busy1 - busy0) - used - res.cpu - idle) / wall
+        n = max(1, res.completed)
+        sample = CpuSample(
+            rnd, res.completed, res.failed, res.started, res.elapsed, res.throughput, used / n * 1e6,
+            res.cpu / n * 1e6, max(per_pid, default=0.0) / used if used > 0 else 0.0, other,
+            (steal1 - steal0) / wall, idle / wall,
+        )
+        self.verify(target, res, before)
+        if not srv.alive():
+            raise RuntimeError(f"{target.label} died:\n{srv.log_tail()}")
+        what = "open" if rps else f"round {rnd + 1}"
+        print(f"    {what:<7}  {target.label:<26} {sample.rate:8,.0f}/s  server {sample.server_us:5.0f} us/call  "
+              f"h2load {sample.gen_us:3.0f} us/call  failed {sample.failed}  busiest process "
+              f"{sample.busiest_share:4.0%}  idle servers {sample.idle_servers_cores:.2f}, others {other:.2f}, steal "
+              f"{sample.steal_cores:.2f} cores", flush=True)
+        return sample
+
+    def verify(self, target: CpuTarget, res: h2load.H2Result, before: int | None) -> None:
+        """h2load counts HTTP 2xx; a gRPC error is a 2xx too. The no-op answers one constant
+        message, so the response bytes say how many calls succeeded (every run); banditd's
+        decision count must have grown by the calls h2load counted (first run of each size)."""
+        if res.failed > CPU_TOLERANCE * max(1, res.completed):
+            raise RuntimeError(f"{target.label}: h2load counted {res.failed} failed calls of {res.started}")
+        if target.server == "noop":
+            expected = res.completed * self.noop_frame
+            if abs(res.data_bytes - expected) > CPU_TOLERANCE * expected:
+                raise RuntimeError(f"{target.label}: {res.data_bytes} response bytes for {res.completed} calls, "
+                                   f"expected {expected} ({self.noop_frame} each): some calls were gRPC errors")
+        elif before is not None:
+            made = _settled_decisions(target) - before
+            low, high = res.completed * (1 - CPU_TOLERANCE), res.started * (1 + CPU_TOLERANCE) + 1
+            if not low <= made <= high:
+                raise RuntimeError(f"{target.label}: h2load counted {res.completed} responses (2xx, {res.started} "
+                                   f"sent) but the decision count grew by {made}: gRPC errors behind HTTP 200?")
+            print(f"    checked: {made:,} decisions made for {res.completed:,} responses counted by h2load",
+                  flush=True)
+        target.checked = True
+
+    def run(self, workdir: Path, workers: bool) -> dict[str, Any]:
+        args = self.args
+        title = (f"Server CPU per Decide, compiled generator (h2load), closed loop c={CPU_CONNS} x m={CPU_STREAMS}")
+        print(f"\n== {title}", flush=True)
+        if h2load.ensure_h2load() is None:
+            print("   skipped: no h2load (apt-get install -y nghttp2-client)")
+            return {"title": title, "skipped": "h2load not available"}
+        notes: list[str] = []
+        started = time.monotonic()
+        with contextlib.ExitStack() as stack:
+            targets = self.start(workdir, workers, stack, notes)
+            wait_for_quiet()
+            for rnd in range(args.cpu_rounds):  # interleaved, the order reversed every other round
+                for target in targets if rnd % 2 == 0 else targets[::-1]:
+                    target.samples.append(self.measure(target, rnd))
+            closed = cpu_rows(targets)
+            opened = self.open_rows(targets, closed)
+        head = (f"{title}: {cpu_model()}; {h2load.version()}; {args.cpu_rounds} rounds x {args.cpu_seconds:.0f} s "
+                f"(+1 s warm-up) per server and size, medians; {args.posterior} posteriors; nice {args.nice}; "
+                f"{time.monotonic() - started:.0f} s")
+        print(f"\n{head}")
+        print(cpu_table(closed))
+        print(f"\nOpen loop, h2load -c 1 --rps {args.open_rps}, {args.open_seconds:.0f} s, once each")
+        print(open_table(opened))
+        print("server CPU: all processes of the server (pool parent included), per call h2load counted; "
+              "vs no-op: ratio to the no-op server with as many processes; vs closed loop: ratio to the same "
+              "server's closed-loop median (saturation)")
+        for line in notes:
+            print(line)
+        return {
+            "title": head, "closed": [asdict(r) for r in closed], "open": [asdict(r) for r in opened],
+            "samples": [{"processes": t.processes, "server": t.server, "arms": t.arms,
+                         "samples": [asdict(s) for s in t.samples]} for t in targets],
+            "notes": notes,
+        }
+
+    def open_rows(self, targets: list[CpuTarget], closed: list[CpuRow]) -> list[OpenRow]:
+        rows = []
+        arms = self.args.cpu_arms[0]
+        for t in targets:
+            if t.processes != 1 or t.arms not in (None, arms):
+                continue
+            time.sleep(0.5)  # the closed-loop runs' decision records commit
+            s = self.measure(t, self.args.cpu_rounds, rps=self.args.open_rps)
+            sat = next((r.server_us for r in closed if (r.processes, r.server, r.arms) == (1, t.server, t.arms)), 0.0)
+            rows.append(OpenRow(1, t.server, t.arms, self.args.open_rps, s.rate, s.completed, s.failed, s.server_us,
+                                s.server_us / sat if sat > 0 else None, s.gen_us))
+        return rows
+
+
+def cpu_rows(targets: list[CpuTarget]) -> list[CpuRow]:
+    rows = []
+    for t in targets:
+        us = [s.server_us for s in t.samples]
+        rows.append(CpuRow(
+            t.processes, t.server, t.arms, statistics.median(s.rate for s in t.samples), statistics.median(us),
+            None, statistics.median(s.gen_us for s in t.samples), len(t.samples), us,
+        ))
+    for r in rows:
+        noop = next((n.server_us for n in rows if n.server == "noop" and n.processes == r.processes), 0.0)
+        r.vs_noop = r.server_us / noop if noop > 0 else None
+    return rows
+
+
+def _x(ratio: float | None) -> str:
+    return f"{ratio:.2f}x" if ratio is not None else "-"
+
+
+def _arms(arms: int | None) -> str:
+    return "any" if arms is None else f"{arms:,}"
+
+
+def cpu_table(rows: list[CpuRow]) -> str:
+    headers = ("processes", "server", "arms", "decisions/s", "server CPU µs/call (median)", "vs no-op",
+               "generator CPU µs/call")
+    return fmt_table(headers, [
+        (r.processes, r.server, _arms(r.arms), f"{r.rate:,.0f}", f"{r.server_us:.0f}", _x(r.vs_noop),
+         f"{r.gen_us:.0f}")
+        for r in rows
+    ])
+
+
+def open_table(rows: list[OpenRow]) -> str:
+    headers = ("processes", "server", "arms", "rate/s", "decisions/s", "server CPU µs/call", "vs closed loop",
+               "generator CPU µs/call")
+    return fmt_table(headers, [
+        (r.processes, r.server, _arms(r.arms), r.target_rps, f"{r.rate:,.0f}", f"{r.server_us:.0f}",
+         _x(r.vs_closed), f"{r.gen_us:.0f}")
+        for r in rows
+    ])
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--banditd-args", default="", help="extra `banditd serve` flags for the banditd servers")
@@ -304,7 +654,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--no-ingest", action="store_true", help="skip the ingest benchmark")
     ap.add_argument("--no-bulk", action="store_true", help="skip DecideBulk and local assignment (bench_bulk.py)")
     ap.add_argument("--json", type=Path, default=None, help="also write results here (default under reports/)")
+    cpu = ap.add_argument_group("server CPU per Decide with h2load (a compiled generator)")
+    cpu.add_argument("--no-cpu", action="store_true", help="skip this section")
+    cpu.add_argument("--only-cpu", action="store_true",
+                     help="run this section only (no Python-generator search, no ingest, no bulk)")
+    cpu.add_argument("--cpu-rounds", type=int, default=5, help="interleaved rounds; the table shows medians")
+    cpu.add_argument("--cpu-seconds", type=int, default=6, help="closed-loop seconds per server and size per round")
+    cpu.add_argument("--cpu-processes", default="1,2", help="server processes (banditd --workers, no-op --processes)")
+    cpu.add_argument("--cpu-arms", default="10,10000", help="banditd experiment sizes")
+    cpu.add_argument("--open-rps", type=int, default=150,
+                     help="open-loop calls/s (banditd x1 at the first size, no-op x1)")
+    cpu.add_argument("--open-seconds", type=int, default=10)
     args = ap.parse_args(argv)
+    if args.no_cpu and args.only_cpu:
+        ap.error("--no-cpu and --only-cpu exclude each other")
+    if args.cpu_rounds < 1 or args.cpu_seconds < 1 or args.open_rps < 1 or args.open_seconds < 1:
+        ap.error("--cpu-rounds, --cpu-seconds, --open-rps and --open-seconds must be >= 1")
+    args.cpu_processes = [int(p) for p in args.cpu_processes.split(",")]
+    args.cpu_arms = [int(a) for a in args.cpu_arms.split(",")]
     args.arms = [int(a) for a in args.arms.split(",")]
     args.servers = [s.strip() for s in args.servers.split(",") if s.strip()]
     if args.quick:
@@ -312,8 +679,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def _terminate(signum: int, _frame: object) -> None:
+    """SIGTERM unwinds like Ctrl-C: the servers (own sessions) and h2load are stopped on the way out."""
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _terminate)
     notes = []
     workers = banditd_supports_workers()
     if "banditd-2" in args.servers and not workers:
@@ -321,22 +694,30 @@ def main(argv: list[str] | None = None) -> int:
         notes.append("banditd-2 skipped: `banditd serve --help` lists no --workers yet (ran 1 process only)")
         print(notes[-1])
     rows: list[Row] = []
+    cpu: dict[str, Any] | None = None
     started = time.monotonic()
-    with temp_workdir("banditd-bench-") as tmp, LoadGenerator(args.gen_procs, args.channels, args.nice) as gen:
-        bench = Bench(args, gen)
-        for name in args.servers:
-            server = make_server(name, Path(tmp), workers, tuple(shlex.split(args.banditd_args)))
-            server.nice = args.nice
-            rows += bench.run_server(name, server)
-    print(f"\nDecide benchmark: {cpu_model()}; generator: {args.gen_procs} process(es), {args.channels} connections, "
-          f"same machine, nice {args.nice}; {args.posterior} posteriors; open-loop steps {args.step_seconds:.0f} s; "
-          f"closed loop {args.concurrency} in flight; {time.monotonic() - started:.0f} s")
-    print(table(rows))
-    print("srv/gen us/dec: CPU microseconds per decision of the server (all its processes) and of the load "
-          "generator, in the closed-loop run")
-    for line in targets(rows) + notes:
-        print(line)
-    _save(args, rows)
+    with temp_workdir("banditd-bench-") as tmp:
+        if not args.only_cpu:
+            with LoadGenerator(args.gen_procs, args.channels, args.nice) as gen:
+                bench = Bench(args, gen)
+                for name in args.servers:
+                    server = make_server(name, Path(tmp), workers, tuple(shlex.split(args.banditd_args)))
+                    server.nice = args.nice
+                    rows += bench.run_server(name, server)
+            print(f"\nDecide benchmark: {cpu_model()}; generator: {args.gen_procs} process(es), {args.channels} "
+                  f"connections, same machine, nice {args.nice}; {args.posterior} posteriors; open-loop steps "
+                  f"{args.step_seconds:.0f} s; closed loop {args.concurrency} in flight; "
+                  f"{time.monotonic() - started:.0f} s")
+            print(table(rows))
+            print("srv/gen us/dec: CPU microseconds per decision of the server (all its processes) and of the load "
+                  "generator, in the closed-loop run")
+            for line in targets(rows) + notes:
+                print(line)
+        if not args.no_cpu:
+            cpu = CpuBench(args).run(Path(tmp), workers)
+    _save(args, rows, cpu)
+    if args.only_cpu:
+        return 0
     if not args.no_ingest:
         import bench_ingest
 
@@ -348,11 +729,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _save(args: argparse.Namespace, rows: list[Row]) -> None:
+def _save(args: argparse.Namespace, rows: list[Row], cpu: dict[str, Any] | None = None) -> None:
     path = args.json or REPORTS / time.strftime("bench-server-%Y%m%d-%H%M%S.json")
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"cpu": cpu_model(), "args": {k: str(v) for k, v in vars(args).items()}}
-    path.write_text(json.dumps({"meta": meta, "rows": [asdict(r) for r in rows]}, indent=1, default=str))
+    report: dict[str, Any] = {"meta": meta, "rows": [asdict(r) for r in rows]}
+    if cpu is not None:
+        report["server_cpu_h2load"] = cpu
+    path.write_text(json.dumps(report, indent=1, default=str))
     print(f"results: {path}")
 
 

@@ -6,20 +6,28 @@
 --mode noop: Decide returns one constant response; the floor of a Python gRPC round trip.
 --mode noop-aio: the same on grpc.aio (asyncio): the other server model grpcio offers, to
   measure which of the two is faster here (banditd uses the sync one).
+--processes N (no-op modes): N server processes on one port (SO_REUSEPORT), the shape of
+  `banditd serve --workers N`; the parent only starts them, forwards SIGTERM / SIGINT and
+  exits when one of them dies. The default, 1, is one process without SO_REUSEPORT.
 
 Implements CreateExperiment, GetExperiment, Decide, Reward, RewardStream and GetArmStats,
 plus grpc.health.v1 so the benchmarks can wait for it like for banditd.
 
     python loadtest/reference_server.py --port 50061 --mode numpy
+    python loadtest/reference_server.py --port 50061 --mode noop --processes 2
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import ctypes
 import itertools
 import signal
+import subprocess
+import sys
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Iterator
 from concurrent import futures
@@ -209,8 +217,8 @@ class AioNoopService(pb_grpc.BanditdServicer):
         return NoopService.ACCEPTED
 
 
-async def serve_aio(host: str, port: int) -> None:
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+async def serve_aio(host: str, port: int, reuseport: bool = False) -> None:
+    server = grpc.aio.server(options=[("grpc.so_reuseport", int(reuseport))])
     pb_grpc.add_BanditdServicer_to_server(AioNoopService(), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -228,9 +236,13 @@ async def serve_aio(host: str, port: int) -> None:
     await server.stop(2)
 
 
-def build_server(mode: str, host: str, port: int, threads: int, seed: int | None) -> tuple[grpc.Server, int]:
+def build_server(
+    mode: str, host: str, port: int, threads: int, seed: int | None, reuseport: bool = False
+) -> tuple[grpc.Server, int]:
     # The same server shape as banditd's app.py: sync grpcio on a thread pool.
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads), options=[("grpc.so_reuseport", 0)])
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=threads), options=[("grpc.so_reuseport", int(reuseport))]
+    )
     service = NumpyService(seed) if mode == "numpy" else NoopService()
     pb_grpc.add_BanditdServicer_to_server(service, server)
     health_servicer = health.HealthServicer()
@@ -242,6 +254,53 @@ def build_server(mode: str, host: str, port: int, threads: int, seed: int | None
     return server, bound
 
 
+def _die_with_parent() -> None:
+    """Linux: the child gets SIGTERM if the parent dies (even by kill -9), as in banditd's pool."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def serve_pool(args: argparse.Namespace) -> int:
+    """`--processes` children on one port with SO_REUSEPORT; each binds it and serves health
+    itself, like the members of `banditd serve --workers N` (the kernel spreads connections)."""
+    if args.port == 0:
+        raise SystemExit("--processes > 1 needs an explicit --port (the processes share it)")
+    cmd = [sys.executable, __file__, "--host", args.host, "--port", str(args.port), "--mode", args.mode,
+           "--threads", str(args.threads), "--pool-member"]
+    stopping = threading.Event()
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def on_signal(signum: int, _frame: object) -> None:
+        stopping.set()
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    procs.extend(subprocess.Popen(cmd, preexec_fn=_die_with_parent) for _ in range(args.processes))
+    print(f"reference server ({args.mode}) x {args.processes} processes on {args.host}:{args.port}: "
+          f"pids {' '.join(str(p.pid) for p in procs)}", flush=True)
+    code = 0
+    while not stopping.is_set():
+        dead = [p for p in procs if p.poll() is not None]
+        if dead:  # a benchmark must not go on with fewer processes than it says
+            print(f"process {dead[0].pid} exited with {dead[0].returncode}: stopping", flush=True)
+            code = 1
+            on_signal(signal.SIGTERM, None)
+        stopping.wait(0.2)
+    deadline = time.monotonic() + 10
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+    return code
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--host", default="127.0.0.1")
@@ -249,11 +308,21 @@ def main() -> None:
     ap.add_argument("--mode", choices=("numpy", "noop", "noop-aio"), default="numpy")
     ap.add_argument("--threads", type=int, default=16, help="RPC threads (banditd's default)")
     ap.add_argument("--seed", type=int, default=None)
+    ap.add_argument("--processes", type=int, default=1,
+                    help="no-op modes: server processes sharing the port with SO_REUSEPORT (like banditd --workers)")
+    ap.add_argument("--pool-member", action="store_true", help=argparse.SUPPRESS)  # a child of --processes N
     args = ap.parse_args()
+    if args.processes < 1:
+        raise SystemExit("--processes must be >= 1")
+    if args.processes > 1:
+        if args.mode == "numpy":  # each process would have its own experiments and posteriors
+            raise SystemExit("--processes > 1 is for the no-op modes only")
+        sys.exit(serve_pool(args))
+    reuseport = args.pool_member
     if args.mode == "noop-aio":
-        asyncio.run(serve_aio(args.host, args.port))
+        asyncio.run(serve_aio(args.host, args.port, reuseport))
         return
-    server, port = build_server(args.mode, args.host, args.port, args.threads, args.seed)
+    server, port = build_server(args.mode, args.host, args.port, args.threads, args.seed, reuseport)
     server.start()
     print(f"reference server ({args.mode}) on {args.host}:{port}", flush=True)
     done = threading.Event()

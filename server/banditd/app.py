@@ -33,7 +33,7 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Banditd"].full_name
 class Server:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
-        self.store = Store(config.data_dir)
+        self.store = Store(config.store_location)
         self.writer = Writer(
             self.store,
             max_batch=config.max_batch,
@@ -85,7 +85,7 @@ class Server:
     def start(self) -> None:
         self.engine.load()
         self.writer.start()
-        if self.config.pool_member:
+        if self.config.shared_store:
             self.engine.shared = True
             threading.Thread(target=self._follow, name="banditd-follow", daemon=True).start()
         threading.Thread(

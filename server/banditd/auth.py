@@ -236,8 +236,8 @@ class KeyRing:
         if not view.enabled:
             log.warning(
                 "auth is off: no unrevoked API key in %s; every caller may call every RPC "
-                "(create one with `banditd keys create --scope ... --data-dir %s`)",
-                self.store.path, self.store.path,
+                "(create one with `banditd keys create --scope ... %s %s`)",
+                self.store.location, "--store" if self.store.shared_database else "--data-dir", self.store.location,
             )
         elif self._logged_on is not True:
             log.info("auth is on", extra={"fields": fields})

@@ -25,6 +25,8 @@ def _serve(ns: argparse.Namespace) -> int:
 
 def _keys_store(ns: argparse.Namespace, write: bool, create: bool = False) -> Store:
     try:
+        if ns.store:  # PostgreSQL: the nodes' shared database
+            return Store(ns.store, readonly=not write)
         if write:
             if not create and not (Path(ns.data_dir) / "data.mdb").exists():
                 raise FileNotFoundError(f"no banditd store at {ns.data_dir} (data.mdb is missing)")
@@ -122,6 +124,10 @@ def _add_keys_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[t
 
     def with_dir(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         p.add_argument("--data-dir", default=data_dir, help="the server's LMDB dir (BANDITD_DATA_DIR)")
+        p.add_argument(
+            "--store", default=os.environ.get("BANDITD_STORE", ""),
+            help="the nodes' postgresql:// URL instead of an LMDB dir (BANDITD_STORE)",
+        )
         return p
 
     create = with_dir(ksub.add_parser("create", help="create a key and print it (once)"))

@@ -7,12 +7,17 @@ import os
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from banditd.store import redact_url
+
 
 @dataclass(frozen=True)
 class ServerConfig:
     host: str = "0.0.0.0"
     port: int = 50051
     data_dir: str = "./data/banditd"
+    # "" = the embedded LMDB store under data_dir; "postgresql://..." = a PostgreSQL database
+    # that several banditd nodes share (banditd.pgkv).
+    store: str = ""
     threads: int = 16
     max_concurrent_rpcs: int = 2000
     max_batch: int = 20000
@@ -59,8 +64,22 @@ class ServerConfig:
             raise ValueError(f"--http-port must be in [0, 65535], got {self.http_port}")
         if not self.history_seconds > 0:
             raise ValueError(f"--history-seconds must be positive, got {self.history_seconds}")
+        if self.store and not self.store.startswith(("postgresql://", "postgres://")):
+            raise ValueError(
+                f"--store must be a postgresql:// URL (empty: LMDB under --data-dir), got {redact_url(self.store)!r}"
+            )
         if self.tls_client_ca and not self.tls_cert:
             raise ValueError("--tls-client-ca needs --tls-cert and --tls-key (mTLS is TLS plus client certificates)")
+
+    @property
+    def store_location(self) -> str:
+        """What `banditd.store.Store` opens: the PostgreSQL URL or the LMDB directory."""
+        return self.store or self.data_dir
+
+    @property
+    def shared_store(self) -> bool:
+        """Other processes may write the store: pool members, and every node on PostgreSQL."""
+        return self.pool_member or bool(self.store)
 
     @property
     def stream_limit(self) -> int:
@@ -71,7 +90,10 @@ class ServerConfig:
         return self.workers if self.workers > 0 else (os.cpu_count() or 1)
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """For logs: a password in the store URL is replaced by ***."""
+        d = asdict(self)
+        d["store"] = redact_url(self.store)
+        return d
 
 
 def _env(name: str, default: Any, cast: type = str) -> Any:
@@ -84,6 +106,11 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default=_env("host", d.host), help="address to bind (BANDITD_HOST)")
     p.add_argument("--port", type=int, default=_env("port", d.port, int), help="port (BANDITD_PORT)")
     p.add_argument("--data-dir", default=_env("data_dir", d.data_dir), help="LMDB dir (BANDITD_DATA_DIR)")
+    p.add_argument(
+        "--store", default=_env("store", d.store),
+        help="postgresql://user@host:port/db: keep state in PostgreSQL, shared by several banditd nodes, "
+        "instead of LMDB under --data-dir (BANDITD_STORE)",
+    )
     p.add_argument("--threads", type=int, default=_env("threads", d.threads, int), help="RPC threads (BANDITD_THREADS)")
     p.add_argument(
         "--max-concurrent-rpcs",
@@ -170,6 +197,7 @@ def _from_args(ns: argparse.Namespace) -> ServerConfig:
         host=ns.host,
         port=ns.port,
         data_dir=ns.data_dir,
+        store=ns.store,
         threads=ns.threads,
         max_concurrent_rpcs=ns.max_concurrent_rpcs,
         max_batch=ns.max_batch,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -54,10 +55,24 @@ log = logging.getLogger("banditd")
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+def database_error(exc: BaseException) -> BanditdError | None:
+    """The status of a PostgreSQL store's failure (banditd.pgkv), None for anything else: an
+    unreachable or restarting database is UNAVAILABLE (retry), not a bug in banditd."""
+    pgkv = sys.modules.get("banditd.pgkv")  # loaded only with a PostgreSQL store
+    if pgkv is None:
+        return None
+    if isinstance(exc, pgkv.Unavailable):
+        return Unavailable(f"the database cannot be reached; retry ({exc})")
+    if isinstance(exc, pgkv.StorageError):
+        return ResourceExhausted(f"the database refused the write; nothing was written ({exc})")
+    return None
+
+
 def _abort(context: grpc.ServicerContext, exc: BaseException) -> None:
     if isinstance(exc, _core.CoreError):
         # The Rust core refuses bad input before changing anything: the caller's fault.
         exc = InvalidArgument(str(exc))
+    exc = database_error(exc) or exc
     if isinstance(exc, BanditdError):
         context.set_trailing_metadata(((ERROR_TRAILER, type(exc).__name__),))
         context.abort(exc.code, exc.message)

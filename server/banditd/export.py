@@ -144,6 +144,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p = sub.add_parser("export", help="decision log with rewards and propensities, as CSV or JSONL")
     p.add_argument("experiment", help="experiment id")
     p.add_argument("--data-dir", default="./data/banditd", help="the server's data dir (read-only)")
+    p.add_argument("--store", default="", help="the nodes' postgresql:// URL instead of --data-dir")
     p.add_argument("--out", default=None, help="output file (default: standard output)")
     p.add_argument("--format", choices=("csv", "jsonl"), default=None, help="default: from --out's suffix, else csv")
     p.add_argument("--since-ms", type=int, default=0, help="decisions at or after this unix time (ms)")
@@ -159,7 +160,7 @@ def run(args: argparse.Namespace) -> int:
     fmt = args.format or ("jsonl" if args.out and args.out.endswith((".jsonl", ".json")) else "csv")
     try:
         n = export(
-            args.data_dir, args.experiment, args.out, fmt,
+            args.store or args.data_dir, args.experiment, args.out, fmt,
             since_ms=args.since_ms, until_ms=args.until_ms, settled_only=args.settled_only,
         )
     except BanditdError as e:

@@ -47,6 +47,8 @@ def member_command(config: ServerConfig, index: int) -> list[str]:
         "--shutdown-grace-s", str(config.shutdown_grace_s),
         "--http-port", str(config.http_port), "--history-seconds", str(config.history_seconds),
     ]  # fmt: skip
+    if config.store:
+        cmd += ["--store", config.store]
     if not config.metrics:
         cmd.append("--no-metrics")
     if config.seed is not None:

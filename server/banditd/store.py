@@ -521,6 +521,24 @@ class ExperimentChanges:
     model_items: ModelItems | None = None
 
 
+# Connections per banditd process to a PostgreSQL store: the writer's, the follower's and
+# handler threads' reads (reads are short; more would only queue in the database).
+PG_POOL_SIZE = 6
+
+
+def is_database_url(location: str | os.PathLike[str]) -> bool:
+    return str(location).startswith(("postgresql://", "postgres://"))
+
+
+def redact_url(url: str) -> str:
+    """The URL without its password (user:secret@host -> user:***@host), for messages."""
+    scheme, sep, rest = url.partition("://")
+    userinfo, at, host = rest.rpartition("@")
+    if not sep or not at or ":" not in userinfo:
+        return url
+    return f"{scheme}://{userinfo.split(':', 1)[0]}:***@{host}"
+
+
 class Store:
     # The named databases (bound by `_bind`; None in a read-only store written before the
     # database existed).
@@ -541,26 +559,38 @@ class Store:
     allocations: Any
 
     def __init__(self, path: str | os.PathLike[str], map_size: int = DEFAULT_MAP_SIZE, readonly: bool = False) -> None:
-        self.path = Path(path)
+        """`path`: an LMDB directory (the embedded default), or a postgresql:// URL: the same
+        databases as rows of one PostgreSQL table (`banditd.pgkv`), shared by several nodes."""
         self.readonly = readonly
-        if readonly:
-            if not (self.path / "data.mdb").exists():
-                raise FileNotFoundError(f"no banditd store at {self.path} (data.mdb is missing)")
+        self.env: Any  # lmdb.Environment, or banditd.pgkv.Environment (the same interface)
+        self.shared_database = is_database_url(path)
+        if self.shared_database:
+            from banditd import pgkv  # psycopg is only needed here
+
+            self.location = redact_url(str(path))
+            self.path = Path(".")  # no directory of its own
+            self.env = pgkv.Environment(str(path), readonly=readonly, pool_size=PG_POOL_SIZE)
         else:
-            self.path.mkdir(parents=True, exist_ok=True)
-        # sync/metasync stay on and writemap off: durability comes from group commit, and
-        # writemap would turn a full disk into SIGBUS.
-        self.env = lmdb.open(
-            str(self.path),
-            map_size=map_size,
-            max_dbs=16,
-            sync=True,
-            metasync=True,
-            writemap=False,
-            max_readers=512,
-            readonly=readonly,
-            lock=True,
-        )
+            self.path = Path(path)
+            self.location = str(self.path)
+            if readonly:
+                if not (self.path / "data.mdb").exists():
+                    raise FileNotFoundError(f"no banditd store at {self.path} (data.mdb is missing)")
+            else:
+                self.path.mkdir(parents=True, exist_ok=True)
+            # sync/metasync stay on and writemap off: durability comes from group commit, and
+            # writemap would turn a full disk into SIGBUS.
+            self.env = lmdb.open(
+                str(self.path),
+                map_size=map_size,
+                max_dbs=16,
+                sync=True,
+                metasync=True,
+                writemap=False,
+                max_readers=512,
+                readonly=readonly,
+                lock=True,
+            )
         # Map growth needs every read transaction of this process closed: readers hold the
         # shared side, `grow` the exclusive side (see `reading`).
         self._growth = _SharedExclusive()
@@ -574,7 +604,7 @@ class Store:
                 found = txn.get(SCHEMA_KEY, db=self.meta)
                 if found is None:
                     if self._has_data(txn):
-                        raise SchemaError(f"store at {self.path} has data but no schema version; refusing to guess")
+                        raise SchemaError(f"store at {self.location} has data but no schema version; refusing to guess")
                     txn.put(SCHEMA_KEY, str(SCHEMA_VERSION).encode(), db=self.meta)
                 else:
                     version = int(found)
@@ -583,7 +613,7 @@ class Store:
 
                         upgrade_v1(self, txn)
                         txn.put(SCHEMA_KEY, str(SCHEMA_VERSION).encode(), db=self.meta)
-                        log.warning("upgraded store at %s from schema 1 to %d", self.path, SCHEMA_VERSION)
+                        log.warning("upgraded store at %s from schema 1 to %d", self.location, SCHEMA_VERSION)
                     else:
                         self._check_version(version)
 
@@ -617,7 +647,7 @@ class Store:
                 "it was written by a newer banditd" if (version or 0) > SCHEMA_VERSION else "it is no banditd store"
             )
             raise SchemaError(
-                f"store at {self.path} has schema version {version}, this banditd reads version "
+                f"store at {self.location} has schema version {version}, this banditd reads version "
                 f"{SCHEMA_VERSION}: {hint}"
             )
 
@@ -900,7 +930,7 @@ class Store:
 
     def _write_key(self, rec: ApiKeyRecord, overwrite: bool) -> None:
         if self.readonly or self.keys is None:
-            raise PermissionError(f"store at {self.path} is open read-only")
+            raise PermissionError(f"store at {self.location} is open read-only")
         txn = self.begin_write()
         try:
             if not txn.put(rec.key_id.encode(), rec.encode(), db=self.keys, overwrite=overwrite):

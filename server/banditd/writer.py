@@ -27,13 +27,23 @@ from typing import Any
 
 import lmdb
 
-from banditd.errors import BanditdError, DeadlineExceeded, Internal, ResourceExhausted, Unavailable
+from banditd.errors import (
+    BanditdError,
+    DeadlineExceeded,
+    Internal,
+    ResourceExhausted,
+    Unavailable,
+    database_error,
+)
 from banditd.store import ExperimentChanges, Store, WriteTxn
 
 log = logging.getLogger("banditd.writer")
 
 # How long a write waits for its commit when the caller set no deadline.
 DEFAULT_WAIT_S = 30.0
+# After a commit failed because the database could not be reached, the writer waits this
+# long before retrying the decision records it kept (an urgent write ends the wait).
+RETRY_PAUSE_S = 0.5
 # Map growth stops here: beyond it a full map is reported, not grown (RESOURCE_EXHAUSTED).
 MAX_MAP_SIZE = 1 << 40
 
@@ -88,6 +98,9 @@ _STOP = object()
 
 def storage_error(exc: BaseException) -> BanditdError:
     """The status a client can act on for a failed commit."""
+    from_database = database_error(exc)
+    if from_database is not None:
+        return from_database
     text = str(exc)
     if isinstance(exc, lmdb.MapFullError):
         return ResourceExhausted(f"the store's map is full at its limit ({MAX_MAP_SIZE} bytes); nothing was written")
@@ -207,21 +220,36 @@ class Writer:
             try:
                 self._commit(ops)
             except BaseException as exc:  # noqa: BLE001 - the writer must survive and answer
-                log.exception("writer batch failed")
-                self._fail(ops, exc)
+                if self.storage_error is None:  # once per outage, not per retry
+                    log.exception("writer batch failed")
+                kept = self._fail(ops, exc)
+                if kept:
+                    # Decision records already answered wait for the database to come back
+                    # (new decisions are refused meanwhile, so they are bounded by the queue).
+                    ops_queue.extendleft(reversed(kept))
+                    if not stop:
+                        self._urgent.wait(RETRY_PAUSE_S)
 
-    def _fail(self, ops: list[WriteOp], exc: BaseException) -> None:
+    def _fail(self, ops: list[WriteOp], exc: BaseException) -> list[WriteOp]:
+        """Fails the batch's ops; returns the decision records to retry when the database is
+        only unreachable for now (their decisions were answered: dropping them would lose
+        rewardable decisions to a database restart)."""
         self.failed_commits += 1
         error = exc if isinstance(exc, BanditdError) else storage_error(exc)
         if isinstance(error, ResourceExhausted | Unavailable):
             self.storage_error = error
+        kept = [op for op in ops if op.deferrable and op.future is None] if isinstance(error, Unavailable) else []
+        kept_ids = {id(op) for op in kept}
         for op in ops:
+            if id(op) in kept_ids:
+                continue
             try:
                 op.failed(error)
             except Exception:  # noqa: BLE001
                 log.exception("failed() hook raised")
             if op.future is not None and not op.future.done():
                 op.future.set_exception(error)
+        return kept
 
     def _commit(self, ops: list[WriteOp]) -> None:
         started = time.perf_counter()

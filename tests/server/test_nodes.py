@@ -1,0 +1,180 @@
+"""Several banditd nodes on one PostgreSQL database (`--store postgresql://...`).
+
+The module starts a private PostgreSQL cluster from the machine's binaries (tests/pg.py) and
+three banditd nodes on it, each its own process and port: any node takes any call.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+import pg
+from banditd_client import BanditdError, Client
+from conftest import ServerProcess
+
+
+def wait_for(predicate, timeout: float = 10.0) -> bool:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return predicate()
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[pg.PostgresCluster]:
+    """One cluster for the module (fsync on, as in production); each test its own database."""
+    bindir = pg.ensure_bindir()
+    if bindir is None:
+        pytest.fail("no PostgreSQL server binaries (looked in /usr/lib/postgresql/*/bin and PATH; apt-get failed)")
+    with pg.PostgresCluster(bindir=bindir) as c:
+        yield c
+
+
+class Nodes:
+    def __init__(self, tmp: Path, url: str, n: int = 3) -> None:
+        self.servers = [
+            ServerProcess(tmp / f"node{i}", ("--store", url, "--workers", "1", "--refresh-ms", "20"))
+            for i in range(n)
+        ]
+        for s in self.servers:
+            s.start()
+        self.clients = [Client(s.target, timeout=10.0) for s in self.servers]
+
+    def close(self) -> None:
+        for c in self.clients:
+            c.close()
+        for s in self.servers:
+            s.kill()
+
+
+@pytest.fixture
+def nodes(tmp_path: Path, cluster: pg.PostgresCluster) -> Iterator[Nodes]:
+    ns = Nodes(tmp_path, cluster.fresh_database())
+    yield ns
+    ns.close()
+
+
+def unique(name: str) -> str:
+    return f"{name}-{random.getrandbits(32):08x}"  # the cluster outlives each test
+
+
+def test_any_node_takes_any_call(nodes: Nodes) -> None:
+    a, b, c = nodes.clients
+    exp = unique("shared")
+    a.create_experiment(exp, arms=[f"arm-{i}" for i in range(12)], policy="thompson", sticky=True)
+    decisions = []
+    for i in range(60):
+        unit = f"u{i}"
+        # A unit's calls reach three nodes in a row: it keeps its arm on every one.
+        got = [nodes.clients[(i + j) % 3].decide(exp, unit_id=unit) for j in range(3)]
+        assert len({d.arm for d in got}) == 1, (unit, [d.arm for d in got])
+        decisions.extend(got)
+    # Rewarded on another node than the one that decided (which may not have committed yet).
+    for i, d in enumerate(decisions):
+        assert nodes.clients[(i + 1) % 3].reward(d.decision_id, 1.0, event_id=f"e{i}")
+
+    def everywhere() -> bool:
+        return all(sum(s.rewards for s in cl.arm_stats(exp)) == len(decisions) for cl in nodes.clients)
+
+    assert wait_for(everywhere), [sum(s.rewards for s in cl.arm_stats(exp)) for cl in nodes.clients]
+    # A definition change on one node reaches the others.
+    b.update_experiment(exp, add_arms=["late-arm"])
+    assert wait_for(lambda: all(len(cl.arm_stats(exp)) == 13 for cl in nodes.clients))
+    assert c.get_experiment(exp).arms[-1].id == "late-arm"
+
+
+def test_a_retried_event_counts_once_across_nodes(nodes: Nodes) -> None:
+    a, _, _ = nodes.clients
+    exp = unique("once")
+    a.create_experiment(exp, arms=["x", "y"], reward_type="continuous")
+    d = a.decide(exp, unit_id="u")
+    accepted = [cl.reward(d.decision_id, 5.0, event_id="purchase-1") for cl in nodes.clients for _ in range(2)]
+    assert accepted.count(True) == 1, accepted
+    assert wait_for(lambda: all(sum(s.reward_sum for s in cl.arm_stats(exp)) == 5.0 for cl in nodes.clients))
+
+
+def test_kill_9_of_a_node_loses_no_acknowledged_reward(nodes: Nodes) -> None:
+    a, b, _ = nodes.clients
+    exp = unique("kill")
+    a.create_experiment(exp, arms=["x", "y"], outcomes={"mode": "explicit"})
+    decisions = [b.decide(exp, unit_id=f"u{i}") for i in range(200)]
+    acked: list[int] = []
+    stop = threading.Event()
+
+    def send() -> None:
+        for i, d in enumerate(decisions * 20):
+            if stop.is_set():
+                return
+            try:
+                if a.reward(d.decision_id, 1.0, event_id=f"k{i}"):
+                    acked.append(i)
+            except BanditdError:
+                return  # the node died under the call: not acknowledged
+
+    t = threading.Thread(target=send)
+    t.start()
+    assert wait_for(lambda: len(acked) >= 200, timeout=30)
+    nodes.servers[0].kill()  # SIGKILL in the middle of the stream
+    stop.set()
+    t.join(timeout=30)
+    assert len(acked) >= 200
+
+    def counted() -> int:
+        return int(sum(s.rewards for s in b.arm_stats(exp)))
+
+    assert wait_for(lambda: counted() >= len(acked)), (counted(), len(acked))
+
+
+def test_postgres_restart_gives_unavailable_then_recovers(nodes: Nodes, cluster: pg.PostgresCluster) -> None:
+    a, b, c = nodes.clients
+    exp = unique("restart")
+    a.create_experiment(exp, arms=["x", "y"])
+    before = b.decide(exp, unit_id="u0")
+    cluster.stop()
+    try:
+        codes = set()
+        for cl in (a, b, c):
+            for call in (lambda cl=cl: cl.reward(before.decision_id, 1.0, event_id=f"r-{id(cl)}"),
+                         lambda cl=cl: [cl.decide(exp, unit_id=f"v{i}") for i in range(50)]):
+                try:
+                    call()
+                except BanditdError as exc:
+                    codes.add(exc.code)
+        # Refused, with the status that says "retry": never INTERNAL.
+        assert codes == {grpc.StatusCode.UNAVAILABLE}, codes
+    finally:
+        cluster.start()
+
+    def works() -> bool:
+        try:
+            return bool(c.reward(c.decide(exp, unit_id="after").decision_id, 1.0))
+        except BanditdError:
+            return False
+
+    assert wait_for(works, timeout=30)
+    assert a.reward(before.decision_id, 1.0, event_id="after-restart")
+
+
+def test_the_loop_learns_through_calls_spread_over_nodes(nodes: Nodes) -> None:
+    exp = unique("learn")
+    nodes.clients[0].create_experiment(exp, arms=["good", "bad"], policy="thompson")
+    rng = random.Random(7)
+    rate = {"good": 0.6, "bad": 0.2}
+    late = []
+    for i in range(600):
+        cl = nodes.clients[rng.randrange(3)]
+        d = cl.decide(exp, unit_id=f"u{i}")
+        if rng.random() < rate[d.arm]:  # only the 1s are reported
+            nodes.clients[rng.randrange(3)].reward(d.decision_id, 1.0)
+        if i >= 400:
+            late.append(d.arm)
+    assert late.count("good") > 0.7 * len(late), late.count("good")

@@ -17,6 +17,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from banditd_client import Client
 
+# PostgreSQL fixtures (pg_cluster, pg_url, fresh_pg_url, private_pg_cluster), registered here so
+# that tests/pg.py is a plugin before any test module imports it.
+pytest_plugins = ["pg"]
+
 
 def free_port() -> int:
     with socket.socket() as s:

@@ -211,6 +211,8 @@ class LogDecision(WriteOp):
         self.on_done = on_done
 
     def write(self, batch: WriteTxn) -> None:
+        if self.retried and batch.has_decision(self.record.decision_id):
+            return  # the failed commit was applied after all
         value = self.spec.decision_observation
         if value is None:
             record_decision(batch, Accounting(batch, self.spec), self.record)

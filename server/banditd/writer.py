@@ -67,6 +67,10 @@ class WriteOp:
     # Nobody waits on a deferrable op (a decision log record): a batch made only of them may
     # linger to gather more, so a burst of decisions costs one fsync instead of dozens.
     deferrable = False
+    # Set when a batch holding it failed because the database was unreachable and it is
+    # written again: that commit may have been applied after all (the connection broke
+    # during COMMIT), so a retried op must not count twice.
+    retried = False
 
     def write(self, batch: WriteTxn) -> Any:
         raise NotImplementedError
@@ -240,6 +244,8 @@ class Writer:
             self.storage_error = error
         kept = [op for op in ops if op.deferrable and op.future is None] if isinstance(error, Unavailable) else []
         kept_ids = {id(op) for op in kept}
+        for op in kept:
+            op.retried = True
         for op in ops:
             if id(op) in kept_ids:
                 continue

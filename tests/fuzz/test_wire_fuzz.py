@@ -28,7 +28,7 @@ ListExperiments and the fuzz experiments' GetArmStats are unchanged by the call.
 the process is alive and SERVING (gRPC health), the guarded snapshot is unchanged, and SIGTERM
 (with a silent client stream open) makes the server exit within 15 s without logging errors.
 
-Bounded for CI: BANDITD_FUZZ_SECONDS (default 60; setup and shutdown add ~10 s),
+Bounded for CI: BANDITD_FUZZ_SECONDS (default 40; setup and shutdown add ~10 s),
 BANDITD_FUZZ_MAX_CALLS. Replay with the printed seed: BANDITD_FUZZ_SEED=<seed> pytest
 tests/fuzz -s. The requests depend on the seed and on which earlier calls succeeded (ids
 learned from answers); BANDITD_FUZZ_ARTIFACTS=<dir> writes the failures' full payloads (hex).
@@ -63,7 +63,7 @@ from banditd_client.v1 import banditd_pb2_grpc as pb_grpc
 from conftest import ServerProcess
 
 # The time budget of the fuzzing phase (setup and shutdown add a few seconds).
-FUZZ_SECONDS = float(os.environ.get("BANDITD_FUZZ_SECONDS", "60"))
+FUZZ_SECONDS = float(os.environ.get("BANDITD_FUZZ_SECONDS", "40"))
 # And a bound on the number of calls, whichever comes first.
 FUZZ_MAX_CALLS = int(os.environ.get("BANDITD_FUZZ_MAX_CALLS", "50000"))
 FUZZ_SEED = int(os.environ.get("BANDITD_FUZZ_SEED", "16"))

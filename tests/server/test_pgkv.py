@@ -20,8 +20,6 @@ import pytest
 
 from banditd import pgkv
 
-pytest_plugins = ["pg"]  # PostgreSQL fixtures: pg_url, fresh_pg_url, private_pg_cluster
-
 DBS = (b"small", b"big")
 
 

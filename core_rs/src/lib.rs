@@ -132,7 +132,7 @@ const BULK_CHUNK: usize = 512;
 /// `choose_many`: at most this many units share one posterior draw.
 const MAX_UNITS_PER_DRAW: usize = 64;
 /// Decisions over fewer arms than this keep the GIL (a few microseconds of work).
-const QUICK_ARMS: usize = 4_096;
+const QUICK_ARMS: usize = 32_768;
 /// Reward batches smaller than this keep the GIL.
 const QUICK_REWARDS: usize = 2_000;
 

@@ -317,7 +317,9 @@ class Engine:
         Runs on a snapshot of the posterior, so decisions are not held up. Returns the
         seconds spent."""
         started = time.perf_counter()
+        now = time.monotonic()
         for rt in list(self._runtimes.values()):
+            rt.maintain_if_due(now)
             for k in list(rt.slate_sizes):
                 try:
                     if k <= rt.bandit.n_arms and rt.bandit.propensities_stale(k):

@@ -120,6 +120,8 @@ struct PyBandit {
     state: Mutex<State>,
     /// Number of arms, readable without the lock (decides whether to release the GIL).
     arms_hint: std::sync::atomic::AtomicUsize,
+    /// Thompson draws run on AVX2 or AVX-512 (decides how many arms keep the GIL).
+    vector_kernel: bool,
     /// Python ints of the arm indices decisions returned, made once per arm: indices past
     /// Python's small-int cache (256) would otherwise cost an allocation per arm per decision.
     /// Only touched with the GIL held.
@@ -131,8 +133,12 @@ const MAX_BULK: usize = 1_000_000;
 const BULK_CHUNK: usize = 512;
 /// `choose_many`: at most this many units share one posterior draw.
 const MAX_UNITS_PER_DRAW: usize = 64;
-/// Decisions over fewer arms than this keep the GIL (a few microseconds of work).
+/// Decisions over fewer arms than this keep the GIL: up to ~100 µs of work with a vector
+/// kernel (~3 ns per arm), where releasing and re-taking the GIL costs more in thread
+/// switches under load than the other threads gain. The scalar kernel (~30 ns per arm) keeps
+/// it only below QUICK_ARMS_SCALAR.
 const QUICK_ARMS: usize = 32_768;
+const QUICK_ARMS_SCALAR: usize = 4_096;
 /// Reward batches smaller than this keep the GIL.
 const QUICK_REWARDS: usize = 2_000;
 
@@ -181,7 +187,12 @@ impl PyBandit {
 
     /// Arms below which a decision is quick enough to keep the GIL.
     fn quick_choice(&self) -> bool {
-        self.arms_hint.load(std::sync::atomic::Ordering::Relaxed) < QUICK_ARMS
+        let limit = if self.vector_kernel {
+            QUICK_ARMS
+        } else {
+            QUICK_ARMS_SCALAR
+        };
+        self.arms_hint.load(std::sync::atomic::Ordering::Relaxed) < limit
     }
 }
 
@@ -284,12 +295,14 @@ impl PyBandit {
         bandit.isa = Isa::checked(isa).map_err(RsError::invalid)?;
         bandit.set_prune_epsilon(prune_epsilon)?;
         let rng = KernelRng::seed_from_u64(seed.unwrap_or_else(rand::random));
+        let vector_kernel = bandit.isa != Isa::Scalar;
         Ok(PyBandit {
             state: Mutex::new(State {
                 bandit,
                 rng,
                 cache: Vec::new(),
             }),
+            vector_kernel,
             arms_hint: std::sync::atomic::AtomicUsize::new(0),
             arm_ints: Mutex::new(Vec::new()),
         })

@@ -307,6 +307,9 @@ class RecordRewards(WriteOp):
     def write(self, batch: WriteTxn) -> list[str]:
         outcome: list[str] = []
         accounts: dict[str, Accounting] = {}
+        batch.prefetch_rewards(
+            [(r.experiment_id, r.event_key) for r in self.rewards], [(r.decision_id, r.arm_id) for r in self.rewards]
+        )
         for r in self.rewards:
             spec = self.specs(r.experiment_id)
             if spec is None or not batch.add_event(

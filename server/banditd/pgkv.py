@@ -80,7 +80,12 @@ _BEGIN_READ = "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"
 _BEGIN_WRITE = "BEGIN ISOLATION LEVEL READ COMMITTED READ WRITE"
 _LOCK_WRITER = f"SELECT pg_advisory_xact_lock({LOCK_CLASS}, {WRITER_LOCK})"
 _GET = "SELECT v FROM kv WHERE db = %b AND k = %b"
-_GET_MANY = "SELECT k, v FROM kv WHERE db = %b AND k = ANY(%b::bytea[])"
+# One primary-key probe per key, whatever the statistics say: as `k = ANY(...)` the planner
+# scanned every row of the database when its row estimate was stale (a young table).
+_GET_MANY = (
+    "SELECT k, v FROM (SELECT q.k, (SELECT kv.v FROM kv WHERE kv.db = %b AND kv.k = q.k) AS v "
+    "FROM unnest(%b::bytea[]) AS q(k)) AS found WHERE v IS NOT NULL"
+)
 _COUNT = "SELECT count(*) FROM kv WHERE db = %b"
 _UPSERT = (
     "INSERT INTO kv (db, k, v) SELECT * FROM unnest(%b::text[], %b::bytea[], %b::bytea[]) "
@@ -590,6 +595,9 @@ class Transaction:
         # Buffered writes: db -> key -> value, None marking a delete.
         self._ov: dict[str, dict[bytes, bytes | None]] = {}
         self._ov_sorted: dict[str, list[bytes]] = {}  # sorted keys of _ov[db], once a cursor needs them
+        # Server values read ahead by `prefetch` (None: absent), consulted after the overlay;
+        # cleared when buffered writes are sent (the overlay no longer shadows them then).
+        self._read_ahead: dict[str, dict[bytes, bytes | None]] = {}
         self._ov_count = 0
         self.mutations = 0  # bumped by every put/delete (cursors refresh their record on a change)
         self.generation = 0  # bumped whenever the server's rows change (cursors drop their pages)
@@ -778,6 +786,7 @@ class Transaction:
         if deletes or puts:
             self._ov.clear()
             self._ov_sorted.clear()
+            self._read_ahead.clear()
             self._ov_count = 0
             self.generation += 1
 
@@ -790,7 +799,26 @@ class Transaction:
         d = self._ov.get(db)
         if d is not None and key in d:
             return d[key]
+        ahead = self._read_ahead.get(db)
+        if ahead is not None and key in ahead:
+            return ahead[key]
         return self._server_get(db, key)
+
+    def prefetch(self, keys: Iterable[Any], db: Database | None = None) -> None:
+        """Reads these keys' values in one query, so that later `get`s and `put(overwrite=
+        False)`s of them in this transaction need no round trip each (not in py-lmdb, whose
+        reads are memory reads: callers check for it). The snapshot rules are unchanged: in
+        a write transaction the writer lock is held, so nobody changes them meanwhile."""
+        self._live()
+        name = self._dbname(db)
+        shadow = self._ov.get(name, {})
+        ahead = self._read_ahead.setdefault(name, {})
+        want = sorted({k for k in map(_lookup_key, keys) if k not in shadow and k not in ahead})
+        if not want:
+            return
+        found = dict(self._q(_GET_MANY, (name, want)))
+        for k in want:
+            ahead[k] = bytes(found[k]) if k in found else None
 
     # lmdb.Transaction API.
     def id(self) -> int:

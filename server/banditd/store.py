@@ -1103,6 +1103,16 @@ class WriteTxn:
     def put_assignment(self, experiment_id: str, unit_id: str, arms: tuple[str, ...]) -> None:
         self.txn.put(key(experiment_id, unit_id), orjson.dumps(arms), db=self.store.assignments)
 
+    def prefetch_rewards(self, events: list[tuple[str, str]], outcomes: list[tuple[str, str]]) -> None:
+        """Reads ahead the event keys (experiment, event key) and outcomes (decision, arm) a
+        reward batch will touch: one query each on PostgreSQL instead of one per reward (on
+        LMDB reads are memory reads and this does nothing)."""
+        prefetch = getattr(self.txn, "prefetch", None)
+        if prefetch is None:
+            return
+        prefetch([key(e, k) for e, k in events], db=self.store.events)
+        prefetch([key(d, a) for d, a in outcomes], db=self.store.outcomes)
+
     def add_event(self, experiment_id: str, event_key: str, ev: EventRecord) -> bool:
         """Stores a reward event once; False when its key was already seen (a duplicate)."""
         return bool(self.txn.put(key(experiment_id, event_key), ev.encode(), db=self.store.events, overwrite=False))

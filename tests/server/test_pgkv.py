@@ -424,6 +424,35 @@ def test_read_your_writes_and_abort(pg_url: str) -> None:
         env.close()
 
 
+def test_prefetched_reads_answer_like_the_server(pg_url: str) -> None:
+    """`prefetch` (one query for many keys: a reward batch's events and outcomes) changes no
+    answer: present and absent keys, the transaction's own writes before and after it, a
+    put(overwrite=False) that must see a prefetched key, and values after buffered writes
+    were sent to the server (the read-ahead is dropped then)."""
+    env = pgkv.Environment(pg_url)
+    db = env.open_db(b"ahead")
+    try:
+        with env.begin(write=True, db=db) as txn:
+            for i in range(0, 20, 2):
+                txn.put(b"k%02d" % i, b"v%d" % i)
+        with env.begin(write=True, db=db) as txn:
+            txn.put(b"k04", b"mine")  # written before the prefetch: the overlay wins
+            txn.prefetch([b"k%02d" % i for i in range(20)] + [b"k04"], db=db)
+            txn.delete(b"k06")  # written after it: the overlay wins too
+            assert txn.get(b"k00") == b"v0" and txn.get(b"k01") is None
+            assert txn.get(b"k04") == b"mine" and txn.get(b"k06") is None
+            assert txn.put(b"k02", b"x", overwrite=False) is False  # present: refused
+            assert txn.put(b"k03", b"x", overwrite=False) is True  # absent: stored
+            assert txn.get(b"k03") == b"x"
+            assert txn.stat(db)["entries"] == 10  # sends the buffered writes
+            assert txn.get(b"k03") == b"x" and txn.get(b"k06") is None and txn.get(b"k08") == b"v8"
+            txn.prefetch([], db=db)
+        with env.begin(db=db) as txn:
+            assert txn.get(b"k03") == b"x" and txn.get(b"k04") == b"mine" and txn.get(b"k06") is None
+    finally:
+        env.close()
+
+
 def test_read_transaction_keeps_its_snapshot(pg_url: str) -> None:
     env = pgkv.Environment(pg_url)
     db = env.open_db(b"snap")

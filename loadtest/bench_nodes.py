@@ -76,7 +76,7 @@ def decisions_on(target: str, experiment: str, count: int) -> list[str]:
     ids: list[str] = []
     with Client(target, timeout=600) as c:
         for batch in c.decide_bulk(experiment, (f"u{i}" for i in range(count)), batch_size=10_000):
-            ids.extend(batch.decision_ids())
+            ids.extend(batch.decision_ids)
     return ids
 
 

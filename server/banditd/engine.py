@@ -48,6 +48,7 @@ from banditd.store import (
     DecisionRecord,
     ExperimentChanges,
     Store,
+    decision_time_ms,
     new_decision_id,
 )
 from banditd.validation import (
@@ -92,9 +93,12 @@ class DecisionResult:
 ArmStatsRow = ArmView
 
 
-# How long a pool process waits for another process to commit the decisions a reward batch
-# names (once per batch, not per reward).
+# How long a pool process or node waits for another one to commit the decisions a reward
+# batch names (once per batch, not per reward): at least DECISION_WAIT_S, and for a decision
+# made less than DECISION_GRACE_S ago (its id carries its time) until that age: its record
+# may still be in its process's write queue (50 ms linger plus a commit, slow under load).
 DECISION_WAIT_S = 0.25
+DECISION_GRACE_S = 2.0
 # A sticky unit's first assignment in a shared store waits at most this long for its commit.
 CLAIM_TIMEOUT_S = 10.0
 # Propensity refresher: at least this often, and at most this share of one core. In decision
@@ -141,6 +145,14 @@ def audit_entry(experiment_id: str, action: str, actor: str, details: dict[str, 
         "actor": actor or "anonymous",
         "details": details,
     }
+
+
+def _made_ms(decision_id: str) -> int:
+    """When the decision was made, from its time-ordered id (0 when it is not one)."""
+    try:
+        return decision_time_ms(decision_id)
+    except ValueError:
+        return 0
 
 
 def _plausible_decision_id(decision_id: str) -> bool:
@@ -797,7 +809,11 @@ class Engine:
         missing = [d for d in dict.fromkeys(ids) if d and d not in self._pending]
         found = self.store.decisions_many(missing) if missing else {}
         if self.shared and len(found) < len(missing):
-            deadline = time.monotonic() + DECISION_WAIT_S
+            wall = time.time()
+            # Ids claiming to be from the future (beyond a second of clock skew) earn no wait.
+            made = [t for t in (_made_ms(d) / 1000.0 for d in missing if d not in found) if t <= wall + 1.0]
+            young = max(made, default=0.0) + DECISION_GRACE_S - wall
+            deadline = time.monotonic() + max(DECISION_WAIT_S, min(DECISION_GRACE_S, young))
             while time.monotonic() < deadline:
                 time.sleep(0.01)
                 rest = [d for d in missing if d not in found]

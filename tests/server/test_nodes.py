@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import random
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,16 +16,7 @@ import pytest
 
 import pg
 from banditd_client import BanditdError, Client
-from conftest import ServerProcess
-
-
-def wait_for(predicate, timeout: float = 10.0) -> bool:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
+from conftest import ServerProcess, wait_for
 
 
 @pytest.fixture(scope="module")

@@ -2,22 +2,12 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import grpc
 
 from banditd_client import Client
-from conftest import ServerProcess
-
-
-def wait_for(predicate, timeout: float = 5.0) -> bool:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
+from conftest import ServerProcess, wait_for
 
 
 def own_connection(target: str) -> Client:

@@ -129,6 +129,8 @@ class Historian:
         thinned_at = 0.0
         while not stopped.wait(self.every_s):
             try:
+                if not self.engine.store.lead("banditd-history"):
+                    continue  # another node takes the snapshots
                 self.take()
                 if time.monotonic() - thinned_at > 3600:
                     self.thin()

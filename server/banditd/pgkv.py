@@ -30,6 +30,7 @@ import logging
 import threading
 import time
 import weakref
+import zlib
 from bisect import bisect_left, insort
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import suppress
@@ -351,6 +352,8 @@ class Environment:
         self._dbs_lock = threading.Lock()
         self._listeners: dict[str, tuple[psycopg.Connection[Any], threading.Lock]] = {}
         self._listen_lock = threading.Lock()
+        self._held: dict[str, psycopg.Connection[Any]] = {}  # session locks `hold` took
+        self._held_lock = threading.Lock()
         if readonly:
             self._check_schema()
         else:
@@ -529,6 +532,41 @@ class Environment:
             listeners, self._listeners = self._listeners, {}
         for conn, _ in listeners.values():
             conn.close()
+        with self._held_lock:
+            held, self._held = self._held, {}
+        for held_conn in held.values():
+            held_conn.close()
+
+    def hold(self, name: str) -> bool:
+        """True while this process holds the session advisory lock `name`: one holder among
+        all nodes (for jobs one node should run: history snapshots, retention sweeps). It is
+        taken on a dedicated connection and kept; when the holder dies its session ends and
+        another node's next call takes it. False when another node holds it or the server
+        cannot be reached."""
+        key = zlib.crc32(name.encode()) & 0x7FFFFFFF
+        with self._held_lock:
+            conn = self._held.get(name)
+            if conn is not None:
+                try:
+                    conn.execute("SELECT 1")
+                    return True
+                except psycopg.Error:
+                    conn.close()
+                    del self._held[name]
+            try:
+                conn = psycopg.connect(self._conninfo, autocommit=True)
+            except psycopg.Error:
+                return False
+            try:
+                row = conn.execute("SELECT pg_try_advisory_lock(%s, %s)", (LOCK_CLASS + 1, key)).fetchone()
+            except psycopg.Error:
+                conn.close()
+                return False
+            if row is not None and row[0]:
+                self._held[name] = conn
+                return True
+            conn.close()
+            return False
 
     def __enter__(self) -> Environment:
         return self

@@ -67,6 +67,8 @@ class Janitor:
     def _run(self) -> None:
         while not self._stop.wait(self.every_s):
             try:
+                if not self.writer.store.lead("banditd-retention"):
+                    continue  # another node sweeps
                 self.sweep()
             except Exception:  # a failed sweep is retried next round
                 log.exception("retention sweep failed")

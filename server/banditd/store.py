@@ -704,6 +704,12 @@ class Store:
     def close(self) -> None:
         self.env.close()
 
+    def lead(self, job: str) -> bool:
+        """Whether this process should run `job` (history snapshots, retention sweeps) for
+        everyone sharing the store: on PostgreSQL one node at a time (a session lock, taken
+        over when its holder dies); on LMDB the pool already starts such jobs in one process."""
+        return bool(self.env.hold(job)) if self.shared_database else True
+
     # Reads (any thread).
     def counter(self, counter: bytes) -> int:
         with self.reading() as txn:

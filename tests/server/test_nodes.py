@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import random
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,9 +31,10 @@ def cluster() -> Iterator[pg.PostgresCluster]:
 
 
 class Nodes:
-    def __init__(self, tmp: Path, url: str, n: int = 3) -> None:
+    def __init__(self, tmp: Path, url: str, n: int = 3, extra: tuple[str, ...] = ()) -> None:
+        self.url = url
         self.servers = [
-            ServerProcess(tmp / f"node{i}", ("--store", url, "--workers", "1", "--refresh-ms", "20"))
+            ServerProcess(tmp / f"node{i}", ("--store", url, "--workers", "1", "--refresh-ms", "20", *extra))
             for i in range(n)
         ]
         for s in self.servers:
@@ -170,3 +172,31 @@ def test_the_loop_learns_through_calls_spread_over_nodes(nodes: Nodes) -> None:
         if i >= 400:
             late.append(d.arm)
     assert late.count("good") > 0.7 * len(late), late.count("good")
+
+
+def test_one_node_takes_the_history_snapshots_and_another_takes_over(
+    tmp_path: Path, cluster: pg.PostgresCluster
+) -> None:
+    """Jobs for the whole deployment (history snapshots, retention sweeps) run on one node at a
+    time: three nodes snapshotting every second write one snapshot a second, not three; when
+    that node is killed another one continues."""
+    from banditd.store import Store
+
+    ns = Nodes(tmp_path, cluster.fresh_database(), extra=("--history-seconds", "1"))
+    try:
+        exp = unique("history")
+        ns.clients[0].create_experiment(exp, arms=["x", "y"])
+        store = Store(ns.url)
+        try:
+            time.sleep(4.5)
+            first = store.history(exp)
+            assert 2 <= len(first) <= 6, len(first)  # ~one a second, not ~three
+            # Kill two of the three (whichever held the job): the last one takes it over.
+            ns.servers[0].kill()
+            ns.servers[1].kill()
+            before = len(store.history(exp))
+            assert wait_for(lambda: len(store.history(exp)) >= before + 2, timeout=10)
+        finally:
+            store.close()
+    finally:
+        ns.close()

@@ -200,3 +200,32 @@ def test_one_node_takes_the_history_snapshots_and_another_takes_over(
             store.close()
     finally:
         ns.close()
+
+
+def test_an_api_key_created_against_the_database_protects_every_node(nodes: Nodes) -> None:
+    """`banditd keys create --store URL` turns auth on for all nodes within about a second; the
+    key works on any of them."""
+    import contextlib
+    import io
+
+    from banditd import cli
+    from banditd_client import Unauthenticated
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
+        assert cli.main(["keys", "create", "--store", nodes.url, "--scope", "admin"]) == 0
+    key = out.getvalue().strip()
+
+    def refused_everywhere() -> bool:
+        for cl in nodes.clients:
+            try:
+                cl.list_experiments()
+                return False
+            except Unauthenticated:
+                pass
+        return True
+
+    assert wait_for(refused_everywhere, timeout=10)
+    for s in nodes.servers:
+        with Client(s.target, api_key=key, timeout=10.0) as c:
+            c.create_experiment(unique("keyed"), arms=["a", "b"])

@@ -95,35 +95,49 @@ def test_a_retried_event_counts_once_across_nodes(nodes: Nodes) -> None:
 
 
 def test_kill_9_of_a_node_loses_no_acknowledged_reward(nodes: Nodes) -> None:
+    """Reward streams (RewardBatchStream, 100 rewards each) into node A, one after another,
+    and unary rewards beside them; SIGKILL of A mid-way. Every reward of a stream A answered,
+    and every unary reward it acknowledged, is counted on node B afterwards."""
     a, b, _ = nodes.clients
     exp = unique("kill")
     a.create_experiment(exp, arms=["x", "y"], outcomes={"mode": "explicit"})
     decisions = [b.decide(exp, unit_id=f"u{i}") for i in range(200)]
-    acked: list[int] = []
+    acked = [0, 0]  # rewards acknowledged by answered streams, by unary calls
     stop = threading.Event()
 
-    def send() -> None:
-        for i, d in enumerate(decisions * 20):
+    def streams() -> None:
+        for s in range(1_000):
+            items = [(d.decision_id, 1.0, f"s{s}-{i}") for i, d in enumerate(decisions[:100])]
+            try:
+                acked[0] += a.reward_many(items).accepted
+            except BanditdError:
+                return  # the node died under the stream: none of it was acknowledged
             if stop.is_set():
                 return
-            try:
-                if a.reward(d.decision_id, 1.0, event_id=f"k{i}"):
-                    acked.append(i)
-            except BanditdError:
-                return  # the node died under the call: not acknowledged
 
-    t = threading.Thread(target=send)
-    t.start()
-    assert wait_for(lambda: len(acked) >= 200, timeout=30)
-    nodes.servers[0].kill()  # SIGKILL in the middle of the stream
+    def unary() -> None:
+        for i in range(100_000):
+            d = decisions[100 + i % 100]
+            try:
+                acked[1] += a.reward(d.decision_id, 1.0, event_id=f"k{i}")
+            except BanditdError:
+                return
+            if stop.is_set():
+                return
+
+    threads = [threading.Thread(target=streams), threading.Thread(target=unary)]
+    for t in threads:
+        t.start()
+    assert wait_for(lambda: acked[0] >= 500 and acked[1] >= 100, timeout=30)
+    nodes.servers[0].kill()  # SIGKILL while both are sending
     stop.set()
-    t.join(timeout=30)
-    assert len(acked) >= 200
+    for t in threads:
+        t.join(timeout=30)
 
     def counted() -> int:
         return int(sum(s.rewards for s in b.arm_stats(exp)))
 
-    assert wait_for(lambda: counted() >= len(acked)), (counted(), len(acked))
+    assert wait_for(lambda: counted() >= sum(acked)), (counted(), acked)
 
 
 def test_postgres_restart_gives_unavailable_then_recovers(nodes: Nodes, cluster: pg.PostgresCluster) -> None:

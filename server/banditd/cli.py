@@ -9,6 +9,8 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+import lmdb
+
 from banditd import config, diagnose, evaluate, export, logs
 from banditd.sim import command as simulate
 from banditd.store import SchemaError, Store
@@ -19,7 +21,10 @@ def _serve(ns: argparse.Namespace) -> int:
 
     cfg = config.from_args(ns)
     logs.setup(cfg.log_level)
-    serve(cfg)
+    try:
+        serve(cfg)
+    except (lmdb.Error, SchemaError) as exc:  # pgkv's errors are lmdb.Error too
+        raise SystemExit(f"banditd serve: cannot open the store: {exc}") from None
     return 0
 
 

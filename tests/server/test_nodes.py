@@ -243,3 +243,19 @@ def test_an_api_key_created_against_the_database_protects_every_node(nodes: Node
     for s in nodes.servers:
         with Client(s.target, api_key=key, timeout=10.0) as c:
             c.create_experiment(unique("keyed"), arms=["a", "b"])
+
+
+def test_a_node_whose_database_is_down_at_start_exits_with_the_cause(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from conftest import free_port
+
+    url = f"postgresql://banditd@127.0.0.1:{free_port()}/banditd"  # nothing listens there
+    proc = subprocess.run(
+        [sys.executable, "-m", "banditd", "serve", "--store", url, "--workers", "1", "--port", "0"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 1
+    assert "cannot open the store" in proc.stderr and "unavailable" in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from banditd import _core
-from banditd.errors import BanditdError, ExperimentPaused, InvalidArgument, ResourceExhausted
+from banditd.errors import BanditdError, ExperimentPaused, InvalidArgument, ResourceExhausted, Unavailable
 from banditd.experiment import now_ms
 from banditd.ops import LogDecisionBatch
 from banditd.store import BATCH_REJECTED, DecisionBatch, new_decision_id
@@ -160,8 +160,8 @@ def _unit_by_unit(
         try:
             result = engine.decide(experiment_id, unit, k, contexts[i] if contexts else None)
         except BanditdError as exc:
-            if isinstance(exc, ExperimentPaused | ResourceExhausted):
-                raise  # the whole batch: nothing more can be decided
+            if isinstance(exc, ExperimentPaused | ResourceExhausted | Unavailable):
+                raise  # the whole batch: nothing more can be decided (paused, or the store failing)
             rejected.append((i, unit[:128], exc.code.name, exc.message))
             ids.append("")
             arms.extend([REJECTED] * k)

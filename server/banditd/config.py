@@ -7,8 +7,6 @@ import os
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from banditd.store import redact_url
-
 
 @dataclass(frozen=True)
 class ServerConfig:
@@ -65,9 +63,7 @@ class ServerConfig:
         if not self.history_seconds > 0:
             raise ValueError(f"--history-seconds must be positive, got {self.history_seconds}")
         if self.store and not self.store.startswith(("postgresql://", "postgres://")):
-            raise ValueError(
-                f"--store must be a postgresql:// URL (empty: LMDB under --data-dir), got {redact_url(self.store)!r}"
-            )
+            raise ValueError("--store must be a postgresql:// URL (empty: LMDB under --data-dir)")
         if self.tls_client_ca and not self.tls_cert:
             raise ValueError("--tls-client-ca needs --tls-cert and --tls-key (mTLS is TLS plus client certificates)")
 
@@ -90,9 +86,12 @@ class ServerConfig:
         return self.workers if self.workers > 0 else (os.cpu_count() or 1)
 
     def as_dict(self) -> dict[str, Any]:
-        """For logs: a password in the store URL is replaced by ***."""
+        """For logs: the store URL without its password."""
         d = asdict(self)
-        d["store"] = redact_url(self.store)
+        if self.store:
+            from banditd.pgkv import redact_url  # psycopg is only needed with a PostgreSQL store
+
+            d["store"] = redact_url(self.store)
         return d
 
 

@@ -588,7 +588,8 @@ class Engine:
                 )
         k = check_k(k or 1)
         check_context(context)
-        self.writer.refuse_if_failing()
+        if self.writer.storage_error is not None:
+            self.writer.refuse_if_failing()
         if unit_id:
             check_id("unit id", unit_id)
         elif spec.sticky:

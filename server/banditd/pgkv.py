@@ -175,7 +175,9 @@ def _write_key(key: Any) -> bytes:
     return k
 
 
-def _redact(url: str) -> str:
+def redact_url(url: str) -> str:
+    """The URL as a postgresql:// URL without its password (also one given as a parameter),
+    for logs and messages."""
     try:
         params = conninfo_to_dict(url)
     except psycopg.ProgrammingError:
@@ -364,7 +366,7 @@ class Environment:
         try:
             return psycopg.connect(self._conninfo)
         except psycopg.Error as exc:
-            raise _translate(exc, f"connect to {_redact(self.url)}") from exc
+            raise _translate(exc, f"connect to {redact_url(self.url)}") from exc
 
     def _migrate(self) -> None:
         conn = self._direct()
@@ -382,7 +384,7 @@ class Environment:
                 newest = max(applied, default=0)
                 if newest > SCHEMA_VERSION:
                     raise SchemaError(
-                        f"database {_redact(self.url)} has schema version {newest}; this banditd knows up to "
+                        f"database {redact_url(self.url)} has schema version {newest}; this banditd knows up to "
                         f"{SCHEMA_VERSION}: it was written by a newer banditd"
                     )
                 for version, name, statements in MIGRATIONS:
@@ -391,7 +393,7 @@ class Environment:
                     for statement in statements:
                         conn.execute(statement)  # type: ignore[arg-type]  # constant SQL
                     conn.execute("INSERT INTO schema_migrations (version, name) VALUES (%s, %s)", (version, name))
-                    log.info("applied schema migration %d (%s) to %s", version, name, _redact(self.url))
+                    log.info("applied schema migration %d (%s) to %s", version, name, redact_url(self.url))
         except psycopg.Error as exc:
             raise _translate(exc, "schema migration", conn) from exc
         finally:
@@ -405,7 +407,7 @@ class Environment:
             version = rows[0][0]
         if version != SCHEMA_VERSION:
             raise SchemaError(
-                f"database {_redact(self.url)} has pgkv schema version {version}, this banditd needs "
+                f"database {redact_url(self.url)} has pgkv schema version {version}, this banditd needs "
                 f"{SCHEMA_VERSION}: open it read-write once to migrate it"
                 + (" (it was written by a newer banditd)" if (version or 0) > SCHEMA_VERSION else "")
             )
@@ -511,7 +513,7 @@ class Environment:
 
     def path(self) -> str:
         """The database URL without its password."""
-        return _redact(self.url)
+        return redact_url(self.url)
 
     def set_mapsize(self, map_size: int) -> None:
         """No-op: PostgreSQL has no map to grow."""

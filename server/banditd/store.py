@@ -530,15 +530,6 @@ def is_database_url(location: str | os.PathLike[str]) -> bool:
     return str(location).startswith(("postgresql://", "postgres://"))
 
 
-def redact_url(url: str) -> str:
-    """The URL without its password (user:secret@host -> user:***@host), for messages."""
-    scheme, sep, rest = url.partition("://")
-    userinfo, at, host = rest.rpartition("@")
-    if not sep or not at or ":" not in userinfo:
-        return url
-    return f"{scheme}://{userinfo.split(':', 1)[0]}:***@{host}"
-
-
 class Store:
     # The named databases (bound by `_bind`; None in a read-only store written before the
     # database existed).
@@ -567,9 +558,9 @@ class Store:
         if self.shared_database:
             from banditd import pgkv  # psycopg is only needed here
 
-            self.location = redact_url(str(path))
             self.path = Path(".")  # no directory of its own
             self.env = pgkv.Environment(str(path), readonly=readonly, pool_size=PG_POOL_SIZE)
+            self.location = self.env.path()  # the URL without its password
         else:
             self.path = Path(path)
             self.location = str(self.path)

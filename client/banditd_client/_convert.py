@@ -28,6 +28,7 @@ from banditd_client.types import (
     ExperimentInfo,
     ExposureItem,
     Feature,
+    LocalDecision,
     ModelReport,
     RejectedUnit,
     RewardCounts,
@@ -502,8 +503,11 @@ def allocation(msg: pb.Allocation) -> Allocation:
 
 
 # An exposure: ExposureItem, a plain (decision_id, unit_id, arm_id, allocation_version[,
-# ts_unix_ms]) tuple, or a mapping with those keys ("arm" for arm_id works too).
-ExposureLike = ExposureItem | tuple[str, str, str, int] | tuple[str, str, str, int, int] | Mapping[str, Any]
+# ts_unix_ms]) tuple, a mapping with those keys ("arm" for arm_id works too), or a
+# LocalDecision from a snapshot (its time is the one in its decision id).
+ExposureLike = (
+    ExposureItem | LocalDecision | tuple[str, str, str, int] | tuple[str, str, str, int, int] | Mapping[str, Any]
+)
 # Exposures per ExposureBatch by default; the server takes at most MAX_EXPOSURE_BATCH.
 EXPOSURE_BATCH = 1000
 MAX_EXPOSURE_BATCH = 10_000
@@ -524,9 +528,9 @@ def exposure_batches(
 def _exposure_batches(
     experiment_id: str, exposures: Iterable[ExposureLike], batch_size: int
 ) -> Iterator[pb.ExposureBatch]:
-    if isinstance(exposures, list) and all(type(e) is tuple and len(e) == 5 for e in exposures[:1]):
-        # LocalAssigner's queue: 5-tuples. Sent columnar, a few C calls per batch instead of a
-        # message per exposure (~0.3 µs an exposure instead of ~1.3).
+    if isinstance(exposures, list) and exposures and type(exposures[0]) in (LocalDecision, tuple):
+        # LocalAssigner's queue (plain 4-tuples), LocalDecisions or 5-tuples: sent columnar,
+        # a few C calls per batch instead of a message per exposure.
         try:
             yield from _columnar_exposures(experiment_id, exposures, batch_size)
             return
@@ -544,6 +548,9 @@ def _exposure_batches(
                 allocation_version=int(item["allocation_version"]),
                 ts_unix_ms=int(item.get("ts_unix_ms", 0)),
             )
+        elif isinstance(item, LocalDecision):
+            add(decision_id=item.decision_id, unit_id=item.unit_id, arm_id=item.arm,
+                allocation_version=item.allocation_version)  # fmt: skip
         elif len(item) == 5:
             decision_id, unit_id, arm_id, version, ts = item
             add(decision_id=decision_id, unit_id=unit_id, arm_id=arm_id, allocation_version=version, ts_unix_ms=ts)
@@ -568,26 +575,46 @@ def _exposure_batches(
 def _columnar_exposures(
     experiment_id: str, exposures: list[Any], batch_size: int
 ) -> Iterator[pb.ExposureBatch]:
+    first = exposures[0]
+    local = type(first) is LocalDecision
+    width = len(first)
     messages = []
     for start in range(0, len(exposures), batch_size):
         chunk = exposures[start : start + batch_size]
-        ids, units, arms, versions, ts = zip(*chunk, strict=True)
-        by_version: dict[int, list[int]] = {}
-        for i, v in enumerate(versions):
-            by_version.setdefault(v, []).append(i)
-        for version, rows in by_version.items():
-            pick = rows if len(rows) < len(chunk) else None
-            table: dict[str, int] = {}
-            col_arms = [table.setdefault(arms[i], len(table)) for i in (pick or range(len(chunk)))]
+        ts: tuple[Any, ...] = ()  # none: the server takes each exposure's time from its decision id
+        if local:
+            ids, units, arms, _, versions, sources = zip(*chunk, strict=True)
+            if set(map(type, chunk)) != {LocalDecision} or set(sources) != {"snapshot"}:
+                raise ValueError("not only LocalDecisions from a snapshot")
+        elif width == 4:
+            ids, units, arms, versions = zip(*chunk, strict=True)
+        else:
+            ids, units, arms, versions, ts = zip(*chunk, strict=True)
+        distinct = set(versions)
+        groups = [(distinct.pop(), None)] if len(distinct) == 1 else _rows_by_version(versions)
+        for version, rows in groups:
+            gi, gu, ga, gt = (ids, units, arms, ts) if rows is None else _pick_rows(rows, ids, units, arms, ts)
+            table = {a: n for n, a in enumerate(dict.fromkeys(ga))}
             batch = pb.ExposureBatch(experiment_id=experiment_id, allocation_version=int(version))
-            batch.decision_ids.extend(ids if pick is None else [ids[i] for i in pick])
-            batch.unit_ids.extend(units if pick is None else [units[i] for i in pick])
-            batch.ts_unix_ms.extend(ts if pick is None else [ts[i] for i in pick])
+            batch.decision_ids.extend(gi)
+            batch.unit_ids.extend(gu)
+            batch.ts_unix_ms.extend(gt)
             batch.arm_ids.extend(table)
-            batch.arms.extend(col_arms)
+            batch.arms.extend(map(table.__getitem__, ga))
             messages.append(batch)
     # Built before the first is sent: a bad item (TypeError, ValueError) falls back whole.
     yield from messages
+
+
+def _rows_by_version(versions: tuple[Any, ...]) -> list[tuple[Any, list[int] | None]]:
+    by_version: dict[Any, list[int]] = {}
+    for i, v in enumerate(versions):
+        by_version.setdefault(v, []).append(i)
+    return list(by_version.items())  # type: ignore[arg-type]
+
+
+def _pick_rows(rows: list[int], *columns: tuple[Any, ...]) -> list[list[Any]]:
+    return [[col[i] for i in rows] if col else [] for col in columns]
 
 
 class Capture:

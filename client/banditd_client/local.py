@@ -114,6 +114,16 @@ def new_decision_id(ms: int | None = None) -> str:
     return f"{ms:011x}{os.urandom(6).hex()}"
 
 
+_LOW: list[str] = []
+
+
+def _low_digits() -> list[str]:
+    """"0000" .. "ffff", made once per process on first use (~4 MB; ~10 ms)."""
+    if not _LOW:
+        _LOW.extend(f"{i:04x}" for i in range(65536))
+    return _LOW
+
+
 @dataclass(frozen=True, slots=True)
 class AssignerStats:
     """Counters of a LocalAssigner since it started."""
@@ -167,7 +177,7 @@ class LocalAssigner:
         *,
         ttl_seconds: float | None = None,
         flush_every_s: float = 1.0,
-        flush_size: int = 1000,
+        flush_size: int = 20000,
         max_queued: int = MAX_QUEUED,
     ) -> None:
         if ttl_seconds is not None and not ttl_seconds > 0:
@@ -183,13 +193,16 @@ class LocalAssigner:
         self.flush_size = int(flush_size)
         self.max_queued = int(max_queued)
         # Hot-path state: `_snap` is None (no usable snapshot: assign asks the server) or a
-        # tuple (base hash, thresholds, last index, arm ids, probabilities, version, dies at
-        # time_ns, id counter, exposure queue, flush size), replaced as a whole: one
-        # attribute read gives assign everything.
+        # tuple (base hash, thresholds, arm ids, probabilities, version, dies at time_ns,
+        # clock, id counter, exposure queue, flush size), replaced as a whole: one attribute
+        # read gives assign everything. `clock` is [end of the current millisecond in ns,
+        # the first 19 digits of the ids made in it]: formatted once per millisecond.
         self._snap: tuple[Any, ...] | None = None
-        self._queue: collections.deque[tuple[str, str, str, int, int]] = collections.deque(maxlen=self.max_queued)
-        self._ids = itertools.count(int.from_bytes(os.urandom(6), "little") >> 1)  # < 2^47
-        self._id_start = _count_value(self._ids)
+        self._queue: collections.deque[tuple[str, str, str, int]] = collections.deque(maxlen=self.max_queued)
+        self._clock: list[Any] = [0, ""]
+        self._id_tag = int.from_bytes(os.urandom(4), "little")  # this assigner's 8 hex digits
+        self._ids = itertools.count()  # ids made from snapshots; their low 16 bits end the id
+        _low_digits()
         self._flush_wanted = False
         # Slow-path state.
         self.snapshot: Allocation | None = None  # the last snapshot fetched
@@ -199,7 +212,7 @@ class LocalAssigner:
         self._rpc_count = itertools.count()
         self._lock = threading.Lock()  # counters and the retry list (never taken by assign)
         self._flush_lock = threading.Lock()  # one flush at a time
-        self._retry: list[tuple[str, str, str, int, int]] = []  # taken, failed to send, oldest first
+        self._retry: list[tuple[str, str, str, int]] = []  # taken, failed to send, oldest first
         self._taken_from_queue = 0
         self._dropped_retry = 0
         self._totals = {"accepted": 0, "duplicate": 0, "rejected": 0, "flush_failures": 0}
@@ -237,6 +250,7 @@ class LocalAssigner:
         _bisect: Any = bisect.bisect_right,
         _new: Any = tuple.__new__,
         _cls: Any = LocalDecision,
+        _low: Any = _LOW,
     ) -> LocalDecision:
         """The unit's arm: from the snapshot (queued as an exposure), else from a decide call.
 
@@ -245,24 +259,29 @@ class LocalAssigner:
         s = self._snap
         if s is None:
             return self._assign_by_rpc(unit_id)
-        base, cum, last, arm_ids, probs, version, dies_ns, ids, q, flush_size = s
+        base, cum, arm_ids, probs, version, dies_ns, clock, ids, q, flush_size = s
         now = _time_ns()
         if now > dies_ns:
             return self._assign_by_rpc(unit_id)
         h = base.copy()
         h.update(unit_id.encode())
-        i = _bisect(cum, h.digest())
-        if i > last:
-            i = last
-        ms = now // 1_000_000
-        # 11 hex digits of ms, then 12 of the counter (it starts below 2^47: no carry into ms).
-        decision_id = hex((ms << 48) + next(ids))[2:]
+        i = _bisect(cum, h.digest())  # the last threshold is above every digest: i <= last
+        if now >= clock[0]:  # a new millisecond: 11 digits of it and the assigner's 8
+            ms = now // 1_000_000
+            clock[1] = f"{ms:011x}{self._id_tag:08x}"
+            clock[0] = (ms + 1) * 1_000_000
+        # Then the counter's low 16 bits as 4 digits (looked up: formatting costs more than
+        # the rest of the id). Unique while an assigner makes < 65,536 ids a millisecond.
+        did = clock[1] + _low[next(ids) & 0xFFFF]
         arm = arm_ids[i]
-        q.append((decision_id, unit_id, arm, version, ms))
+        # A plain tuple of strings and ints: the garbage collector stops tracking it, so a
+        # long queue (a slow server) does not make every collection slower.
+        q.append((did, unit_id, arm, version))
+        d = _new(_cls, (did, unit_id, arm, probs[i], version, "snapshot"))
         if len(q) >= flush_size and not self._flush_wanted:
             self._flush_wanted = True
             self._flush_now.set()
-        return _new(_cls, (decision_id, unit_id, arm, probs[i], version, "snapshot"))  # type: ignore[no-any-return]
+        return d  # type: ignore[no-any-return]
 
     def _assign_by_rpc(self, unit_id: str) -> LocalDecision:
         if self._closed:
@@ -301,10 +320,12 @@ class LocalAssigner:
         )  # fmt: skip
         if usable:
             base = hashlib.blake2b((alloc.salt + "\x00").encode(), digest_size=8)
-            cum = thresholds(alloc.probabilities)
+            # "The last arm when no threshold exceeds u": a last threshold of 9 bytes sorts
+            # above every 8-byte digest, so the bisection never runs past the last arm.
+            cum = thresholds(alloc.probabilities)[:-1] + [b"\xff" * 9]
             dies_ns = started_ns + int(life * 1e9)
             self._snap = (
-                base, cum, len(cum) - 1, alloc.arm_ids, alloc.probabilities, alloc.version, dies_ns,
+                base, cum, alloc.arm_ids, alloc.probabilities, alloc.version, dies_ns, self._clock,
                 self._ids, self._queue, self.flush_size,
             )  # fmt: skip
         else:
@@ -341,11 +362,11 @@ class LocalAssigner:
 
     # Exposures.
 
-    def _take(self) -> list[tuple[str, str, str, int, int]]:
+    def _take(self) -> list[tuple[str, str, str, int]]:
         """The exposures to send: the retried ones (oldest) then the queue as it is now, at
         most max_queued (the oldest beyond are dropped)."""
         q = self._queue
-        fresh: list[tuple[str, str, str, int, int]] = []
+        fresh: list[tuple[str, str, str, int]] = []
         pop = q.popleft
         append = fresh.append
         try:
@@ -384,7 +405,7 @@ class LocalAssigner:
                     self._last_rejections = counts.rejections
             return counts
 
-    def _requeue(self, items: list[tuple[str, str, str, int, int]]) -> None:
+    def _requeue(self, items: list[tuple[str, str, str, int]]) -> None:
         with self._lock:
             self._totals["flush_failures"] += 1
             self._retry = items + self._retry
@@ -415,7 +436,7 @@ class LocalAssigner:
     # Introspection and lifetime.
 
     def stats(self) -> AssignerStats:
-        assigned = _count_value(self._ids) - self._id_start
+        assigned = _count_value(self._ids)
         with self._lock:
             in_queue = len(self._queue)
             # The deque drops its oldest on overflow: what was neither taken from it nor is in it.

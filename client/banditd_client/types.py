@@ -359,7 +359,7 @@ class Allocation:
 
 class ExposureItem(NamedTuple):
     """A unit assigned in the SDK from a snapshot, for `log_exposures` (a plain 5-tuple in the
-    same order works too; ts_unix_ms 0 = when the server receives it)."""
+    same order works too; ts_unix_ms 0 = the time in the decision id)."""
 
     decision_id: str
     unit_id: str

@@ -27,6 +27,8 @@ import math
 import re
 import threading
 import time
+from array import array
+from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
 from banditd.errors import (
@@ -37,9 +39,9 @@ from banditd.errors import (
     NotFound,
 )
 from banditd.experiment import ExperimentRuntime, now_ms
-from banditd.ops import LogExposures, PutAllocation
-from banditd.store import DecisionRecord
-from banditd.validation import check_id
+from banditd.ops import LogExposureBatch, LogExposures, PutAllocation
+from banditd.store import SDK_ID_CHARS, DecisionBatch, DecisionRecord, new_decision_id
+from banditd.validation import ID_LIMITS, check_id
 
 if TYPE_CHECKING:
     from banditd.engine import DecisionResult, Engine
@@ -51,6 +53,7 @@ MAX_EXPOSURES_PER_BATCH = 10_000
 # Exposures may be reported this late (an SDK buffering through an outage), never from the future.
 FUTURE_SLACK_MS = 5 * 60_000
 DECISION_ID = re.compile(r"[0-9a-f]{23}")
+HEX_DIGITS = re.compile(r"[0-9a-f]*")
 
 
 def salt_of(experiment_id: str, created_ms: int) -> str:
@@ -189,6 +192,47 @@ class Allocations:
             for i, status in zip(positions, results, strict=True):
                 out[i] = (status, "")
         return out
+
+    def submit_columnar(self, experiment_id: str, batch: Any) -> Future[list[str]] | None:
+        """A columnar ExposureBatch queued as one record (`ops.LogExposureBatch`) when every
+        exposure in it is valid, checked a column at a time: the future gets "accepted" or
+        "duplicate" per exposure once durable. None when some item is not valid (or the
+        experiment needs per-decision accounting): `log_exposures`, item by item, then says
+        which and why. Same checks and results as that path."""
+        ids = list(batch.decision_ids)
+        n = len(ids)
+        arms_in = batch.arms
+        if not n or batch.exposures or batch.ts_unix_ms or len(batch.unit_ids) != n or len(arms_in) != n:
+            return None
+        from banditd.bulk import fast_path  # noqa: PLC0415 - bulk imports the engine's modules
+
+        rt = self.engine.require(experiment_id)
+        if not fast_path(rt):
+            return None
+        try:
+            snap = self.issued(experiment_id, batch.allocation_version)
+        except NotFound:
+            return None
+        index = snap["index"]
+        table = [index.get(a, -1) for a in batch.arm_ids]
+        if -1 in table or max(arms_in) >= len(table):
+            return None
+        if set(map(len, ids)) != {SDK_ID_CHARS} or not HEX_DIGITS.fullmatch("".join(ids)) or len(set(ids)) != n:
+            return None
+        now = now_ms()
+        window_ms = rt.spec.window_seconds * 1000
+        first, last = int(min(ids)[:11], 16), int(max(ids)[:11], 16)  # fixed width: text order is time order
+        if last > now + FUTURE_SLACK_MS or (window_ms and now - first > window_ms):
+            return None
+        units = list(batch.unit_ids)
+        sizes = [len(u.encode()) for u in units]
+        if min(sizes) == 0 or max(sizes) > ID_LIMITS["unit id"] or "\x00" in "".join(units):
+            return None
+        arms = array("I", map(table.__getitem__, arms_in))
+        props = array("d", map(snap["probabilities"].__getitem__, arms))
+        record = DecisionBatch(new_decision_id(now), experiment_id, now, 0, 1, list(snap["arm_ids"]), arms.tobytes(),
+                               props.tobytes(), units, "snapshot", ids)  # fmt: skip
+        return self.engine.writer.submit_future(LogExposureBatch(record, rt.spec))
 
     def _exposure(self, experiment_id: str, e: Any, now: int, window_ms: int) -> DecisionRecord:
         did = e.decision_id

@@ -7,8 +7,10 @@ Statistics change only here, inside the transaction that stores what caused the 
 
 from __future__ import annotations
 
+from array import array
+from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from banditd.errors import ExperimentAlreadyExists, ExperimentNotFound, FailedPrecondition
@@ -454,6 +456,46 @@ class LogExposures(WriteOp):
                 continue
             record_decision(batch, acct, r)
             out.append(ACCEPTED)
+        return out
+
+
+class LogExposureBatch(WriteOp):
+    """Exposures of one snapshot as one columnar record (`WriteTxn.put_exposure_batch`),
+    counted like a DecisionBatch (same experiments: no maturation delay, half-life or
+    model). An id stored already is a duplicate: the batch keeps only the new ones."""
+
+    def __init__(self, batch: DecisionBatch, spec: ExperimentSpec) -> None:
+        self.batch = batch
+        self.spec = spec
+
+    def write(self, txn: WriteTxn) -> list[str]:
+        b = self.batch
+        assert b.ids is not None
+        known = txn.known_decisions(b.ids)
+        out = [DUPLICATE if d in known else ACCEPTED for d in b.ids]
+        if known:
+            keep = [i for i, d in enumerate(b.ids) if d not in known]
+            if not keep:
+                return out
+            arms, props = array("I"), array("d")
+            arms.frombytes(b.arms)
+            props.frombytes(b.propensities)
+            b = replace(b, ids=[b.ids[i] for i in keep], units=[b.units[i] for i in keep],
+                        arms=array("I", [arms[i] for i in keep]).tobytes(),
+                        propensities=array("d", [props[i] for i in keep]).tobytes())  # fmt: skip
+        idx = array("I")
+        idx.frombytes(b.arms)
+        counts = Counter(idx)
+        exp, rule = self.spec.id, self.spec.rule
+        txn.policy(exp).decisions += len(b.units)
+        acct = Accounting(txn, self.spec)
+        value = on_maturity(rule, None).sum
+        for a, count in counts.items():
+            arm_id = b.arm_ids[a]
+            txn.arm(exp, arm_id).pulls += count
+            if rule.mode == "decision":
+                acct.observe_many(arm_id, count, value)
+        txn.put_exposure_batch(b)
         return out
 
 

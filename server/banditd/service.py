@@ -7,6 +7,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import Future
 from contextlib import contextmanager
 from typing import Any, NamedTuple
 
@@ -31,6 +32,7 @@ from banditd.errors import (
 from banditd.experiment import DEFAULT_WINDOW_SECONDS, ArmSpec, ExperimentSpec
 from banditd.settings import Criteria, Guardrail, Settings
 from banditd.validation import MAX_REWARDS_PER_MESSAGE, ContextScalar, check_context, shown_key
+from banditd.writer import wait_for
 from banditd_client._convert import POLICY_PARAMS
 from banditd_client.v1 import banditd_pb2 as pb
 from banditd_client.v1 import banditd_pb2_grpc as pb_grpc
@@ -459,22 +461,40 @@ class BanditdService(pb_grpc.BanditdServicer):
     def LogExposures(
         self, request_iterator: Iterator[pb.ExposureBatch], context: grpc.ServicerContext
     ) -> pb.RewardStreamResponse:
-        """Per-exposure results as RewardStream reports them; each batch is committed durably."""
+        """Per-exposure results as RewardStream reports them; each batch is committed durably.
+        Columnar batches of valid exposures are committed while the next ones are read (a
+        few in flight); any other batch is checked and committed item by item."""
         counts = {"accepted": 0, "duplicate": 0, "rejected": 0}
         rejections: list[pb.RejectedReward] = []
+        in_flight: deque[Future[list[str]]] = deque()
         index = 0
+
+        def settle() -> None:
+            statuses = wait_for(in_flight.popleft(), _timeout(context))
+            accepted = statuses.count("accepted")
+            counts["accepted"] += accepted
+            counts["duplicate"] += len(statuses) - accepted
+
         with self.streams.admit(context) as touch:
             for batch in request_iterator:
                 touch()
                 if isinstance(batch, Undecodable):
                     raise InvalidArgument(f"undecodable ExposureBatch message ({batch.error})")
-                items = [*batch.exposures, *columnar_exposures(batch)]
-                if len(items) > MAX_EXPOSURES_PER_BATCH:
+                size = len(batch.exposures) + len(batch.decision_ids)
+                if size > MAX_EXPOSURES_PER_BATCH:
                     raise InvalidArgument(
-                        f"an ExposureBatch holds at most {MAX_EXPOSURES_PER_BATCH} exposures, got {len(items)}"
+                        f"an ExposureBatch holds at most {MAX_EXPOSURES_PER_BATCH} exposures, got {size}"
                     )
                 if not batch.experiment_id:
                     raise InvalidArgument("ExposureBatch.experiment_id is required")
+                queued = self.allocations.submit_columnar(batch.experiment_id, batch)
+                if queued is not None:  # every item valid: each is accepted or a duplicate
+                    in_flight.append(queued)
+                    index += size
+                    if len(in_flight) > MAX_CHUNKS_IN_FLIGHT:
+                        settle()
+                    continue
+                items = [*batch.exposures, *columnar_exposures(batch)]
                 results = self.allocations.log_exposures(batch.experiment_id, items, _timeout(context))
                 for item, (status, reason) in zip(items, results, strict=True):
                     if status in ("accepted", "duplicate"):
@@ -486,6 +506,8 @@ class BanditdService(pb_grpc.BanditdServicer):
                                 index=index, decision_id=item.decision_id[:128], code=status, reason=reason
                             ))  # fmt: skip
                     index += 1
+            while in_flight:
+                settle()
         return pb.RewardStreamResponse(rejections=rejections, **counts)
 
     def GetAuditLog(self, request: pb.GetAuditLogRequest, context: grpc.ServicerContext) -> pb.AuditLog:

@@ -12,7 +12,9 @@ One LMDB environment with named databases (keys join ids with NUL; ids never con
 | arms        | experiment\\0arm         | ArmRow, 8 little-endian doubles                         |
 | policy      | experiment               | PolicyState: decisions u64, clock f64, base f64         |
 | decisions   | decision id              | DecisionRecord as JSON, or a DecisionBatch (columnar,   |
-|             |                          | DecideBulk): decision "B.i" is unit i of batch B        |
+|             |                          | DecideBulk): decision "B.i" is unit i of batch B, or an |
+|             |                          | exposure reference: (index, batch id) of an exposure    |
+|             |                          | batch, a DecisionBatch holding the SDK's decision ids   |
 | outcomes    | decision id\\0arm        | Outcome: aggregate, events, observation clock (JSON)    |
 | maturing    | experiment\\0decision id | empty: decisions waiting for their min_age              |
 | events      | experiment\\0event key   | [decision id, arm, value, unix ms]: idempotency + log   |
@@ -243,14 +245,33 @@ class DecisionRecord:
 BATCH_MAGIC = b"\x00B1"
 BATCH_REJECTED = 0xFFFFFFFF
 _U32 = struct.Struct("<I")
+# Exposures (LogExposures, columnar) are a DecisionBatch too, keyed by a server-made id, that
+# also holds the SDK's decision ids; each of those ids is a key whose value is a reference
+# (magic, u32 index, batch id): one small put per exposure instead of a JSON record. Such a
+# batch's decisions are known by their SDK ids only (never as "B.i").
+EXPOSURE_REF = b"\x00R1"
+SDK_ID_CHARS = 23
+
+
+def exposure_ref(batch_id: str, index: int) -> bytes:
+    return EXPOSURE_REF + _U32.pack(index) + batch_id.encode()
+
+
+def _ref_target(raw: bytes) -> tuple[str, int] | None:
+    """(batch id, index) of an exposure reference; None for any other value."""
+    if raw[:3] != EXPOSURE_REF:
+        return None
+    return raw[7:].decode(), _U32.unpack_from(raw, 3)[0]
 
 
 @dataclass(slots=True)
 class DecisionBatch:
     """Columnar decisions of one experiment made at one time: header JSON (experiment, time,
-    model version, k, arm table, source, count), then u32 arm indexes (k per unit, REJECTED
-    for a refused unit), f64 propensities, u32 offsets of the unit ids (n + 1) and the unit
-    ids' UTF-8 bytes."""
+    model version, k, arm table, source, count; "d" = width of the SDK decision ids when it
+    holds exposures), then u32 arm indexes (k per unit, REJECTED for a refused unit), f64
+    propensities, the SDK decision ids (n x 23 ASCII bytes, exposures only: each exposure's
+    time is the one in its id), u32 offsets of the unit ids (n + 1) and the unit ids' UTF-8
+    bytes."""
 
     batch_id: str
     experiment_id: str
@@ -262,17 +283,25 @@ class DecisionBatch:
     propensities: bytes  # f64 little endian, n * k
     units: list[str]
     source: str = ""
+    ids: list[str] | None = None  # exposures: the SDK's decision ids (23 hex digits each)
 
     def encode(self) -> bytes:
-        header = orjson.dumps({"e": self.experiment_id, "t": self.ts_ms, "v": self.model_version, "k": self.k,
-                               "a": self.arm_ids, "s": self.source, "n": len(self.units)})  # fmt: skip
+        head: dict[str, Any] = {"e": self.experiment_id, "t": self.ts_ms, "v": self.model_version, "k": self.k,
+                                "a": self.arm_ids, "s": self.source, "n": len(self.units)}  # fmt: skip
+        ids = b""
+        if self.ids is not None:
+            head["d"] = SDK_ID_CHARS
+            ids = "".join(self.ids).encode()
+            if len(ids) != SDK_ID_CHARS * len(self.units):
+                raise ValueError(f"exposure ids must be {SDK_ID_CHARS} ASCII characters each")
+        header = orjson.dumps(head)
         encoded = [u.encode() for u in self.units]
         offsets = array("I", [0])
         total = 0
         for b in encoded:
             total += len(b)
             offsets.append(total)
-        return b"".join((BATCH_MAGIC, _U32.pack(len(header)), header, self.arms, self.propensities,
+        return b"".join((BATCH_MAGIC, _U32.pack(len(header)), header, self.arms, self.propensities, ids,
                          offsets.tobytes(), *encoded))  # fmt: skip
 
     @staticmethod
@@ -285,29 +314,53 @@ def _batch_header(raw: bytes) -> tuple[dict[str, Any], int]:
     return orjson.loads(raw[7 : 7 + hlen]), 7 + hlen
 
 
+def _offsets_at(head: dict[str, Any], pos: int) -> int:
+    """Where the unit offsets start (after arms, propensities and any SDK ids)."""
+    n, k = head["n"], head["k"]
+    return pos + 12 * n * k + head.get("d", 0) * n
+
+
+def _batch_record(head: dict[str, Any], pos: int, raw: bytes, i: int, decision_id: str) -> DecisionRecord | None:
+    n, k = head["n"], head["k"]
+    idx = struct.unpack_from(f"<{k}I", raw, pos + 4 * i * k)
+    if idx[0] == BATCH_REJECTED:
+        return None
+    props = struct.unpack_from(f"<{k}d", raw, pos + 4 * n * k + 8 * i * k)
+    off_at = _offsets_at(head, pos)
+    start, end = struct.unpack_from("<2I", raw, off_at + 4 * i)
+    units_at = off_at + 4 * (n + 1)
+    unit = raw[units_at + start : units_at + end].decode()
+    table = head["a"]
+    ts = int(decision_id[:DECISION_TIME_CHARS], 16) if head.get("d") else head["t"]
+    return DecisionRecord(decision_id, head["e"], tuple(table[a] for a in idx), props, unit, ts, head["v"],
+                          None, None, None, head["s"])  # fmt: skip
+
+
 def batch_item(decision_id: str, raw: bytes) -> DecisionRecord | None:
-    """Decision "B.i" of a batch record (None: no such index, or the unit was refused)."""
+    """Decision "B.i" of a batch record (None: no such index, the unit was refused, or the
+    batch holds exposures, whose decisions are known by their SDK ids only)."""
     head, pos = _batch_header(raw)
     try:
         i = int(decision_id.rpartition(".")[2])
     except ValueError:
         return None
-    n, k = head["n"], head["k"]
-    if not 0 <= i < n:
+    if not 0 <= i < head["n"] or head.get("d"):
         return None
-    arms_at = pos + 4 * i * k
-    props_at = pos + 4 * n * k + 8 * i * k
-    idx = struct.unpack_from(f"<{k}I", raw, arms_at)
-    if idx[0] == BATCH_REJECTED:
+    return _batch_record(head, pos, raw, i, decision_id)
+
+
+def exposure_item(decision_id: str, raw: bytes, i: int) -> DecisionRecord | None:
+    """Exposure i of an exposure batch, if its SDK id is `decision_id`."""
+    if not DecisionBatch.is_batch(raw):
         return None
-    props = struct.unpack_from(f"<{k}d", raw, props_at)
-    off_at = pos + 12 * n * k
-    start, end = struct.unpack_from("<2I", raw, off_at + 4 * i)
-    units_at = off_at + 4 * (n + 1)
-    unit = raw[units_at + start : units_at + end].decode()
-    table = head["a"]
-    return DecisionRecord(decision_id, head["e"], tuple(table[a] for a in idx), props, unit, head["t"], head["v"],
-                          None, None, None, head["s"])  # fmt: skip
+    head, pos = _batch_header(raw)
+    width = head.get("d", 0)
+    if not width or not 0 <= i < head["n"]:
+        return None
+    at = pos + 12 * head["n"] * head["k"] + width * i
+    if raw[at : at + width] != decision_id.encode():
+        return None
+    return _batch_record(head, pos, raw, i, decision_id)
 
 
 def batch_items(batch_id: str, raw: bytes) -> Iterator[DecisionRecord]:
@@ -318,24 +371,34 @@ def batch_items(batch_id: str, raw: bytes) -> Iterator[DecisionRecord]:
     idx.frombytes(raw[pos : pos + 4 * n * k])
     props = array("d")
     props.frombytes(raw[pos + 4 * n * k : pos + 12 * n * k])
+    width = head.get("d", 0)
+    ids_at = pos + 12 * n * k
     offsets = array("I")
-    off_at = pos + 12 * n * k
+    off_at = _offsets_at(head, pos)
     offsets.frombytes(raw[off_at : off_at + 4 * (n + 1)])
     units = raw[off_at + 4 * (n + 1) :]
     for i in range(n):
         if idx[i * k] == BATCH_REJECTED:
             continue
+        if width:
+            did = raw[ids_at + width * i : ids_at + width * (i + 1)].decode()
+            ts = int(did[:DECISION_TIME_CHARS], 16)
+        else:
+            did, ts = f"{batch_id}.{i}", head["t"]
         yield DecisionRecord(
-            f"{batch_id}.{i}", head["e"], tuple(table[a] for a in idx[i * k : i * k + k]),
-            tuple(props[i * k : i * k + k]), units[offsets[i] : offsets[i + 1]].decode(), head["t"], head["v"],
+            did, head["e"], tuple(table[a] for a in idx[i * k : i * k + k]),
+            tuple(props[i * k : i * k + k]), units[offsets[i] : offsets[i + 1]].decode(), ts, head["v"],
             None, None, None, head["s"],
         )  # fmt: skip
 
 
 def decode_records(key_: str, raw: bytes) -> Iterator[DecisionRecord]:
-    """The decision(s) a `decisions` record holds (a batch holds many)."""
+    """The decision(s) a `decisions` record holds (a batch holds many; an exposure
+    reference none: its batch holds it)."""
     if DecisionBatch.is_batch(raw):
         yield from batch_items(key_, raw)
+    elif raw[:3] == EXPOSURE_REF:
+        return
     else:
         yield DecisionRecord.decode(key_, raw)
 
@@ -743,13 +806,24 @@ class Store:
         "B.i" are decision i of batch record B (each batch read once)."""
         keys = sorted({k for d in decision_ids if (k := d.partition(".")[0].encode())})
         with self.reading() as txn:
-            found = {bytes(k).decode(): bytes(v) for k, v in txn.cursor(db=self.decisions).getmulti(keys)}
+            cur = txn.cursor(db=self.decisions)
+            found = {bytes(k).decode(): bytes(v) for k, v in cur.getmulti(keys)}
+            refs = {d: t for d, raw in found.items() if raw[:3] == EXPOSURE_REF and (t := _ref_target(raw))}
+            batches: dict[str, bytes] = {}
+            if refs:  # exposures: their batches, in the same transaction
+                wanted = sorted({b.encode() for b, _ in refs.values()})
+                batches = {bytes(k).decode(): bytes(v) for k, v in cur.getmulti(wanted)}
         out: dict[str, DecisionRecord] = {}
         for d in decision_ids:
             raw = found.get(d.partition(".")[0])
             if raw is None:
                 continue
-            if DecisionBatch.is_batch(raw):
+            if d in refs:
+                batch_id, i = refs[d]
+                rec = exposure_item(d, batches.get(batch_id, b""), i)
+                if rec is not None:
+                    out[d] = rec
+            elif DecisionBatch.is_batch(raw):
                 rec = batch_item(d, raw) if "." in d else None
                 if rec is not None:
                     out[d] = rec
@@ -1078,10 +1152,30 @@ class WriteTxn:
         raw = bytes(raw)
         if DecisionBatch.is_batch(raw):
             return batch_item(decision_id, raw) if "." in decision_id else None
+        ref = _ref_target(raw)
+        if ref is not None:
+            found = self.txn.get(ref[0].encode(), db=self.store.decisions)
+            return None if found is None else exposure_item(decision_id, bytes(found), ref[1])
         return DecisionRecord.decode(decision_id, raw) if "." not in decision_id else None
 
     def put_decision_batch(self, batch: DecisionBatch) -> None:
         self.txn.put(batch.batch_id.encode(), batch.encode(), db=self.store.decisions)
+
+    def known_decisions(self, decision_ids: list[str]) -> set[str]:
+        """Those of these ids that are stored already (one cursor call: one query on
+        PostgreSQL; py-lmdb's single gets would release the GIL once each)."""
+        keys = sorted(d.encode() for d in decision_ids)
+        found = self.txn.cursor(db=self.store.decisions).getmulti(keys)
+        return {bytes(k).decode() for k, _ in found}
+
+    def put_exposure_batch(self, batch: DecisionBatch) -> None:
+        """Stores an exposure batch and a reference under each of its SDK ids (which must be
+        new: see `known_decisions`)."""
+        assert batch.ids is not None
+        self.put_decision_batch(batch)
+        head, tail, pack = EXPOSURE_REF, batch.batch_id.encode(), _U32.pack
+        refs = sorted((d.encode(), head + pack(i) + tail) for i, d in enumerate(batch.ids))
+        self.txn.cursor(db=self.store.decisions).putmulti(refs)
 
     def has_decision(self, decision_id: str) -> bool:
         return self.txn.get(decision_id.encode(), db=self.store.decisions) is not None

@@ -174,9 +174,13 @@ class Writer:
             raise type(err)(f"decisions are refused while the store cannot write ({err.message})")
 
     def submit_and_wait(self, op: WriteOp, timeout: float | None = None) -> Any:
+        return wait_for(self.submit_future(op), timeout)
+
+    def submit_future(self, op: WriteOp) -> Future[Any]:
+        """Queues the op; its future gets what `write` returns once durable (`wait_for`)."""
         op.future = Future()
         self.submit(op)
-        return wait_for(op.future, timeout)
+        return op.future
 
     def sync(self, timeout: float | None = None) -> None:
         """Returns once everything submitted before the call is durable and applied."""

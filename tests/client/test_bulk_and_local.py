@@ -322,8 +322,14 @@ def test_assign_from_snapshot_matches_the_rule_and_queues_exposures() -> None:
         assert counts.accepted == len(units) and assigner.flush() == RewardCounts(0, 0, 0)
         sent = {s[0]: s for s in fake.sent}
         for d in decisions:
-            did, unit, arm, version, ts = sent[d.decision_id]
-            assert (unit, arm, version) == (d.unit_id, d.arm, 7) and ts == int(d.decision_id[:11], 16)
+            # No time of its own: the server takes it from the decision id.
+            assert sent[d.decision_id] == (d.decision_id, d.unit_id, d.arm, 7)
+        (batch,) = conv.exposure_batches("exp", fake.sent, 5000)  # what a Client sends: columnar
+        assert list(batch.decision_ids) == [d.decision_id for d in decisions] and not batch.ts_unix_ms
+        assert [batch.arm_ids[a] for a in batch.arms] == [d.arm for d in decisions]
+        assert list(batch.unit_ids) == units and batch.allocation_version == 7 and not batch.exposures
+        (again,) = conv.exposure_batches("exp", decisions, 5000)  # LocalDecisions log themselves
+        assert again == batch
         stats = assigner.stats()
         assert stats.snapshot_assignments == len(units) and stats.accepted == len(units)
         assert stats.queued == 0 and stats.dropped == 0 and stats.version == 7

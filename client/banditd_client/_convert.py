@@ -513,6 +513,26 @@ EXPOSURE_BATCH = 1000
 MAX_EXPOSURE_BATCH = 10_000
 
 
+class FlatExposures:
+    """Exposures in one flat list: decision id, unit id, arm id, allocation version, then the
+    next exposure's (`LocalAssigner`'s queue). Iterates as 4-tuples; sent columnar, each
+    column a slice."""
+
+    __slots__ = ("flat",)
+
+    def __init__(self, flat: list[Any]) -> None:
+        if len(flat) % 4:
+            raise ValueError(f"a flat exposure list holds 4 values per exposure, got {len(flat)} values")
+        self.flat = flat
+
+    def __len__(self) -> int:
+        return len(self.flat) // 4
+
+    def __iter__(self) -> Iterator[tuple[str, str, str, int]]:
+        it = iter(self.flat)
+        return zip(it, it, it, it, strict=True)
+
+
 def exposure_batches(
     experiment_id: str, exposures: Iterable[ExposureLike], batch_size: int = EXPOSURE_BATCH
 ) -> Iterator[pb.ExposureBatch]:
@@ -528,6 +548,12 @@ def exposure_batches(
 def _exposure_batches(
     experiment_id: str, exposures: Iterable[ExposureLike], batch_size: int
 ) -> Iterator[pb.ExposureBatch]:
+    if isinstance(exposures, FlatExposures):
+        flat = exposures.flat
+        for start in range(0, len(flat), 4 * batch_size):
+            part = flat[start : start + 4 * batch_size]
+            yield from _columnar_batches(experiment_id, part[0::4], part[1::4], part[2::4], part[3::4], ())
+        return
     if isinstance(exposures, list) and exposures and type(exposures[0]) in (LocalDecision, tuple):
         # LocalAssigner's queue (plain 4-tuples), LocalDecisions or 5-tuples: sent columnar,
         # a few C calls per batch instead of a message per exposure.
@@ -552,7 +578,7 @@ def _exposure_batches(
             add(decision_id=item.decision_id, unit_id=item.unit_id, arm_id=item.arm,
                 allocation_version=item.allocation_version)  # fmt: skip
         elif len(item) == 5:
-            decision_id, unit_id, arm_id, version, ts = item
+            decision_id, unit_id, arm_id, version, ts = item  # type: ignore[misc]
             add(decision_id=decision_id, unit_id=unit_id, arm_id=arm_id, allocation_version=version, ts_unix_ms=ts)
         elif len(item) == 4:
             decision_id, unit_id, arm_id, version = item  # type: ignore[misc]
@@ -590,30 +616,40 @@ def _columnar_exposures(
             ids, units, arms, versions = zip(*chunk, strict=True)
         else:
             ids, units, arms, versions, ts = zip(*chunk, strict=True)
-        distinct = set(versions)
-        groups = [(distinct.pop(), None)] if len(distinct) == 1 else _rows_by_version(versions)
-        for version, rows in groups:
-            gi, gu, ga, gt = (ids, units, arms, ts) if rows is None else _pick_rows(rows, ids, units, arms, ts)
-            table = {a: n for n, a in enumerate(dict.fromkeys(ga))}
-            batch = pb.ExposureBatch(experiment_id=experiment_id, allocation_version=int(version))
-            batch.decision_ids.extend(gi)
-            batch.unit_ids.extend(gu)
-            batch.ts_unix_ms.extend(gt)
-            batch.arm_ids.extend(table)
-            batch.arms.extend(map(table.__getitem__, ga))
-            messages.append(batch)
+        messages += _columnar_batches(experiment_id, ids, units, arms, versions, ts)
     # Built before the first is sent: a bad item (TypeError, ValueError) falls back whole.
     yield from messages
 
 
-def _rows_by_version(versions: tuple[Any, ...]) -> list[tuple[Any, list[int] | None]]:
+def _columnar_batches(
+    experiment_id: str, ids: Sequence[Any], units: Sequence[Any], arms: Sequence[Any], versions: Sequence[Any],
+    ts: Sequence[Any],
+) -> list[pb.ExposureBatch]:
+    """Columnar ExposureBatch messages, one per allocation version among the exposures."""
+    out = []
+    distinct = set(versions)
+    groups = [(distinct.pop(), None)] if len(distinct) == 1 else _rows_by_version(versions)
+    for version, rows in groups:
+        gi, gu, ga, gt = (ids, units, arms, ts) if rows is None else _pick_rows(rows, ids, units, arms, ts)
+        table = {a: n for n, a in enumerate(dict.fromkeys(ga))}
+        batch = pb.ExposureBatch(experiment_id=experiment_id, allocation_version=int(version))
+        batch.decision_ids.extend(gi)
+        batch.unit_ids.extend(gu)
+        batch.ts_unix_ms.extend(gt)
+        batch.arm_ids.extend(table)
+        batch.arms.extend(map(table.__getitem__, ga))
+        out.append(batch)
+    return out
+
+
+def _rows_by_version(versions: Sequence[Any]) -> list[tuple[Any, list[int] | None]]:
     by_version: dict[Any, list[int]] = {}
     for i, v in enumerate(versions):
         by_version.setdefault(v, []).append(i)
     return list(by_version.items())  # type: ignore[arg-type]
 
 
-def _pick_rows(rows: list[int], *columns: tuple[Any, ...]) -> list[list[Any]]:
+def _pick_rows(rows: list[int], *columns: Sequence[Any]) -> list[list[Any]]:
     return [[col[i] for i in rows] if col else [] for col in columns]
 
 

@@ -26,7 +26,6 @@ for it, and those assignments live on the server, so every `assign` is a decide 
 from __future__ import annotations
 
 import bisect
-import collections
 import hashlib
 import itertools
 import logging
@@ -39,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
+from banditd_client._convert import FlatExposures
 from banditd_client.errors import BanditdError, ExperimentPaused
 from banditd_client.types import Allocation, LocalDecision, RewardCounts, RewardRejection
 
@@ -198,11 +198,16 @@ class LocalAssigner:
         # read gives assign everything. `clock` is [end of the current millisecond in ns,
         # the first 19 digits of the ids made in it]: formatted once per millisecond.
         self._snap: tuple[Any, ...] | None = None
-        self._queue: collections.deque[tuple[str, str, str, int]] = collections.deque(maxlen=self.max_queued)
+        # Exposures waiting to be sent, flat: decision id, unit id, arm id, version, then the
+        # next one's. `+=` of a 4-tuple is one atomic list extend (no tuple kept, nothing for
+        # the garbage collector to track, columns are slices); only assign appends, and the
+        # flusher takes a prefix, under `_lock` like the rare drop of the oldest.
+        self._queue: list[Any] = []
         self._clock: list[Any] = [0, ""]
         self._id_tag = int.from_bytes(os.urandom(4), "little")  # this assigner's 8 hex digits
-        self._ids = itertools.count()  # ids made from snapshots; their low 16 bits end the id
-        _low_digits()
+        # The last 4 digits of the ids: "0000" .. "ffff" in turn (looked up: formatting a
+        # number costs more than the rest of the id).
+        self._suffixes = itertools.cycle(_low_digits())
         self._flush_wanted = False
         # Slow-path state.
         self.snapshot: Allocation | None = None  # the last snapshot fetched
@@ -212,8 +217,9 @@ class LocalAssigner:
         self._rpc_count = itertools.count()
         self._lock = threading.Lock()  # counters and the retry list (never taken by assign)
         self._flush_lock = threading.Lock()  # one flush at a time
-        self._retry: list[tuple[str, str, str, int]] = []  # taken, failed to send, oldest first
+        self._retry: list[Any] = []  # taken, failed to send, oldest first (flat like the queue)
         self._taken_from_queue = 0
+        self._dropped_queue = 0
         self._dropped_retry = 0
         self._totals = {"accepted": 0, "duplicate": 0, "rejected": 0, "flush_failures": 0}
         self._last_rejections: tuple[RewardRejection, ...] = ()
@@ -250,7 +256,6 @@ class LocalAssigner:
         _bisect: Any = bisect.bisect_right,
         _new: Any = tuple.__new__,
         _cls: Any = LocalDecision,
-        _low: Any = _LOW,
     ) -> LocalDecision:
         """The unit's arm: from the snapshot (queued as an exposure), else from a decide call.
 
@@ -259,7 +264,7 @@ class LocalAssigner:
         s = self._snap
         if s is None:
             return self._assign_by_rpc(unit_id)
-        base, cum, arm_ids, probs, version, dies_ns, clock, ids, q, flush_size = s
+        base, cum, arm_ids, probs, version, dies_ns, clock, suffixes, q, flush_items, max_items = s
         now = _time_ns()
         if now > dies_ns:
             return self._assign_by_rpc(unit_id)
@@ -270,18 +275,27 @@ class LocalAssigner:
             ms = now // 1_000_000
             clock[1] = f"{ms:011x}{self._id_tag:08x}"
             clock[0] = (ms + 1) * 1_000_000
-        # Then the counter's low 16 bits as 4 digits (looked up: formatting costs more than
-        # the rest of the id). Unique while an assigner makes < 65,536 ids a millisecond.
-        did = clock[1] + _low[next(ids) & 0xFFFF]
+        # Then the next of 65,536 suffixes: unique while an assigner makes < 65,536 ids a ms.
+        did = clock[1] + next(suffixes)
         arm = arm_ids[i]
-        # A plain tuple of strings and ints: the garbage collector stops tracking it, so a
-        # long queue (a slow server) does not make every collection slower.
-        q.append((did, unit_id, arm, version))
-        d = _new(_cls, (did, unit_id, arm, probs[i], version, "snapshot"))
-        if len(q) >= flush_size and not self._flush_wanted:
+        q += (did, unit_id, arm, version)
+        if len(q) >= flush_items and (not self._flush_wanted or len(q) > max_items):
+            self._queue_full()
+        return _new(_cls, (did, unit_id, arm, probs[i], version, "snapshot"))  # type: ignore[no-any-return]
+
+    def _queue_full(self) -> None:
+        """flush_size exposures are queued: wake the flusher; beyond max_queued drop the oldest."""
+        q = self._queue
+        if len(q) > 4 * self.max_queued:
+            with self._lock:
+                excess = len(q) - 4 * self.max_queued
+                if excess > 0:
+                    drop = excess // 4  # len(q) and the bound are multiples of 4
+                    del q[: 4 * drop]
+                    self._dropped_queue += drop
+        if not self._flush_wanted:
             self._flush_wanted = True
             self._flush_now.set()
-        return d  # type: ignore[no-any-return]
 
     def _assign_by_rpc(self, unit_id: str) -> LocalDecision:
         if self._closed:
@@ -326,7 +340,7 @@ class LocalAssigner:
             dies_ns = started_ns + int(life * 1e9)
             self._snap = (
                 base, cum, alloc.arm_ids, alloc.probabilities, alloc.version, dies_ns, self._clock,
-                self._ids, self._queue, self.flush_size,
+                self._suffixes, self._queue, 4 * min(self.flush_size, self.max_queued), 4 * self.max_queued,
             )  # fmt: skip
         else:
             self._snap = None
@@ -362,28 +376,23 @@ class LocalAssigner:
 
     # Exposures.
 
-    def _take(self) -> list[tuple[str, str, str, int]]:
+    def _take(self) -> FlatExposures:
         """The exposures to send: the retried ones (oldest) then the queue as it is now, at
         most max_queued (the oldest beyond are dropped)."""
-        q = self._queue
-        fresh: list[tuple[str, str, str, int]] = []
-        pop = q.popleft
-        append = fresh.append
-        try:
-            for _ in range(len(q)):
-                append(pop())
-        except IndexError:
-            pass
         with self._lock:
-            self._taken_from_queue += len(fresh)
+            q = self._queue
+            n = len(q)  # a multiple of 4: each assign extends it by 4 at once
+            fresh = q[:n]
+            del q[:n]  # assign only appends meanwhile: the prefix is what was taken
+            self._taken_from_queue += n // 4
             items, self._retry = self._retry, []
-            excess = len(items) + len(fresh) - self.max_queued
+            excess = (len(items) + n) // 4 - self.max_queued
             if excess > 0:
-                drop = min(excess, len(items))
-                del items[:drop]
+                drop = min(excess, len(items) // 4)
+                del items[: 4 * drop]
                 self._dropped_retry += drop
-        items.extend(fresh)
-        return items
+        items += fresh
+        return FlatExposures(items)
 
     def flush(self, *, timeout: float | None = None) -> RewardCounts:
         """Sends the queued exposures now; returns what the server counted of them. On a
@@ -405,14 +414,14 @@ class LocalAssigner:
                     self._last_rejections = counts.rejections
             return counts
 
-    def _requeue(self, items: list[tuple[str, str, str, int]]) -> None:
+    def _requeue(self, items: FlatExposures) -> None:
         with self._lock:
             self._totals["flush_failures"] += 1
-            self._retry = items + self._retry
-            excess = len(self._retry) + len(self._queue) - self.max_queued
+            self._retry = items.flat + self._retry
+            excess = (len(self._retry) + len(self._queue)) // 4 - self.max_queued
             if excess > 0:
-                drop = min(excess, len(self._retry))
-                del self._retry[:drop]
+                drop = min(excess, len(self._retry) // 4)
+                del self._retry[: 4 * drop]
                 self._dropped_retry += drop
 
     def _flush_loop(self) -> None:
@@ -436,15 +445,15 @@ class LocalAssigner:
     # Introspection and lifetime.
 
     def stats(self) -> AssignerStats:
-        assigned = _count_value(self._ids)
         with self._lock:
-            in_queue = len(self._queue)
-            # The deque drops its oldest on overflow: what was neither taken from it nor is in it.
-            dropped_queue = max(0, assigned - self._taken_from_queue - in_queue)
-            # Retried exposures are older than the deque's: the next flush drops those beyond
+            in_queue = len(self._queue) // 4
+            retried = len(self._retry) // 4
+            dropped_queue = self._dropped_queue
+            assigned = self._taken_from_queue + in_queue + dropped_queue
+            # Retried exposures are older than the queue's: the next flush drops those beyond
             # the bound, so they count as dropped already.
-            pending_excess = min(len(self._retry), max(0, len(self._retry) + in_queue - self.max_queued))
-            queued = in_queue + len(self._retry) - pending_excess
+            pending_excess = min(retried, max(0, retried + in_queue - self.max_queued))
+            queued = in_queue + retried - pending_excess
             dropped_queue += pending_excess
             snap = self.snapshot
             return AssignerStats(

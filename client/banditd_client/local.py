@@ -163,10 +163,10 @@ class LocalAssigner:
     next flush; resends are harmless (the decision id is the idempotency key).
 
     `assign` is thread-safe and lock-free: it reads the snapshot in one attribute access and
-    queues the exposure with one deque append. A decision id is unique per assigner (a
-    counter from a random 48-bit start, after the millisecond time) and, practically, across
-    processes. The sending thread competes for the GIL: sending costs about as much per
-    exposure as assigning it. The threads do not survive a fork: make the assigner in the
+    queues the exposure with one list extend. A decision id is the millisecond, 8 random hex
+    digits of the assigner and 4 of a counter: unique per assigner while it makes fewer than
+    65,536 a millisecond and, practically, across processes. The sending thread competes for
+    the GIL: sending costs about a seventh of assigning. The threads do not survive a fork: make the assigner in the
     process that uses it (e.g. in each worker, after the fork).
     """
 

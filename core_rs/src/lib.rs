@@ -66,13 +66,82 @@ struct PropensityCache {
     p: Vec<f64>,
 }
 
+/// Posterior draws that single decisions share (`set_draw_sharing`): valid for one slate
+/// size and one posterior version (any change of the statistics or arms bumps it).
+struct DrawPool {
+    k: usize,
+    version: u64,
+    arms: usize,
+    slates: Vec<Vec<usize>>,
+}
+
+/// Draws a pool keeps: its first POOL_DRAWS decisions each get a fresh draw (so a version
+/// with few decisions shares nothing and costs nothing extra); later ones a fresh draw with
+/// probability 1 / units_per_draw (replacing a random slot), else a random slot's slate.
+const POOL_DRAWS: usize = 16;
+
 struct State {
     bandit: Bandit,
     rng: KernelRng,
     cache: Vec<PropensityCache>,
+    /// Single decisions per posterior draw (1 = a draw each; see `set_draw_sharing`).
+    units_per_draw: usize,
+    pool: Option<DrawPool>,
 }
 
 impl State {
+    /// A decision's slate of k arms: a fresh posterior draw, or (draw sharing on) a uniformly
+    /// random one of the draws this posterior version already made. Each slot holds an
+    /// independent draw from the current posterior and the slot is picked independently of
+    /// what it holds, so every decision is still an exact draw from the policy's
+    /// distribution (the logged propensities hold); consecutive decisions are correlated.
+    fn choose_slate(&mut self, k: usize) -> Result<Vec<usize>, RsError> {
+        let draw = |s: &mut Self| -> Result<Vec<usize>, RsError> {
+            Ok(s.bandit
+                .choose(&mut s.rng, k)?
+                .iter()
+                .map(|c| c.arm)
+                .collect())
+        };
+        if self.units_per_draw <= 1 {
+            return draw(self);
+        }
+        let (version, arms) = (self.bandit.version, self.bandit.len());
+        let stale = match &self.pool {
+            Some(p) => p.k != k || p.version != version || p.arms != arms,
+            None => true,
+        };
+        if stale {
+            self.pool = Some(DrawPool {
+                k,
+                version,
+                arms,
+                slates: Vec::with_capacity(POOL_DRAWS),
+            });
+        }
+        let filled = self.pool.as_ref().map_or(0, |p| p.slates.len());
+        if filled < POOL_DRAWS {
+            let slate = draw(self)?;
+            if let Some(p) = self.pool.as_mut() {
+                p.slates.push(slate.clone());
+            }
+            return Ok(slate);
+        }
+        let slot = self.rng.scalar.random_range(0..filled);
+        if self.rng.scalar.random_range(0..self.units_per_draw) == 0 {
+            let slate = draw(self)?;
+            if let Some(p) = self.pool.as_mut() {
+                p.slates[slot] = slate.clone();
+            }
+            return Ok(slate);
+        }
+        self.bandit.decisions += 1; // what `Bandit::choose` counts for a fresh draw
+        Ok(self
+            .pool
+            .as_ref()
+            .map_or_else(Vec::new, |p| p.slates[slot].clone()))
+    }
+
     fn cached(&self, k: usize) -> Option<&PropensityCache> {
         self.cache.iter().find(|c| c.k == k)
     }
@@ -301,6 +370,8 @@ impl PyBandit {
                 bandit,
                 rng,
                 cache: Vec::new(),
+                units_per_draw: 1,
+                pool: None,
             }),
             vector_kernel,
             arms_hint: std::sync::atomic::AtomicUsize::new(0),
@@ -378,6 +449,25 @@ impl PyBandit {
         self.with(py, |s| s.bandit.set_stats(arm, n, sum, sumsq))
     }
 
+    /// Lets single decisions (`choose`) share posterior draws: up to `units_per_draw` per
+    /// draw on average, within one posterior version (see `State::choose_slate`); 1 turns it
+    /// off. Each decision stays an exact draw from the policy's distribution. For Thompson
+    /// over thousands of arms, where a draw costs ~3 ns per arm and the rest of a decision
+    /// costs a few µs.
+    fn set_draw_sharing(&self, py: Python<'_>, units_per_draw: usize) -> PyResult<()> {
+        if !(1..=MAX_UNITS_PER_DRAW).contains(&units_per_draw) {
+            return Err(RsError::invalid(format!(
+                "units_per_draw must be in [1, {MAX_UNITS_PER_DRAW}], got {units_per_draw}"
+            ))
+            .into());
+        }
+        self.with(py, |s| {
+            s.units_per_draw = units_per_draw;
+            s.pool = None;
+            Ok(())
+        })
+    }
+
     /// Restores the policy's counters: decisions served (ε decay) and observations (UCB's t).
     fn set_counters(&self, py: Python<'_>, decisions: u64, observations: f64) -> PyResult<()> {
         self.with(py, |s| s.bandit.set_counters(decisions, observations))
@@ -405,8 +495,7 @@ impl PyBandit {
         Bound<'py, PyTuple>,
     )> {
         let (arms, scores, props) = self.with_quick(py, self.quick_choice(), |state| {
-            let chosen = state.bandit.choose(&mut state.rng, k)?;
-            let arms: Vec<usize> = chosen.iter().map(|c| c.arm).collect();
+            let arms = state.choose_slate(k)?;
             let props = state.propensities(k, &arms)?;
             let scores: Vec<f64> = arms.iter().map(|&a| state.bandit.mean(a)).collect();
             Ok((arms, scores, props))

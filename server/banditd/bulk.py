@@ -2,8 +2,8 @@
 
 Fast path (context-free policies, not sticky, no control share / floors / burn-in, no
 half-life, no maturation delay, running): the Rust core makes the batch's decisions in one
-call (`Bandit.choose_many`, the state lock taken per 512 decisions; Thompson over 1,000 or
-more arms lets up to 16 units share a posterior draw, one per 1,000 arms), and the batch is stored as
+call (`Bandit.choose_many`, the state lock taken per 512 decisions; Thompson over 2,000 or
+more arms lets units share posterior draws, `experiment.units_per_draw`), and the batch is stored as
 ONE columnar record (`store.DecisionBatch`) with per-arm counts applied in the same
 transaction: decision i of batch B is "B.i", rewarded like any decision. Every other
 experiment takes the same path as Decide, unit by unit (sticky rules, contexts, control
@@ -31,11 +31,6 @@ if TYPE_CHECKING:
     from banditd.experiment import ExperimentRuntime
 
 MAX_BATCH_UNITS = 100_000
-# Thompson over many arms: units sharing one posterior draw per this many active arms (at
-# most SHARE_MAX). A draw over 10,000 arms costs ~30 µs on AVX2 (~300 µs scalar); each unit
-# still gets an exact draw from the policy's distribution (see `Bandit.choose_many`).
-ARMS_PER_SHARED_UNIT = 1_000
-SHARE_MAX = 16
 REJECTED = BATCH_REJECTED
 
 
@@ -92,12 +87,6 @@ def _check_units(units: list[str]) -> list[tuple[int, str, str, str]]:
     return rejected
 
 
-def units_per_draw(rt: ExperimentRuntime) -> int:
-    if rt.spec.policy != "thompson":
-        return 1  # the other policies' decisions cost O(1) or are deterministic
-    return max(1, min(SHARE_MAX, len(rt.spec.active_indices) // ARMS_PER_SHARED_UNIT))
-
-
 def _columnar(
     engine: Engine, rt: ExperimentRuntime, units: list[str], k: int, timeout: float | None
 ) -> BulkResult:
@@ -105,7 +94,7 @@ def _columnar(
     rejected = _check_units(units)
     n_ok = len(units) - len(rejected)
     try:
-        raw_arms, raw_props = rt.bandit.choose_many(n_ok, k, units_per_draw(rt))
+        raw_arms, raw_props = rt.bandit.choose_many(n_ok, k, rt.units_per_draw)
     except _core.CoreError as exc:
         raise InvalidArgument(f"experiment {experiment_id!r}: {exc}") from None
     idx = np.frombuffer(raw_arms, dtype=np.uint32)

@@ -64,10 +64,25 @@ class LearningMonitor:
     snapshots: deque[tuple[float, list[float]]] = field(default_factory=lambda: deque(maxlen=SNAPSHOTS_KEPT))
     lock: threading.Lock = field(default_factory=threading.Lock)
 
+    # On every decision's path: an append to a deque (atomic, no lock); the counters take
+    # what was appended when they are read (`settle`), or every SETTLE_EVERY decisions.
+    new_decisions: deque[tuple[float, int]] = field(default_factory=deque)
+    SETTLE_EVERY = 4096
+
     def on_decision(self, now: float, arms: int) -> None:
+        new = self.new_decisions
+        new.append((now, arms))
+        if len(new) >= self.SETTLE_EVERY:
+            self.settle()
+
+    def settle(self) -> None:
+        """Counts the decisions appended since the last call (under the lock)."""
+        new = self.new_decisions
         with self.lock:
-            self.decisions += arms
-            self.decision_rate.add(now, arms)
+            for _ in range(len(new)):
+                now, arms = new.popleft()
+                self.decisions += arms
+                self.decision_rate.add(now, arms)
 
     def on_update(
         self,
@@ -146,6 +161,7 @@ def build(
     outcome_mode: str = "decision",
 ) -> dict[str, object]:
     """The diagnostics of one experiment as plain values (the service turns it into protobuf)."""
+    monitor.settle()
     with monitor.lock:
         snapshots = list(monitor.snapshots)
         m: dict[str, Any] = {

@@ -55,30 +55,47 @@ Z_95 = 1.6449  # one-sided
 
 class CallStats:
     """One experiment's Decide calls in this process: one-second buckets of (calls, failures,
-    latency histogram) for the last hour, and the histogram since start."""
+    latency histogram) for the last hour, and the histogram since start.
+
+    `record` is on every Decide's path: it only appends to a deque (atomic, no lock); the
+    buckets take what was appended when they are read, or every SETTLE_EVERY calls."""
+
+    SETTLE_EVERY = 4096
 
     def __init__(self) -> None:
         self.buckets: deque[list[Any]] = deque()  # [second, calls, failures, counts]
         self.total = [0] * (len(LATENCY_BOUNDS) + 1)
         self.lock = threading.Lock()
+        self._new: deque[tuple[float, float, bool]] = deque()
 
     def record(self, seconds: float, failed: bool, now: float | None = None) -> None:
-        sec = int(now if now is not None else time.time())
-        slot = bisect.bisect_left(LATENCY_BOUNDS, seconds)
+        new = self._new
+        new.append((now if now is not None else time.time(), seconds, failed))
+        if len(new) >= self.SETTLE_EVERY:
+            self.settle()
+
+    def settle(self) -> None:
+        """Moves the recorded calls into their buckets."""
+        new = self._new
         with self.lock:
-            b = self.buckets[-1] if self.buckets else None
-            if b is None or b[0] != sec:
-                b = [sec, 0, 0, [0] * (len(LATENCY_BOUNDS) + 1)]
-                self.buckets.append(b)
-                while self.buckets[0][0] < sec - KEEP_SECONDS:
-                    self.buckets.popleft()
-            b[1] += 1
-            b[2] += failed
-            b[3][slot] += 1
-            self.total[slot] += 1
+            for _ in range(len(new)):
+                now, seconds, failed = new.popleft()
+                sec = int(now)
+                slot = bisect.bisect_left(LATENCY_BOUNDS, seconds)
+                b = self.buckets[-1] if self.buckets else None
+                if b is None or b[0] != sec:
+                    b = [sec, 0, 0, [0] * (len(LATENCY_BOUNDS) + 1)]
+                    self.buckets.append(b)
+                    while self.buckets[0][0] < sec - KEEP_SECONDS:
+                        self.buckets.popleft()
+                b[1] += 1
+                b[2] += failed
+                b[3][slot] += 1
+                self.total[slot] += 1
 
     def window(self, since: float) -> tuple[int, int, list[int]]:
         """(calls, failures, latency counts) of the buckets from `since` on."""
+        self.settle()
         calls = failures = 0
         counts = [0] * (len(LATENCY_BOUNDS) + 1)
         with self.lock:

@@ -536,14 +536,11 @@ class BanditdService(pb_grpc.BanditdServicer):
             raise
         rec = result.record
         response = pb.DecideResponse(
-            decision_id=rec.decision_id,
-            arms=[
-                pb.ChosenArm(arm_id=a, score=s, propensity=p)
-                for a, s, p in zip(rec.arms, result.scores, rec.propensities, strict=True)
-            ],
-            sticky_hit=result.sticky_hit,
-            model_version=result.model_version,
+            decision_id=rec.decision_id, sticky_hit=result.sticky_hit, model_version=result.model_version
         )
+        add = response.arms.add  # half the cost of building ChosenArm messages and a list
+        for a, s, p in zip(rec.arms, result.scores, rec.propensities, strict=True):
+            add(arm_id=a, score=s, propensity=p)
         self.engine.guardian.note_decide(request.experiment_id, time.perf_counter() - started, False)
         return response
 

@@ -184,3 +184,44 @@ def test_bulk_units_sharing_posterior_draws_follow_the_logged_propensities() -> 
             assert "units_per_draw" in str(exc)
         else:
             raise AssertionError(f"units_per_draw={bad} accepted")
+
+
+def test_single_decisions_sharing_posterior_draws_follow_the_logged_propensities() -> None:
+    """set_draw_sharing (what the server turns on for Thompson over thousands of arms):
+    within one posterior version single decisions share draws, yet each is still a draw from
+    the policy's distribution: arm frequencies match the logged propensities, as without
+    sharing. A change of the posterior starts a new pool (every decision after a reward can
+    pick the arm the reward favoured). A bad share is refused."""
+    import numpy as np
+
+    b = _core.Bandit("binary", "thompson", seed=9)
+    leaders = [(60.0, 40.0), (57.0, 43.0), (52.0, 48.0)]
+    b.add_arms([a for a, _ in leaders] + [1.0] * 1997, [b_ for _, b_ in leaders] + [30.0] * 1997)
+    n = 20_000
+    b.refresh_propensities(1, 20_000)  # what the server's refresher keeps current
+    for share in (1, 10):
+        b.set_draw_sharing(share)
+        chosen = [b.choose(1) for _ in range(n)]
+        arms = np.array([c[0][0] for c in chosen])
+        logged = {c[0][0]: c[2][0] for c in chosen}
+        for arm in (0, 1, 2):
+            freq = float(np.mean(arms == arm))
+            se = (logged[arm] * (1 - logged[arm]) / n * share) ** 0.5 + 0.005
+            assert abs(freq - logged[arm]) < 4 * se, (share, arm, freq, logged[arm])
+    # Shared draws are reused: over 2,000 equal arms one draw per decision hits ~1,260
+    # distinct arms in 2,000 decisions; one per ~10 decisions (16 first, then 1 in 10) ~210.
+    flat = _core.Bandit("binary", "thompson", seed=3)
+    flat.add_arms([1.0] * 2000, [1.0] * 2000)
+    assert len({flat.choose(1)[0][0] for _ in range(2000)}) > 1000
+    flat.set_draw_sharing(10)
+    assert len({flat.choose(1)[0][0] for _ in range(2000)}) < 400
+    # A new posterior version: the pool is rebuilt from fresh draws of the new posterior.
+    b.set_stats(5, 10_000.0, 9_900.0, 9_900.0)  # arm 5 is now clearly best
+    assert all(b.choose(1)[0][0] == 5 for _ in range(50))
+    for bad in (0, 65):
+        try:
+            b.set_draw_sharing(bad)
+        except _core.CoreError as exc:
+            assert "units_per_draw" in str(exc)
+        else:
+            raise AssertionError(f"units_per_draw={bad} accepted")

@@ -624,7 +624,7 @@ class Engine:
         except _core.CoreError as exc:
             raise InvalidArgument(f"experiment {experiment_id!r}: {exc}") from None
         arm_ids = rt.arm_ids  # extended before the core learns of new arms: every index is in it
-        chosen = tuple(arm_ids[i] for i in arms)
+        chosen = (arm_ids[arms[0]],) if k == 1 else tuple(arm_ids[i] for i in arms)
         if rt.model is None and k not in rt.slate_sizes:
             rt.slate_sizes.add(k)
         if spec.sticky and self.shared:

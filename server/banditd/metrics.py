@@ -43,12 +43,14 @@ summed over every process, live or exited, since the directory was emptied) and 
 from __future__ import annotations
 
 import atexit
+import itertools
 import logging
 import os
 import threading
 import time
 import weakref
 from bisect import bisect_left
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from itertools import accumulate
 from time import perf_counter
@@ -98,7 +100,7 @@ class MethodRecorder(Protocol):
     """What a wrapped handler records for one (method, type)."""
 
     def start(self) -> None: ...  # a call started
-    def start_unary(self) -> None: ...  # a call started with its one request
+    start_unary: Callable[[], object]  # a call started with its one request
     def receive(self) -> None: ...  # one request message of a stream
     def send(self) -> None: ...  # one response message
     def ok(self, elapsed: float) -> None: ...  # a unary response call ended OK, its response sent
@@ -111,10 +113,14 @@ class GrpcServerMetrics(Protocol):
 
 
 class _Tally:
-    """One (method, type) of one process: plain numbers behind one lock (a call takes it
-    twice), exposed by `LocalGrpcMetrics.collect`."""
+    """One (method, type) of one process: plain numbers behind one lock, exposed by
+    `LocalGrpcMetrics.collect`. The two records of every unary call stay off the lock: a
+    start is a counter's `next` and an OK end an append to a deque (both atomic), counted
+    into the numbers when they are read (or every SETTLE_EVERY calls)."""
 
-    __slots__ = ("labels", "lock", "started", "received", "sent", "by_code", "ok_stats")
+    __slots__ = ("labels", "lock", "started", "received", "sent", "by_code", "ok_stats", "start_unary", "_unary",
+                 "_ok_new")  # fmt: skip
+    SETTLE_EVERY = 4096
 
     def __init__(self, labels: tuple[str, str, str]) -> None:
         self.labels = labels
@@ -123,6 +129,10 @@ class _Tally:
         # code -> [calls, seconds sum, calls per HANDLING_SECONDS_BUCKETS bucket (+Inf last)]
         self.by_code: dict[str, list[Any]] = {}
         self.ok_stats = self._stats("OK")
+        # Calls started with their one request (each counts as started and received).
+        self._unary = itertools.count()
+        self.start_unary: Callable[[], object] = self._unary.__next__
+        self._ok_new: deque[float] = deque()
 
     def _stats(self, code: str) -> list[Any]:
         found = self.by_code.get(code)
@@ -134,11 +144,6 @@ class _Tally:
         with self.lock:
             self.started += 1
 
-    def start_unary(self) -> None:
-        with self.lock:
-            self.started += 1
-            self.received += 1
-
     def receive(self) -> None:
         with self.lock:
             self.received += 1
@@ -148,13 +153,21 @@ class _Tally:
             self.sent += 1
 
     def ok(self, elapsed: float) -> None:
-        bucket = bisect_left(HANDLING_SECONDS_BUCKETS, elapsed)
-        stats = self.ok_stats
+        new = self._ok_new
+        new.append(elapsed)
+        if len(new) >= self.SETTLE_EVERY:
+            self._settle()
+
+    def _settle(self) -> None:
+        """Counts the OK ends appended so far (their responses were sent)."""
+        new, stats = self._ok_new, self.ok_stats
         with self.lock:
-            stats[0] += 1
-            stats[1] += elapsed
-            stats[2][bucket] += 1
-            self.sent += 1
+            for _ in range(len(new)):
+                elapsed = new.popleft()
+                stats[0] += 1
+                stats[1] += elapsed
+                stats[2][bisect_left(HANDLING_SECONDS_BUCKETS, elapsed)] += 1
+                self.sent += 1
 
     def done(self, code: str, elapsed: float) -> None:
         bucket = bisect_left(HANDLING_SECONDS_BUCKETS, elapsed)
@@ -165,9 +178,11 @@ class _Tally:
             stats[2][bucket] += 1
 
     def snapshot(self) -> tuple[int, int, int, list[tuple[str, int, float, list[int]]]]:
+        self._settle()
+        unary = int(repr(self._unary)[6:-1])  # the count's next value, without taking it
         with self.lock:
             codes = [(code, n, total, list(buckets)) for code, (n, total, buckets) in self.by_code.items()]
-            return self.started, self.received, self.sent, codes
+            return self.started + unary, self.received + unary, self.sent, codes
 
 
 class LocalGrpcMetrics(Collector):

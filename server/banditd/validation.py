@@ -62,9 +62,11 @@ def check_id(kind: str, value: str, required: bool = True) -> str:
         if required:
             raise InvalidArgument(f"{kind} must not be empty")
         return value
-    size = len(value.encode("utf-8", "surrogatepass"))
-    if size > limit:
-        raise InvalidArgument(f"{kind} is {size} bytes in UTF-8; at most {limit} bytes allowed")
+    # At most 4 bytes a character: a short id fits without being encoded (on every Decide).
+    if len(value) * 4 > limit:
+        size = len(value.encode("utf-8", "surrogatepass"))
+        if size > limit:
+            raise InvalidArgument(f"{kind} is {size} bytes in UTF-8; at most {limit} bytes allowed")
     if "\x00" in value:
         raise InvalidArgument(f"{kind} must not contain NUL characters")
     return value

@@ -78,7 +78,7 @@ struct DrawPool {
 /// Draws a pool keeps: its first POOL_DRAWS decisions each get a fresh draw (so a version
 /// with few decisions shares nothing and costs nothing extra); later ones a fresh draw with
 /// probability 1 / units_per_draw (replacing a random slot), else a random slot's slate.
-const POOL_DRAWS: usize = 16;
+const POOL_DRAWS: usize = 8;
 
 struct State {
     bandit: Bandit,

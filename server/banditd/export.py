@@ -85,10 +85,16 @@ class LogReader:
         window_ms = spec.window_seconds * 1000
         now_ms = int(time.time() * 1000)
         outcomes = self.store.outcomes_of(experiment)
+        # Records come in key order, which is time order but for exposure batches: stored when
+        # they arrive, holding exposures up to one attribution window older. So a record
+        # before `since` may follow it, and one before `until` may come up to a window later.
+        horizon = None if until_ms is None or not window_ms else until_ms + window_ms
         for rec in self.store.iter_decisions(since_ms):
             if until_ms is not None and rec.ts_ms >= until_ms:
-                break
-            if rec.experiment_id != experiment:
+                if horizon is not None and rec.ts_ms >= horizon:
+                    break
+                continue
+            if rec.ts_ms < since_ms or rec.experiment_id != experiment:
                 continue
             settled = rec.ts_ms + window_ms <= now_ms
             if settled_only and not settled:

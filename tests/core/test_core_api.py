@@ -209,7 +209,7 @@ def test_single_decisions_sharing_posterior_draws_follow_the_logged_propensities
             se = (logged[arm] * (1 - logged[arm]) / n * share) ** 0.5 + 0.005
             assert abs(freq - logged[arm]) < 4 * se, (share, arm, freq, logged[arm])
     # Shared draws are reused: over 2,000 equal arms one draw per decision hits ~1,260
-    # distinct arms in 2,000 decisions; one per ~10 decisions (16 first, then 1 in 10) ~210.
+    # distinct arms in 2,000 decisions; one per ~10 decisions (8 first, then 1 in 10) ~200.
     flat = _core.Bandit("binary", "thompson", seed=3)
     flat.add_arms([1.0] * 2000, [1.0] * 2000)
     assert len({flat.choose(1)[0][0] for _ in range(2000)}) > 1000

@@ -256,3 +256,9 @@ def test_columnar_exposures_are_one_record_counted_once_and_joinable(server) -> 
         assert r.unit == f"u-{r.decision_id}" and r.action == arm_of[r.decision_id]
         assert r.propensity == pytest.approx(probs[r.action])
         assert r.time_ms == int(r.decision_id[:11], 16)
+    # Time windows count each exposure's own time, not when its batch was stored (later).
+    first_ms = now - 1000
+    with LogReader(server.data_dir) as log:
+        early = {r.decision_id for r in log.rows("fast", until_ms=first_ms + 2)}
+        late = {r.decision_id for r in log.rows("fast", since_ms=first_ms + 1)}
+    assert early == set(ids[:200]) and late == set(ids[100:])

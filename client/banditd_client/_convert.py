@@ -514,23 +514,27 @@ MAX_EXPOSURE_BATCH = 10_000
 
 
 class FlatExposures:
-    """Exposures in one flat list: decision id, unit id, arm id, allocation version, then the
-    next exposure's (`LocalAssigner`'s queue). Iterates as 4-tuples; sent columnar, each
-    column a slice."""
+    """Exposures in one flat list: decision id, unit id, arm index, allocation version, then
+    the next exposure's (`LocalAssigner`'s queue); `arm_ids[version]` names the arms of each
+    version's snapshot. Iterates as (decision id, unit id, arm id, version); sent columnar,
+    each column a slice, the arm indexes as they are."""
 
-    __slots__ = ("flat",)
+    __slots__ = ("flat", "arm_ids")
 
-    def __init__(self, flat: list[Any]) -> None:
+    def __init__(self, flat: list[Any], arm_ids: Mapping[int, Sequence[str]]) -> None:
         if len(flat) % 4:
             raise ValueError(f"a flat exposure list holds 4 values per exposure, got {len(flat)} values")
         self.flat = flat
+        self.arm_ids = arm_ids
 
     def __len__(self) -> int:
         return len(self.flat) // 4
 
     def __iter__(self) -> Iterator[tuple[str, str, str, int]]:
         it = iter(self.flat)
-        return zip(it, it, it, it, strict=True)
+        tables = self.arm_ids
+        for did, unit, arm, version in zip(it, it, it, it, strict=True):
+            yield did, unit, tables[version][arm], version
 
 
 def exposure_batches(
@@ -552,7 +556,18 @@ def _exposure_batches(
         flat = exposures.flat
         for start in range(0, len(flat), 4 * batch_size):
             part = flat[start : start + 4 * batch_size]
-            yield from _columnar_batches(experiment_id, part[0::4], part[1::4], part[2::4], part[3::4], ())
+            versions = part[3::4]
+            if len(set(versions)) > 1:  # a snapshot changed meanwhile: name the arms
+                it = iter(part)
+                rows = [(d, u, exposures.arm_ids[v][a], v) for d, u, a, v in zip(it, it, it, it, strict=True)]
+                yield from _columnar_exposures(experiment_id, rows, batch_size)
+                continue
+            batch = pb.ExposureBatch(experiment_id=experiment_id, allocation_version=versions[0])
+            batch.decision_ids.extend(part[0::4])
+            batch.unit_ids.extend(part[1::4])
+            batch.arm_ids.extend(exposures.arm_ids[versions[0]])
+            batch.arms.extend(part[2::4])
+            yield batch
         return
     if isinstance(exposures, list) and exposures and type(exposures[0]) in (LocalDecision, tuple):
         # LocalAssigner's queue (plain 4-tuples), LocalDecisions or 5-tuples: sent columnar,

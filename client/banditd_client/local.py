@@ -198,12 +198,14 @@ class LocalAssigner:
         # read gives assign everything. `clock` is [end of the current millisecond in ns,
         # the first 19 digits of the ids made in it]: formatted once per millisecond.
         self._snap: tuple[Any, ...] | None = None
-        # Exposures waiting to be sent, flat: decision id, unit id, arm id, version, then the
+        # Exposures waiting to be sent, flat: decision id, unit id, arm index, version, then the
         # next one's. `+=` of a 4-tuple is one atomic list extend (no tuple kept, nothing for
         # the garbage collector to track, columns are slices); only assign appends, and the
         # flusher takes a prefix, under `_lock` like the rare drop of the oldest.
         self._queue: list[Any] = []
         self._clock: list[Any] = [0, ""]
+        # Each snapshot version's arm ids: the queue holds arm indexes (see FlatExposures).
+        self._arm_tables: dict[int, tuple[str, ...]] = {}
         self._id_tag = int.from_bytes(os.urandom(4), "little")  # this assigner's 8 hex digits
         # The last 4 digits of the ids: "0000" .. "ffff" in turn (looked up: formatting a
         # number costs more than the rest of the id).
@@ -277,11 +279,10 @@ class LocalAssigner:
             clock[0] = (ms + 1) * 1_000_000
         # Then the next of 65,536 suffixes: unique while an assigner makes < 65,536 ids a ms.
         did = clock[1] + next(suffixes)
-        arm = arm_ids[i]
-        q += (did, unit_id, arm, version)
+        q += (did, unit_id, i, version)
         if len(q) >= flush_items and (not self._flush_wanted or len(q) > max_items):
             self._queue_full()
-        return _new(_cls, (did, unit_id, arm, probs[i], version, "snapshot"))  # type: ignore[no-any-return]
+        return _new(_cls, (did, unit_id, arm_ids[i], probs[i], version, "snapshot"))  # type: ignore[no-any-return]
 
     def _queue_full(self) -> None:
         """flush_size exposures are queued: wake the flusher; beyond max_queued drop the oldest."""
@@ -338,6 +339,8 @@ class LocalAssigner:
             # above every 8-byte digest, so the bisection never runs past the last arm.
             cum = thresholds(alloc.probabilities)[:-1] + [b"\xff" * 9]
             dies_ns = started_ns + int(life * 1e9)
+            with self._lock:  # before any exposure can name the version
+                self._arm_tables.setdefault(alloc.version, tuple(alloc.arm_ids))
             self._snap = (
                 base, cum, alloc.arm_ids, alloc.probabilities, alloc.version, dies_ns, self._clock,
                 self._suffixes, self._queue, 4 * min(self.flush_size, self.max_queued), 4 * self.max_queued,
@@ -391,8 +394,13 @@ class LocalAssigner:
                 drop = min(excess, len(items) // 4)
                 del items[: 4 * drop]
                 self._dropped_retry += drop
-        items += fresh
-        return FlatExposures(items)
+            items += fresh
+            # Forget the arm tables of versions nothing taken names any more, but the newest
+            # few (an assign may still be queueing from the snapshot it read).
+            keep = set(items[3::4]) | set(list(self._arm_tables)[-4:])
+            tables = {v: t for v, t in self._arm_tables.items() if v in keep}
+            self._arm_tables = tables
+        return FlatExposures(items, tables)
 
     def flush(self, *, timeout: float | None = None) -> RewardCounts:
         """Sends the queued exposures now; returns what the server counted of them. On a

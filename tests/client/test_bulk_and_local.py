@@ -20,6 +20,7 @@ import re
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 import grpc
@@ -333,6 +334,32 @@ def test_assign_from_snapshot_matches_the_rule_and_queues_exposures() -> None:
         stats = assigner.stats()
         assert stats.snapshot_assignments == len(units) and stats.accepted == len(units)
         assert stats.queued == 0 and stats.dropped == 0 and stats.version == 7
+
+
+def test_exposures_of_two_snapshot_versions_name_their_own_arms() -> None:
+    """The queue holds arm indexes: exposures queued before and after a snapshot with other
+    arms are sent with each version's own arm ids (one columnar batch per version)."""
+    fake = FakeClient(make_allocation([0.5, 0.5]))
+    with LocalAssigner(fake, "exp", flush_every_s=60, flush_size=10**6) as assigner:  # type: ignore[arg-type]
+        before = [assigner.assign(f"a{i}") for i in range(50)]
+        second = make_allocation([0.2, 0.3, 0.5], version=8)
+        fake.allocation = replace(second, arm_ids=("z", "y", "x"))
+        assigner._refresh()
+        after = [assigner.assign(f"b{i}") for i in range(50)]
+        assert {d.arm for d in before} <= {"arm-0", "arm-1"} and {d.arm for d in after} <= {"x", "y", "z"}
+        items = assigner._take()
+        batches = list(conv.exposure_batches("exp", items, 5000))
+        assert [b.allocation_version for b in batches] == [7, 8]
+        sent = {
+            d: (b.allocation_version, b.arm_ids[a])
+            for b in batches
+            for d, a in zip(b.decision_ids, b.arms, strict=True)
+        }
+        assert sent == {d.decision_id: (d.allocation_version, d.arm) for d in before + after}
+        assert list(items) == [(d.decision_id, d.unit_id, d.arm, d.allocation_version) for d in before + after]
+        assigner._requeue(items)  # as after a failed send: sent again later, arms intact
+        assert assigner.flush().accepted == 100
+    assert fake.sent == [(d.decision_id, d.unit_id, d.arm, d.allocation_version) for d in before + after]
 
 
 def test_ids_are_unique_across_threads() -> None:

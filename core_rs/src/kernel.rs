@@ -92,6 +92,20 @@ pub const X_SCALE: f32 = 0.310_201_62;
 /// 1 / X_SCALE = 108^(1/4).
 pub const INV_X_SCALE: f32 = 3.223_709_8;
 
+/// Largest shape the f32 kernels take; larger ones are drawn as this. Without it a shape
+/// past f32's range (a prior of 1e300 through the core API) made d infinite, and the vector
+/// kernels' rejection loop never accepted. The server's own limits on priors, counts and
+/// `exploitation` keep shapes far below it; beyond it a Beta keeps the side of 1/2 its mean
+/// is on (the spread is beneath f32's resolution either way), not the mean itself when
+/// both shapes exceed it.
+pub const MAX_KERNEL_SHAPE: f64 = 1e30;
+
+/// (a, b) each at most MAX_KERNEL_SHAPE.
+#[inline]
+pub fn kernel_shapes(a: f64, b: f64) -> (f64, f64) {
+    (a.min(MAX_KERNEL_SHAPE), b.min(MAX_KERNEL_SHAPE))
+}
+
 /// Marsaglia–Tsang constants (d, c / X_SCALE) of Gamma(shape); c = 1/sqrt(9d).
 #[inline]
 pub fn mt_constants(shape: f64) -> (f32, f32) {
@@ -123,6 +137,7 @@ impl BetaArrays {
 
     #[inline]
     pub fn set(&mut self, pos: usize, a: f64, b: f64) {
+        let (a, b) = kernel_shapes(a, b);
         let (da, ca) = mt_constants(a);
         let (db, cb) = mt_constants(b);
         self.set_constants(pos, (da, ca, db, cb));

@@ -225,3 +225,30 @@ def test_single_decisions_sharing_posterior_draws_follow_the_logged_propensities
             assert "units_per_draw" in str(exc)
         else:
             raise AssertionError(f"units_per_draw={bad} accepted")
+
+
+def test_extreme_shapes_are_drawn_on_every_kernel() -> None:
+    """Shapes past f32's range (a prior of 1e300, a huge exploitation: the core API takes
+    them, the server's limits do not) once made the AVX2 kernel's rejection loop spin
+    forever. Run in a child with a timeout so a hang fails: every kernel this CPU has
+    answers, and picks the arm whose mean is near 1 over one near 0."""
+    import subprocess
+    import sys
+
+    script = """
+from banditd import _core
+for isa in ("scalar", "avx2", "avx512", "auto"):
+    for exploitation in (1.0, 1e300):
+        try:
+            b = _core.Bandit("binary", "thompson", exploitation=exploitation, seed=1, isa=isa)
+        except _core.CoreError:
+            continue  # not on this CPU
+        b.add_arms([1.0, 1e300, 1.0], [1e300, 1.0, 1.0])
+        picks = {b.choose(1)[0][0] for _ in range(50)}
+        assert picks == {1} or exploitation > 1.0, (isa, picks)  # 1e300 x: every shape past the cap
+        b.set_stats(2, 1e300, 1e300, 1e300)
+        b.choose(2)
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import logging
 import os
 import signal
@@ -140,22 +139,6 @@ class Server:
                 log.exception("refresh from store failed")
 
 
-# The cyclic garbage collector's youngest generation runs every GC_GEN0 allocations of
-# container objects instead of Python's 700: a Decide allocates a dozen or so (records,
-# ops, tuples), and at a few thousand decisions a second the default ran a collection every
-# few dozen calls, ~4% of the server's CPU per call under load (measured with h2load; the
-# no-op grpcio server showed no difference). Cyclic garbage waits a little longer.
-GC_GEN0 = 20_000
-
-
-def tune_gc() -> None:
-    """For a serving process, once its state is loaded: what exists now (modules, the
-    loaded experiments) is moved out of the collector's way (`gc.freeze`), and collections
-    run less often (GC_GEN0)."""
-    gc.freeze()
-    gc.set_threshold(GC_GEN0, 20, 20)  # older generations: every 20 of the younger (Python: 10)
-
-
 def serve(config: ServerConfig) -> None:
     if config.worker_count > 1 and not config.pool_member:
         from banditd.pool import run_pool
@@ -164,7 +147,6 @@ def serve(config: ServerConfig) -> None:
         return
     server = Server(config)
     server.start()
-    tune_gc()
     done = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:

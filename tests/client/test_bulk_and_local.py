@@ -43,6 +43,7 @@ from banditd_client import _convert as conv
 from banditd_client.local import arm_index, cumulative, new_decision_id, pick, thresholds, unit_point
 from banditd_client.types import ChosenArm, Decision
 from banditd_client.v1 import banditd_pb2 as pb
+from conftest import wait_for
 
 DECISION_ID = re.compile(r"[0-9a-f]{23}")
 
@@ -131,15 +132,6 @@ def unavailable() -> Unavailable:
     err = Unavailable("server down")
     err.code = grpc.StatusCode.UNAVAILABLE
     return err
-
-
-def wait_for(cond: Any, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.01)
-    return bool(cond())
 
 
 # The hash rule.

@@ -274,7 +274,9 @@ class Engine:
         counters = self.store.counters([STATS_COUNTER + exp_id.encode() for exp_id, _ in runtimes])
         for (exp_id, rt), seen in zip(runtimes, counters, strict=True):
             if seen != rt.stats_seen:
-                policy, rows, counter = self.store.experiment_state(exp_id)
+                # The rows that moved since the state applied (or all of them): either way
+                # the posterior then equals the store at `counter`.
+                policy, rows, counter, _ = self.store.experiment_state_since(exp_id, rt.stats_seen)
                 rt.apply_state(policy, rows, counter, full=True)
         models = self.store.counter(MODELS_COUNTER)
         contextual = [rt for _, rt in runtimes if rt.model is not None]

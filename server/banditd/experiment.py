@@ -366,10 +366,11 @@ class ExperimentRuntime:
 
     def apply_state(self, policy: PolicyState, rows: dict[str, ArmRow], counter: int, full: bool) -> None:
         """Makes the posterior equal to stored statistics: the policy counters and the given
-        arm rows (the others are unchanged). `full`: every row of the experiment, read at
-        stats counter `counter`; else the rows one own commit changed, which took the counter
-        to `counter`. With a half-life every arm's discounted statistics move with the
-        clock, so all of them are pushed."""
+        arm rows (the others are unchanged). `full`: the store's state at stats counter
+        `counter`: every row, or those that changed after `stats_seen` (the arm log); else
+        the rows one own commit changed, which took the counter to `counter`. With a
+        half-life every arm's discounted statistics move with the clock, so all of them are
+        pushed."""
         with self.lock:
             if full:
                 if counter < self.stats_floor:

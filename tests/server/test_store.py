@@ -8,8 +8,9 @@ import lmdb
 import orjson
 import pytest
 
-from banditd.engine import Engine
-from banditd.store import SCHEMA_VERSION, SchemaError, Store
+from banditd.engine import Engine, RewardInput
+from banditd.experiment import ArmSpec, ExperimentSpec
+from banditd.store import ARMLOG_KEEP, SCHEMA_VERSION, SchemaError, Store
 from banditd.writer import Writer
 
 
@@ -72,3 +73,39 @@ def test_read_only_open_refuses_a_store_that_needs_an_upgrade(tmp_path: Path) ->
     _write_v1(path)
     with pytest.raises(SchemaError, match="upgrade"):
         Store.open_readonly(path)
+
+
+def test_a_pool_member_reads_only_the_arms_that_changed_and_gets_the_full_state(tmp_path: Path) -> None:
+    """What `refresh_from_store` reads when another process committed: the rows the arm log
+    names since the state it has, which with the rows it kept is the full state; a gap the
+    log no longer covers falls back to every row."""
+    store = Store(tmp_path / "store")
+    writer = Writer(store, linger_s=0.0)
+    writer.start()
+    engine = Engine(store, writer, seed=3)
+    try:
+        engine.create_experiment(ExperimentSpec(id="e", arms=[ArmSpec(f"a{i}") for i in range(200)]), timeout=10)
+        for i in range(30):
+            rec = engine.decide("e", f"u{i}", 1).record
+            assert engine.reward_batch([RewardInput(rec.decision_id, 1.0)], timeout=10)[0].error is None
+        _, before, seen = store.experiment_state("e")
+        chosen = set()
+        for i in range(5):
+            rec = engine.decide("e", f"v{i}", 1).record
+            chosen.add(rec.arms[0])
+            assert engine.reward_batch([RewardInput(rec.decision_id, float(i % 2))], timeout=10)[0].error is None
+        policy, rows, counter, full = store.experiment_state_since("e", seen)
+        want_policy, want_rows, want_counter = store.experiment_state("e")
+        assert not full and counter == want_counter > seen
+        assert set(rows) == chosen  # a handful of rows, not 200
+        assert {**before, **rows} == want_rows and policy == want_policy
+        assert store.experiment_state_since("e", counter)[1:] == ({}, counter, False)
+        # More commits than the log keeps: every row again.
+        for i in range(ARMLOG_KEEP + 1):
+            engine.decide("e", f"w{i}", 1)
+            writer.sync(10)
+        policy, rows, counter, full = store.experiment_state_since("e", seen)
+        assert full and rows == store.experiment_state("e")[1] and len(rows) == 200
+    finally:
+        writer.close()
+        store.close()

@@ -115,6 +115,19 @@ class ExperimentSpec:
         return self.config.burn_in > 0 or self.config.mixes
 
     @cached_property
+    def plain(self) -> bool:
+        """Running, not sticky, no control share / floors / burn-in, no model, and a decision
+        is an observation the moment it is stored: a Decide of one arm without a context
+        needs only the posterior and its record (`Engine.decide_one`)."""
+        return (
+            self.state == "running"
+            and not self.sticky
+            and not self.mixed
+            and not self.contextual
+            and self.decision_observation is not None
+        )
+
+    @cached_property
     def config(self) -> Settings:
         """The settings in force (parsed once per spec version: read on every decision)."""
         return Settings.from_json(self.settings)

@@ -346,6 +346,7 @@ class CpuRow:
     gen_us: float
     rounds: int
     server_us_rounds: list[float]
+    vs_noop_paired: float | None = None  # median over rounds of (this round / the no-op's round)
 
 
 @dataclass
@@ -594,8 +595,13 @@ def cpu_rows(targets: list[CpuTarget]) -> list[CpuRow]:
             None, statistics.median(s.gen_us for s in t.samples), len(t.samples), us,
         ))
     for r in rows:
-        noop = next((n.server_us for n in rows if n.server == "noop" and n.processes == r.processes), 0.0)
-        r.vs_noop = r.server_us / noop if noop > 0 else None
+        noop = next((n for n in rows if n.server == "noop" and n.processes == r.processes), None)
+        r.vs_noop = r.server_us / noop.server_us if noop is not None and noop.server_us > 0 else None
+        # Each round's ratio to the no-op measured in the same round (seconds apart), then
+        # their median: a shared machine's slow minutes weigh on both sides of each ratio.
+        if noop is not None:
+            paired = [b / n for b, n in zip(r.server_us_rounds, noop.server_us_rounds, strict=False) if n > 0]
+            r.vs_noop_paired = statistics.median(paired) if paired else None
     return rows
 
 
@@ -609,10 +615,10 @@ def _arms(arms: int | None) -> str:
 
 def cpu_table(rows: list[CpuRow]) -> str:
     headers = ("processes", "server", "arms", "decisions/s", "server CPU µs/call (median)", "vs no-op",
-               "generator CPU µs/call")
+               "vs no-op, same round (median)", "generator CPU µs/call")
     return fmt_table(headers, [
         (r.processes, r.server, _arms(r.arms), f"{r.rate:,.0f}", f"{r.server_us:.0f}", _x(r.vs_noop),
-         f"{r.gen_us:.0f}")
+         _x(r.vs_noop_paired), f"{r.gen_us:.0f}")
         for r in rows
     ])
 

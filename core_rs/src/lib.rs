@@ -10,6 +10,7 @@ mod avx512;
 pub mod bandit;
 pub mod encoder;
 pub mod error;
+mod fastpath;
 pub mod groups;
 pub mod kernel;
 pub mod linear;
@@ -840,6 +841,7 @@ fn beta_quantile(p: f64, a: f64, b: f64) -> PyResult<f64> {
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyBandit>()?;
     m.add_class::<linear_py::PyLinear>()?;
+    m.add_class::<fastpath::FastDecide>()?;
     m.add_function(wrap_pyfunction!(beta_quantile, m)?)?;
     m.add("CoreError", m.py().get_type::<CoreError>())?;
     Ok(())

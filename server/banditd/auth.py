@@ -292,6 +292,15 @@ def _experiment_id(method: str, request: Any) -> str | None:
     return getattr(request, "experiment_id", None)
 
 
+def _parse_raw(method: str, data: bytes) -> Any:
+    """The request message of a method whose handler takes bytes; None if unparsable."""
+    service = pb.DESCRIPTOR.services_by_name["Banditd"]
+    try:
+        return getattr(pb, service.methods_by_name[method].input_type.name).FromString(data)
+    except Exception:  # noqa: BLE001 - any parse failure is the caller's bytes
+        return None
+
+
 def _denying_handler(handler: grpc.RpcMethodHandler, denied: Denied) -> grpc.RpcMethodHandler:
     """A handler of the same shape as `handler` that only fails the call (the request is
     never parsed)."""
@@ -332,6 +341,10 @@ def _prefix_handler(handler: grpc.RpcMethodHandler, method: str, principal: Prin
     else:
 
         def behavior(request: Any, context: grpc.ServicerContext) -> Any:
+            if type(request) is bytes:  # a handler that parses its request (Decide): parse here
+                request = _parse_raw(method, request)
+                if request is None:
+                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"the {method} request could not be decoded")
             exp = _experiment_id(method, request)
             if exp is not None and not exp.startswith(prefix):
                 context.set_trailing_metadata(((ERROR_TRAILER, PERMISSION_DENIED),))

@@ -8,6 +8,7 @@ import random
 import threading
 import time
 import zlib
+from array import array
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, replace
@@ -33,7 +34,9 @@ from banditd.ops import (
     ACCEPTED,
     ClaimAssignment,
     DecisionLog,
+    FastGroup,
     LogDecision,
+    LogFastDecisions,
     MatureDecisions,
     PutExperiment,
     PutFeatureDefinition,
@@ -173,6 +176,10 @@ class Engine:
         self._runtimes: dict[str, ExperimentRuntime] = {}
         self._pending: dict[str, DecisionRecord] = {}
         self.decision_log = DecisionLog(writer, self._committed_many)
+        # Decide's fast path (see core `fastpath.rs`): plain experiments, records drained by
+        # the writer for each commit, off while the store cannot write or the writer stops.
+        self.fast = _core.FastDecide(writer.queue_limit, writer.wake)
+        writer.attach_source(self._take_fast, lambda: self.fast.queued, self.fast.set_enabled)
         # Sticky assignments of decisions not committed yet, by (experiment, unit): a unit
         # evicted from the assignment cache before its decision reached the store keeps it.
         self._pending_sticky: dict[tuple[str, str], tuple[str, ...]] = {}
@@ -209,6 +216,7 @@ class Engine:
                 self.skipped[exp_id] = f"{type(exc).__name__}: {exc}"
                 continue
             self._runtimes[spec.id] = rt
+            self._route(rt)
         self._seen_specs = self.store.counter(SPECS_COUNTER)
         self._seen_models = self.store.counter(MODELS_COUNTER)
         log.info("loaded %d experiments", len(self._runtimes))
@@ -258,6 +266,7 @@ class Engine:
                 self._runtimes[spec.id] = rt
             elif spec.version > rt.spec.version:
                 rt.apply_spec_change(spec)
+            self._route(rt)
             return rt
 
     def refresh_from_store(self) -> None:
@@ -485,6 +494,7 @@ class Engine:
 
             def register(_: ExperimentSpec) -> None:
                 self._runtimes[spec.id] = runtime
+                self._route(runtime)
 
             details = {"arms": [a.id for a in spec.arms], "policy": spec.policy, "settings": spec.settings}
             entry = audit_entry(spec.id, "create", actor, details)
@@ -568,7 +578,11 @@ class Engine:
                 action = {"paused": "pause", "running": "resume", "fallback": "fallback"}.get(new_state, "update")
                 action = action if new_state != old.state else ("settings" if "settings" in details else "update")
             entry = audit_entry(experiment_id, action, actor, details)
-            return self.writer.submit_and_wait(PutExperiment(new, False, rt.apply_spec_change, entry), timeout)
+            def apply(spec: ExperimentSpec) -> None:
+                rt.apply_spec_change(spec)
+                self._route(rt)
+
+            return self.writer.submit_and_wait(PutExperiment(new, False, apply, entry), timeout)
 
     def _check_priors(self, spec: ExperimentSpec, arms: list[ArmSpec]) -> None:
         probe = _core.Bandit(spec.reward_type, "uniform")
@@ -680,6 +694,54 @@ class Engine:
         if 1 not in rt.slate_sizes:
             rt.slate_sizes.add(1)
         return DecisionResult(record, scores, False)
+
+    def _route(self, rt: ExperimentRuntime) -> None:
+        """Serves a plain experiment's Decide calls on the fast path (`fast`), the others on
+        the general one; called whenever a runtime is made or its definition changes."""
+        if rt.spec.plain:
+            rt.slate_sizes.add(1)
+            self.fast.set(rt.spec.id, rt.bandit, list(rt.arm_ids))
+        else:
+            self.fast.remove(rt.spec.id)
+
+    def _take_fast(self) -> LogFastDecisions | None:
+        """Writer thread, for each commit: the fast path's records answered so far."""
+        groups = self.fast.take()
+        return LogFastDecisions(groups, self.spec_of, self._fast_done) if groups else None
+
+    def _fast_done(self, groups: list[FastGroup]) -> None:
+        """After the commit of fast-path records (or their final failure): they leave the
+        fast path's memory, and the serving counters of `_record` take them."""
+        self.fast.committed([k for g in groups for k, _ in g[1]])
+        for exp_id, _, _, arms, times, seconds in groups:
+            rt = self._runtimes.get(exp_id)
+            if rt is None:
+                continue
+            idx, ts, secs = array("I"), array("Q"), array("d")
+            idx.frombytes(arms)
+            ts.frombytes(times)
+            secs.frombytes(seconds)
+            rt.recent.extend(idx)
+            rt.monitor.on_decision(ts[-1] / 1000.0, len(ts))
+            self.guardian.note_decides(exp_id, ts, secs)
+
+    def _pending_arms(self, experiment_id: str) -> array[int]:
+        """Arms of the fast path's decisions not yet committed (newer than `recent`'s)."""
+        arms = array("I")
+        if len(self.fast):
+            arms.frombytes(self.fast.pending_arms(experiment_id))
+        return arms
+
+    def _settle_fast(self, timeout: float = 5.0) -> None:
+        """Before reading the learning monitor: the fast path's records count there once
+        committed, so a read right after a burst of decisions first lets the writer commit
+        them (one group commit, a few ms)."""
+        if not self.fast.queued or self.writer.is_writer_thread():
+            return
+        try:
+            self.writer.sync(timeout)
+        except BanditdError:
+            pass  # a failing store or a stopping writer: read what is committed
 
     def _committed_many(self, records: list[DecisionRecord]) -> None:
         pop = self._pending.pop
@@ -848,8 +910,18 @@ class Engine:
     def _find_decisions(self, ids: list[str]) -> dict[str, DecisionRecord]:
         """Stored decisions among `ids`. In a pool, ids still missing may be in another
         process's next group commit: wait for them once per batch, not once per id."""
-        missing = [d for d in dict.fromkeys(ids) if d and d not in self._pending]
-        found = self.store.decisions_many(missing) if missing else {}
+        found: dict[str, DecisionRecord] = {}
+        missing: list[str] = []
+        for d in dict.fromkeys(ids):
+            if not d or d in self._pending:
+                continue
+            fast = self.fast.get(d) if len(self.fast) else None
+            if fast is not None:
+                found[d] = DecisionRecord(d, fast[0], (fast[1],), (fast[2],), fast[3], fast[4], fast[5])
+            else:
+                missing.append(d)
+        if missing:
+            found.update(self.store.decisions_many(missing))
         if self.shared and len(found) < len(missing):
             wall = time.time()
             # Ids claiming to be from the future (beyond a second of clock skew) earn no wait.
@@ -907,7 +979,7 @@ class Engine:
         rt = self.require(experiment_id)
         means = rt.bandit.means()
         lows, highs = rt.bandit.intervals(0.95)
-        shares = rt.recent_shares()
+        shares = rt.recent_shares(self._pending_arms(experiment_id))
         rows = rt.rows
         return [
             ArmStatsRow(
@@ -930,6 +1002,7 @@ class Engine:
     def diagnostics(self, experiment_id: str, silence_s: float = 0.0) -> dict[str, Any]:
         """Learning-loop diagnostics of one experiment (see `banditd.diagnostics`)."""
         rt = self.require(experiment_id)
+        self._settle_fast()  # the learning monitor counts the fast path's decisions once committed
         views = self.arm_stats(experiment_id)
         report = diagnostics.build(
             rt.monitor,
@@ -1053,7 +1126,7 @@ class Engine:
     def status(self) -> dict[str, Any]:
         return {
             "experiments": len(self._runtimes),
-            "pending_decisions": len(self._pending),
+            "pending_decisions": len(self._pending) + len(self.fast),
             "writer_queue": self.writer.pending,
             "commits": self.writer.commits,
             "propensity_lag_s": self.propensity_lag_s,

@@ -8,6 +8,7 @@ import os
 import threading
 import time
 from collections import Counter, deque
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from typing import Any
@@ -450,9 +451,12 @@ class ExperimentRuntime:
             self._positions = (self.spec.version, {a: j for j, a in enumerate(self.spec.active_indices)})
         return self._positions[1]
 
-    def recent_shares(self) -> list[float]:
-        counts = Counter(self.recent)
-        total = len(self.recent) or 1
+    def recent_shares(self, newer: Sequence[int] = ()) -> list[float]:
+        """Each arm's share of the last RECENT_DECISIONS decisions (`newer`: arms of decisions
+        made after those in `recent`, not yet counted there)."""
+        last = [*self.recent, *newer][-RECENT_DECISIONS:] if newer else self.recent
+        counts = Counter(last)
+        total = len(last) or 1
         return [counts.get(i, 0) / total for i in range(len(self.arm_ids))]
 
 

@@ -8,8 +8,9 @@ What each metric reads:
   `window_s` against the rate of all observations before the window (until the samples span
   two windows — a new experiment, a restart, a resume — the newer half of their span is the
   window). It fires when the
-  relative drop exceeds the threshold AND is significant (one-sided z-test at 95%: a drop of
-  5% in 100 noisy observations is not one). Both sides need `min_samples` observations. In
+  relative drop exceeds the threshold AND is significant (one-sided z-test at 99.99%, see
+  Z_DROP: a drop of 5% in 100 noisy observations is not one, nor is the noise of a steady
+  rate looked at every 0.5 s). Both sides need `min_samples` observations. In
   DECISION outcome mode late rewards make a recent window look worse: give such experiments a
   maturation delay (outcomes.min_age_seconds) so only matured decisions count.
 * concentration — the top arm's share of the last 1,000 decisions (at least `min_samples`).
@@ -32,7 +33,9 @@ import math
 import threading
 import time
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from itertools import repeat
 from typing import TYPE_CHECKING, Any
 
 from banditd.ops import AddAudit
@@ -50,7 +53,11 @@ LATENCY_BOUNDS = (
 )  # fmt: skip
 KEEP_SECONDS = 3600  # one-second buckets kept per experiment
 EVALUATE_EVERY_S = 0.5
-Z_95 = 1.6449  # one-sided
+# reward_drop's significance: one-sided 99.99%. The rule is evaluated every 0.5 s, thousands
+# of looks an hour at overlapping windows: at 95% (z 1.64) a steady Bernoulli(0.3) experiment
+# at 40 observations/s was paused within 10 minutes in 74% of simulated runs (99.9%: 6%;
+# 99.99%: none of 100), while a 20% drop was still caught in every run, ~1 minute after.
+Z_DROP = 3.719
 
 
 class CallStats:
@@ -71,6 +78,13 @@ class CallStats:
     def record(self, seconds: float, failed: bool, now: float | None = None) -> None:
         new = self._new
         new.append((now if now is not None else time.time(), seconds, failed))
+        if len(new) >= self.SETTLE_EVERY:
+            self.settle()
+
+    def record_many(self, times_ms: Sequence[int], seconds: Sequence[float]) -> None:
+        """Successful calls recorded after the fact (the Decide fast path's, per commit)."""
+        new = self._new
+        new.extend(zip([t / 1000.0 for t in times_ms], seconds, repeat(False)))
         if len(new) >= self.SETTLE_EVERY:
             self.settle()
 
@@ -160,6 +174,13 @@ class Guardian:
                 return  # unknown experiments get no per-experiment state
             stats = self.calls.setdefault(experiment_id, CallStats())
         stats.record(seconds, failed)
+
+    def note_decides(self, experiment_id: str, times_ms: Sequence[int], seconds: Sequence[float]) -> None:
+        """Decide calls served on the fast path (unix ms, server seconds of each)."""
+        stats = self.calls.get(experiment_id)
+        if stats is None:
+            stats = self.calls.setdefault(experiment_id, CallStats())
+        stats.record_many(times_ms, seconds)
 
     def status(self, experiment_id: str) -> list[dict[str, Any]]:
         """The state of each guardrail of the experiment (for the dashboard and diagnostics)."""
@@ -314,4 +335,4 @@ def _reward_drop(
         f"reward rate {m_recent:.4g} over {n_recent:.0f} observations in the last {window:.3g} s vs "
         f"{m_before:.4g} over {n_before:.0f} before (drop {100 * drop:.1f}%, z = {z:.2f})"
     )
-    return drop, drop > g.threshold and z > Z_95, detail
+    return drop, drop > g.threshold and z > Z_DROP, detail

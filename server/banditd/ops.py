@@ -313,6 +313,66 @@ class LogDecisions(WriteOp):
         self.log.on_done([rec for rec, _ in self.records])
 
 
+# What `_core.FastDecide.take` gives per experiment: (experiment id, [(decision id, record
+# JSON)] sorted, [(arm id, decisions)], arm indices u32 LE, unix ms u64 LE, seconds f64 LE).
+FastGroup = tuple[str, list[tuple[bytes, bytes]], list[tuple[str, int]], bytes, bytes, bytes]
+
+
+class LogFastDecisions(WriteOp):
+    """Stores the Decide fast path's records (taken by the writer for this commit) and counts
+    them as `LogDecision` counts each: per arm at once, as they are all observed at weight 1.
+    Retried after an unreachable database like it."""
+
+    deferrable = True
+
+    def __init__(
+        self,
+        groups: list[FastGroup],
+        specs: Callable[[str], ExperimentSpec | None],
+        on_done: Callable[[list[FastGroup]], None],
+    ) -> None:
+        self.groups = groups
+        self.specs = specs
+        self.on_done = on_done
+
+    def write(self, batch: WriteTxn) -> None:
+        first = self.groups[0][1][0][0].decode() if self.groups and self.groups[0][1] else ""
+        if self.retried and first and batch.has_decision(first):
+            return  # the failed commit was applied after all (one transaction: all of them)
+        for exp, items, counts, _, _, _ in self.groups:
+            spec = self.specs(exp)
+            value = spec.decision_observation if spec is not None else None
+            if spec is None or value is None:
+                # The definition changed since (or is gone): each record the general way.
+                acct = Accounting(batch, spec) if spec is not None else None
+                for k, v in items:
+                    rec = DecisionRecord.decode(k.decode(), v)
+                    if acct is None:
+                        batch.put_decision(rec)
+                    else:
+                        record_decision(batch, acct, rec)
+                continue
+            n = len(items)
+            policy = batch.policy(exp)
+            policy.decisions += n
+            policy.clock += n
+            for arm_id, c in counts:
+                row = batch.arm(exp, arm_id)
+                row.pulls += c
+                row.n += c
+                row.sum += c * value
+                row.sumsq += c * value * value
+                row.observations += c
+                row.value_sum += c * value
+            batch.put_decision_items(items)
+
+    def after_commit(self, result: None) -> None:
+        self.on_done(self.groups)
+
+    def failed(self, exc: BaseException) -> None:
+        self.on_done(self.groups)
+
+
 class ClaimAssignment(WriteOp):
     """A sticky unit's first assignment when other processes or nodes share the store: made
     durable before the decision is answered, and the first claim wins (a later one gets the

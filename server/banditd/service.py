@@ -226,6 +226,19 @@ class Undecodable:
         self.error = error
 
 
+# Methods whose handler parses the request itself: Decide's fast path works on the bytes.
+RAW_METHODS = frozenset({"Decide"})
+
+
+def _bytes_or_message(response: Any) -> bytes:
+    return response if type(response) is bytes else response.SerializeToString()
+
+
+def parse_raw(method: str, data: bytes) -> Any:
+    """A RAW_METHODS request as its message (an `Undecodable` when it cannot be parsed)."""
+    return _RAW_PARSERS[method](data)
+
+
 def _tolerant(message_cls: Any) -> Callable[[bytes], Any]:
     def parse(data: bytes) -> Any:
         try:
@@ -234,6 +247,9 @@ def _tolerant(message_cls: Any) -> Callable[[bytes], Any]:
             return Undecodable(f"{message_cls.DESCRIPTOR.name}: {type(exc).__name__}: {exc}")
 
     return parse
+
+
+_RAW_PARSERS = {name: _tolerant(getattr(pb, SERVICE.methods_by_name[name].input_type.name)) for name in RAW_METHODS}
 
 
 def _reward_input(r: pb.RewardRequest | Undecodable) -> RewardInput:
@@ -298,6 +314,12 @@ def add_service(servicer: BanditdService, server: grpc.Server) -> None:
             (True, False): grpc.stream_unary_rpc_method_handler,
             (True, True): grpc.stream_stream_rpc_method_handler,
         }[(method.client_streaming, method.server_streaming)]
+        if method.name in RAW_METHODS:
+            # The handler gets the request's bytes and may answer bytes (see Decide).
+            handlers[method.name] = factory(
+                getattr(servicer, method.name), request_deserializer=None, response_serializer=_bytes_or_message
+            )
+            continue
         handlers[method.name] = factory(
             getattr(servicer, method.name),
             request_deserializer=_tolerant(request_cls),
@@ -518,7 +540,17 @@ class BanditdService(pb_grpc.BanditdServicer):
             self.engine.get_experiment(request.experiment_id)  # NOT_FOUND for an unknown one
         return audit_to_proto(self.engine.store.audit_log(request.experiment_id, limit))
 
-    def Decide(self, request: pb.DecideRequest, context: grpc.ServicerContext) -> pb.DecideResponse:
+    def Decide(self, request: bytes | pb.DecideRequest, context: grpc.ServicerContext) -> bytes | pb.DecideResponse:
+        if type(request) is bytes:
+            # Plain experiments, one arm, no context: decided and answered by the core
+            # (`_core.FastDecide`); None sends the call down the general path below.
+            answer = self.engine.fast.decide(request)
+            if answer is not None:
+                return answer
+            request = parse_raw("Decide", request)
+            if isinstance(request, Undecodable):
+                raise InvalidArgument(f"the request could not be decoded: {request.error}")
+        assert isinstance(request, pb.DecideRequest)
         started = time.perf_counter()
         try:
             if request.allocation_version:

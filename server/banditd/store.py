@@ -1205,6 +1205,10 @@ class WriteTxn:
     def put_decision(self, rec: DecisionRecord) -> None:
         self.txn.put(rec.decision_id.encode(), rec.encode(), db=self.store.decisions)
 
+    def put_decision_items(self, items: list[tuple[bytes, bytes]]) -> None:
+        """Encoded records (decision id, `DecisionRecord.encode()` bytes), sorted by id."""
+        self.txn.cursor(db=self.store.decisions).putmulti(items)
+
     def put_decisions(self, records: list[DecisionRecord]) -> None:
         """Many records in one cursor call (ids are new: time-ordered and random)."""
         items = sorted((rec.decision_id.encode(), rec.encode()) for rec in records)

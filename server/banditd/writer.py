@@ -146,9 +146,34 @@ class Writer:
         self.storage_error: BanditdError | None = None
         # Called after each commit with the statistics it changed, before any op is resolved.
         self.on_commit: Callable[[dict[str, ExperimentChanges]], None] | None = None
+        # Records queued outside `_ops` (the Decide fast path, see `attach_source`).
+        self._take: Callable[[], WriteOp | None] | None = None
+        self._queued_outside: Callable[[], int] = lambda: 0
+        self._on_health: Callable[[bool], None] | None = None
 
     def start(self) -> None:
         self._thread.start()
+
+    def attach_source(
+        self, take: Callable[[], WriteOp | None], queued: Callable[[], int], on_health: Callable[[bool], None]
+    ) -> None:
+        """Another queue of deferrable writes (the Decide fast path's records): `take` gives an
+        op holding what it queued so far, put first in each commit, after the ops collected
+        for it (whatever was queued there before a collected op is in); `queued` tells whether
+        it holds any; it calls `wake` when its first record arrives. `on_health(False)` while
+        the store cannot write or the writer is stopping: the source must then queue nothing."""
+        self._take, self._queued_outside, self._on_health = take, queued, on_health
+        on_health(self.storage_error is None and not self._closed)
+
+    def is_writer_thread(self) -> bool:
+        return threading.current_thread() is self._thread
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def _health_changed(self) -> None:
+        if self._on_health is not None:
+            self._on_health(self.storage_error is None and not self._closed)
 
     def submit(self, op: WriteOp) -> None:
         if self._closed:
@@ -191,6 +216,7 @@ class Writer:
         if self._closed:
             return
         self._closed = True
+        self._health_changed()
         self._ops.append(_STOP)
         self._urgent.set()
         self._wake.set()
@@ -205,12 +231,12 @@ class Writer:
         stop = False
         while not stop:
             self._wake.clear()
-            if not ops_queue:
+            if not ops_queue and not self._queued_outside():
                 # An op appended after the check sets `_wake` after the clear: no lost wake-up.
                 self._wake.wait()
                 continue
-            first = ops_queue[0]
-            if first is not _STOP and first.deferrable and self.linger_s > 0:
+            first = ops_queue[0] if ops_queue else None
+            if (first is None or (first is not _STOP and first.deferrable)) and self.linger_s > 0:
                 # Linger for more decision records without waking per record: the thread sleeps
                 # on `_urgent` (set by a non-deferrable op), so handlers appending decisions
                 # never hand it the GIL.
@@ -223,6 +249,10 @@ class Writer:
                     stop = True
                     break
                 ops.append(op)
+            if self._take is not None:
+                taken = self._take()  # after collecting: records made before those ops are in
+                if taken is not None:
+                    ops.insert(0, taken)
             if not ops:
                 continue
             try:
@@ -245,6 +275,9 @@ class Writer:
         self.failed_commits += 1
         error = exc if isinstance(exc, BanditdError) else storage_error(exc)
         if isinstance(error, ResourceExhausted | Unavailable):
+            if self.storage_error is None:
+                self.storage_error = error
+                self._health_changed()
             self.storage_error = error
         kept = [op for op in ops if op.deferrable and op.future is None] if isinstance(error, Unavailable) else []
         kept_ids = {id(op) for op in kept}
@@ -310,7 +343,9 @@ class Writer:
                     op.future.set_result(value)
                 else:
                     op.future.set_exception(value)
-        self.storage_error = None
+        if self.storage_error is not None:
+            self.storage_error = None
+            self._health_changed()
         self.commits += 1
         self.ops_committed += len(ops)
         self.last_commit_seconds = time.perf_counter() - started

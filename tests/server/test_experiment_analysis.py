@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import random
 import time
-from collections import Counter
+from collections import Counter, deque
 
 import pytest
 
+from banditd.guardrails import EVALUATE_EVERY_S
+from banditd.guardrails import _reward_drop as reward_drop_rule
+from banditd.settings import Guardrail
 from banditd_client import Client, ExperimentPaused, FailedPrecondition, InvalidArgument
 
 FAST = {"min_days": 0, "min_events_per_arm": 200}
@@ -288,3 +291,32 @@ def test_analyse_survives_extreme_continuous_rewards(server) -> None:
         a = c.analyse(exp)
         assert a.verdict in ("ship", "iterate", "kill")
         assert a.control_decisions + a.bandit_decisions > 0
+
+
+def _drop_rule_run(seed: int, seconds: float, rate: float = 40.0, after: float | None = None) -> float | None:
+    """The reward_drop rule looked at every EVALUATE_EVERY_S over a Bernoulli(0.3) stream (0.24
+    from `after` on, a 20% drop); the time of the first breach, or None."""
+    rng = random.Random(seed)
+    rule = Guardrail.resolved("reward_drop", 0.0, "pause", "", 0.0, 0)
+    samples: deque[tuple[float, float, float, float]] = deque()
+    o = r = 0.0
+    t = 0.0
+    while t < seconds:
+        t += EVALUATE_EVERY_S
+        p = 0.24 if after is not None and t > after else 0.3
+        for _ in range(int(rate * EVALUATE_EVERY_S)):
+            x = float(rng.random() < p)
+            o, r = o + 1, r + x
+        samples.append((t, o, r, r))  # binary: the sum of squares is the sum
+        if reward_drop_rule(rule, samples, t)[1]:
+            return t
+    return None
+
+
+def test_a_steady_reward_rate_looked_at_every_half_second_is_not_a_drop_but_a_real_drop_is() -> None:
+    """At 95% one-sided (z 1.64) these steady streams were paused within 200 s in most runs:
+    each look is a test, and there are two a second."""
+    false_alarms = [s for s in range(30) if _drop_rule_run(s, 200.0) is not None]
+    assert false_alarms == []
+    caught = [_drop_rule_run(100 + s, 400.0, after=100.0) for s in range(10)]
+    assert all(t is not None and 100.0 < t < 250.0 for t in caught), caught

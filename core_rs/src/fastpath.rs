@@ -57,6 +57,9 @@ struct Log {
     records: HashMap<DecisionKey, Record>,
     /// Answered and not yet taken by the writer, in order.
     order: Vec<DecisionKey>,
+    /// Taken and not yet committed, by the token `take` returned.
+    taken: HashMap<u64, Vec<DecisionKey>>,
+    next_token: u64,
 }
 
 /// Random hex digits for decision ids, read from the OS 4,096 ids at a time.
@@ -383,17 +386,21 @@ impl FastDecide {
         self.decide_inner(py, request).map(|r| PyBytes::new(py, &r))
     }
 
-    /// The records not yet taken, per experiment: (experiment id, [(decision id, record
-    /// JSON)] sorted by id, [(arm id, decisions)], arm indices (u32 LE, in order), unix ms
-    /// (u64 LE), server seconds of each call (f64 LE)). They stay findable by `get` until
-    /// `committed`.
-    fn take<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+    /// The records not yet taken: a token for `committed` and, per experiment, (experiment
+    /// id, [(decision id, record JSON)] sorted by id, [(arm id, decisions)], arm indices
+    /// (u32 LE, in order), unix ms (u64 LE), server seconds of each call (f64 LE)). They stay
+    /// findable by `get` until `committed(token)`.
+    fn take<'py>(&self, py: Python<'py>) -> PyResult<(u64, Bound<'py, PyList>)> {
         // Encoded under the lock, turned into Python objects after it: making them may run
         // Python code that lets another thread take the GIL and wait for this lock.
-        let groups = {
+        let (token, groups) = {
             let mut log = self.log.lock().map_err(|_| crate::poisoned())?;
             let order = std::mem::take(&mut log.order);
-            take_groups(&log, &order)
+            let groups = take_groups(&log, &order);
+            let token = log.next_token;
+            log.next_token += 1;
+            log.taken.insert(token, order);
+            (token, groups)
         };
         let out = PyList::empty(py);
         for g in groups {
@@ -410,16 +417,15 @@ impl FastDecide {
                 PyBytes::new(py, &g.seconds),
             ))?;
         }
-        Ok(out)
+        Ok((token, out))
     }
 
-    /// Forgets records once their commit succeeded or failed for good.
-    fn committed(&self, decision_ids: Vec<Vec<u8>>) -> PyResult<()> {
+    /// Forgets the records of a `take` once their commit succeeded or failed for good.
+    fn committed(&self, token: u64) -> PyResult<()> {
         let mut log = self.log.lock().map_err(|_| crate::poisoned())?;
-        for id in decision_ids {
-            if let Ok(key) = DecisionKey::try_from(id.as_slice()) {
-                log.records.remove(&key);
-            }
+        let keys = log.taken.remove(&token).unwrap_or_default();
+        for key in keys {
+            log.records.remove(&key);
         }
         Ok(())
     }

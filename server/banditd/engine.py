@@ -706,24 +706,25 @@ class Engine:
 
     def _take_fast(self) -> LogFastDecisions | None:
         """Writer thread, for each commit: the fast path's records answered so far."""
-        groups = self.fast.take()
-        return LogFastDecisions(groups, self.spec_of, self._fast_done) if groups else None
+        token, groups = self.fast.take()
+        if not groups:
+            self.fast.committed(token)
+            return None
+        return LogFastDecisions(groups, self.spec_of, lambda: self._fast_done(token, groups))
 
-    def _fast_done(self, groups: list[FastGroup]) -> None:
+    def _fast_done(self, token: int, groups: list[FastGroup]) -> None:
         """After the commit of fast-path records (or their final failure): they leave the
         fast path's memory, and the serving counters of `_record` take them."""
-        self.fast.committed([k for g in groups for k, _ in g[1]])
+        self.fast.committed(token)
         for exp_id, _, _, arms, times, seconds in groups:
             rt = self._runtimes.get(exp_id)
             if rt is None:
                 continue
-            idx, ts, secs = array("I"), array("Q"), array("d")
+            idx = array("I")
             idx.frombytes(arms)
-            ts.frombytes(times)
-            secs.frombytes(seconds)
             rt.recent.extend(idx)
-            rt.monitor.on_decision(ts[-1] / 1000.0, len(ts))
-            self.guardian.note_decides(exp_id, ts, secs)
+            rt.monitor.on_decision(int.from_bytes(times[-8:], "little") / 1000.0, len(idx))
+            self.guardian.note_decides(exp_id, times, seconds)
 
     def _pending_arms(self, experiment_id: str) -> array[int]:
         """Arms of the fast path's decisions not yet committed (newer than `recent`'s)."""

@@ -33,10 +33,10 @@ import math
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
 from dataclasses import dataclass, field
-from itertools import repeat
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from banditd.ops import AddAudit
 from banditd.settings import Guardrail
@@ -81,12 +81,25 @@ class CallStats:
         if len(new) >= self.SETTLE_EVERY:
             self.settle()
 
-    def record_many(self, times_ms: Sequence[int], seconds: Sequence[float]) -> None:
-        """Successful calls recorded after the fact (the Decide fast path's, per commit)."""
-        new = self._new
-        new.extend(zip([t / 1000.0 for t in times_ms], seconds, repeat(False)))
-        if len(new) >= self.SETTLE_EVERY:
-            self.settle()
+    def record_many(self, times_ms: bytes, seconds: bytes) -> None:
+        """Successful calls recorded after the fact (the Decide fast path's, per commit):
+        unix ms (u64 LE) and server seconds (f64 LE) of each, counted per second at once."""
+        secs = np.frombuffer(times_ms, dtype="<u8") // 1000
+        slots = np.searchsorted(LATENCY_BOUNDS, np.frombuffer(seconds, dtype="<f8"), side="left")
+        self.settle()  # the calls recorded one by one so far go first (buckets are in time order)
+        with self.lock:
+            for sec in np.unique(secs).tolist():
+                counts = np.bincount(slots[secs == sec], minlength=len(LATENCY_BOUNDS) + 1).tolist()
+                b = self.buckets[-1] if self.buckets else None
+                if b is None or b[0] < sec:
+                    b = [sec, 0, 0, [0] * (len(LATENCY_BOUNDS) + 1)]
+                    self.buckets.append(b)
+                    while self.buckets[0][0] < sec - KEEP_SECONDS:
+                        self.buckets.popleft()
+                b[1] += sum(counts)
+                for i, c in enumerate(counts):
+                    b[3][i] += c
+                    self.total[i] += c
 
     def settle(self) -> None:
         """Moves the recorded calls into their buckets."""
@@ -175,8 +188,8 @@ class Guardian:
             stats = self.calls.setdefault(experiment_id, CallStats())
         stats.record(seconds, failed)
 
-    def note_decides(self, experiment_id: str, times_ms: Sequence[int], seconds: Sequence[float]) -> None:
-        """Decide calls served on the fast path (unix ms, server seconds of each)."""
+    def note_decides(self, experiment_id: str, times_ms: bytes, seconds: bytes) -> None:
+        """Decide calls served on the fast path (unix ms u64 LE, server seconds f64 LE)."""
         stats = self.calls.get(experiment_id)
         if stats is None:
             stats = self.calls.setdefault(experiment_id, CallStats())

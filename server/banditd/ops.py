@@ -329,7 +329,7 @@ class LogFastDecisions(WriteOp):
         self,
         groups: list[FastGroup],
         specs: Callable[[str], ExperimentSpec | None],
-        on_done: Callable[[list[FastGroup]], None],
+        on_done: Callable[[], None],
     ) -> None:
         self.groups = groups
         self.specs = specs
@@ -367,10 +367,10 @@ class LogFastDecisions(WriteOp):
             batch.put_decision_items(items)
 
     def after_commit(self, result: None) -> None:
-        self.on_done(self.groups)
+        self.on_done()
 
     def failed(self, exc: BaseException) -> None:
-        self.on_done(self.groups)
+        self.on_done()
 
 
 class ClaimAssignment(WriteOp):

@@ -30,6 +30,7 @@ from __future__ import annotations
 import bisect
 import logging
 import math
+import struct
 import threading
 import time
 from collections import deque
@@ -60,6 +61,10 @@ EVALUATE_EVERY_S = 0.5
 Z_DROP = 3.719
 
 
+_U64, _F64 = struct.Struct("<Q"), struct.Struct("<d")
+SMALL_BATCH = 64  # `record_many`: fewer calls than this are recorded one by one
+
+
 class CallStats:
     """One experiment's Decide calls in this process: one-second buckets of (calls, failures,
     latency histogram) for the last hour, and the histogram since start.
@@ -84,6 +89,13 @@ class CallStats:
     def record_many(self, times_ms: bytes, seconds: bytes) -> None:
         """Successful calls recorded after the fact (the Decide fast path's, per commit):
         unix ms (u64 LE) and server seconds (f64 LE) of each, counted per second at once."""
+        if len(seconds) < 8 * SMALL_BATCH:  # numpy's fixed cost is more than a short loop's
+            new = self._new
+            for i in range(0, len(seconds) // 8):
+                new.append((_U64.unpack_from(times_ms, 8 * i)[0] / 1000.0, _F64.unpack_from(seconds, 8 * i)[0], False))
+            if len(new) >= self.SETTLE_EVERY:
+                self.settle()
+            return
         secs = np.frombuffer(times_ms, dtype="<u8") // 1000
         slots = np.searchsorted(LATENCY_BOUNDS, np.frombuffer(seconds, dtype="<f8"), side="left")
         self.settle()  # the calls recorded one by one so far go first (buckets are in time order)

@@ -41,6 +41,10 @@ class Server:
             linger_s=config.decision_linger_ms / 1000.0,
         )
         self.engine = Engine(self.store, self.writer, seed=config.seed)
+        # The processes of a pool refresh the same posteriors' propensities: together they
+        # stay within the one share a single process has.
+        pool_size = max(1, int(os.environ.get("BANDITD_POOL_SIZE", "1") or "1"))
+        self.engine.propensity_share /= pool_size
         self.health = health.HealthServicer()
         self.keys = KeyRing(self.store)  # API keys (auth.py): auth is on while one is unrevoked
         self.registry = metrics_registry(self.engine, self.writer, self.store, self._p_best)

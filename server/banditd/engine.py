@@ -176,6 +176,8 @@ class Engine:
         self._runtimes: dict[str, ExperimentRuntime] = {}
         self._pending: dict[str, DecisionRecord] = {}
         self.decision_log = DecisionLog(writer, self._committed_many)
+        # Share of a core the propensity refresher may use (a pool's processes split it).
+        self.propensity_share = PROPENSITY_CPU_SHARE
         # Decide's fast path (see core `fastpath.rs`): plain experiments, records drained by
         # the writer for each commit, off while the store cannot write or the writer stops.
         self.fast = _core.FastDecide(writer.queue_limit, writer.wake)
@@ -456,7 +458,7 @@ class Engine:
 
     def run_background(self, stopped: threading.Event) -> None:
         """Propensity refresh and maturation until `stopped`; the refresh's pace keeps its
-        cost under PROPENSITY_CPU_SHARE of a core, so propensities lag the posterior by at
+        cost under `propensity_share` of a core, so propensities lag the posterior by at
         most max(PROPENSITY_REFRESH_S, cost / share) plus one refresh."""
         last_mature = last_models = 0.0
         wait = PROPENSITY_REFRESH_S
@@ -465,7 +467,7 @@ class Engine:
                 if self.writer.storage_error is not None:
                     self.writer.submit(Probe())  # clears the error once a commit succeeds
                 spent = self.refresh_propensities()
-                wait = max(PROPENSITY_REFRESH_S, spent / PROPENSITY_CPU_SHARE)
+                wait = max(PROPENSITY_REFRESH_S, spent / self.propensity_share)
                 self.propensity_lag_s = wait + spent
                 if time.monotonic() - last_mature >= MATURE_EVERY_S:
                     last_mature = time.monotonic()

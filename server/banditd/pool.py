@@ -76,7 +76,7 @@ def run_pool(config: ServerConfig) -> None:
     procs: list[subprocess.Popen[bytes]] = []
 
     def start(index: int) -> subprocess.Popen[bytes]:
-        env = {**os.environ, "BANDITD_WORKER_INDEX": str(index)}
+        env = {**os.environ, "BANDITD_WORKER_INDEX": str(index), "BANDITD_POOL_SIZE": str(config.worker_count)}
         return subprocess.Popen(member_command(config, index), env=env, preexec_fn=_die_with_parent)
 
     def on_signal(signum: int, _frame: object) -> None:

@@ -33,7 +33,6 @@ from banditd.guardrails import Guardian
 from banditd.ops import (
     ACCEPTED,
     ClaimAssignment,
-    DecisionLog,
     FastGroup,
     LogDecision,
     LogFastDecisions,
@@ -175,7 +174,6 @@ class Engine:
         self.seed = seed
         self._runtimes: dict[str, ExperimentRuntime] = {}
         self._pending: dict[str, DecisionRecord] = {}
-        self.decision_log = DecisionLog(writer, self._committed_many)
         # Share of a core the propensity refresher may use (a pool's processes split it).
         self.propensity_share = PROPENSITY_CPU_SHARE
         # Decide's fast path (see core `fastpath.rs`): plain experiments, records drained by
@@ -665,38 +663,6 @@ class Engine:
             rt.assignments.put(unit_id, chosen)
         return result
 
-    def decide_one(self, experiment_id: str, unit_id: str) -> DecisionResult:
-        """A Decide of one arm without a context. Plain experiments (`ExperimentSpec.plain`,
-        most of the traffic) take this short path, whose records reach the writer through
-        `decision_log`; the others go through `decide`. Same checks, same record."""
-        rt = self._runtimes.get(experiment_id)
-        if rt is None or not rt.spec.plain or self.writer.storage_error is not None:
-            return self.decide(experiment_id, unit_id, 1)
-        spec = rt.spec
-        if unit_id:
-            check_id("unit id", unit_id)
-        try:
-            arms, scores, props = rt.bandit.choose(1)
-        except _core.CoreError as exc:
-            raise InvalidArgument(f"experiment {experiment_id!r}: {exc}") from None
-        arm = arms[0]
-        ts = now_ms()
-        record = DecisionRecord(
-            new_decision_id(ts), experiment_id, (rt.arm_ids[arm],), props, unit_id, ts, rt.bandit.version
-        )
-        self._pending[record.decision_id] = record
-        try:
-            self.decision_log.append(record, spec.decision_observation)  # type: ignore[arg-type]
-        except BanditdError:
-            del self._pending[record.decision_id]
-            raise
-        # Counted only once queued: a refused decision leaves no trace.
-        rt.recent.append(arm)
-        rt.monitor.on_decision(ts / 1000.0, 1)
-        if 1 not in rt.slate_sizes:
-            rt.slate_sizes.add(1)
-        return DecisionResult(record, scores, False)
-
     def _route(self, rt: ExperimentRuntime) -> None:
         """Serves a plain experiment's Decide calls on the fast path (`fast`), the others on
         the general one; called whenever a runtime is made or its definition changes."""
@@ -745,11 +711,6 @@ class Engine:
             self.writer.sync(timeout)
         except BanditdError:
             pass  # a failing store or a stopping writer: read what is committed
-
-    def _committed_many(self, records: list[DecisionRecord]) -> None:
-        pop = self._pending.pop
-        for rec in records:
-            pop(rec.decision_id, None)
 
     def _claim(self, rt: ExperimentRuntime, unit_id: str, arms: tuple[str, ...]) -> tuple[str, ...]:
         """The unit's arms after a durable first-claim-wins write (shared stores only: alone,

@@ -119,7 +119,7 @@ class ExperimentSpec:
     def plain(self) -> bool:
         """Running, not sticky, no control share / floors / burn-in, no model, and a decision
         is an observation the moment it is stored: a Decide of one arm without a context
-        needs only the posterior and its record (`Engine.decide_one`)."""
+        needs only the posterior and its record (the core's fast path, `Engine.fast`)."""
         return (
             self.state == "running"
             and not self.sticky

@@ -7,18 +7,17 @@ Statistics change only here, inside the transaction that stores what caused the 
 
 from __future__ import annotations
 
-import threading
 from array import array
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import Any
 
-from banditd.errors import ExperimentAlreadyExists, ExperimentNotFound, FailedPrecondition, ResourceExhausted
+from banditd.errors import ExperimentAlreadyExists, ExperimentNotFound, FailedPrecondition
 from banditd.experiment import ExperimentSpec
 from banditd.outcomes import Delta, combine, on_event, on_maturity
 from banditd.store import DecisionBatch, DecisionRecord, EventRecord, FeatureDefinition, Outcome, WriteTxn
-from banditd.writer import WriteOp, Writer
+from banditd.writer import WriteOp
 
 # Stored weights are rescaled once the clock has run this many half-lives past their base
 # (2^-128: far from the limits of a double either way).
@@ -220,8 +219,9 @@ class LogDecision(WriteOp):
         if value is None:
             record_decision(batch, Accounting(batch, self.spec), self.record)
         else:
-            observe_at_once(batch, self.record, value)
-            batch.put_decision(self.record)
+            rec = self.record
+            observe_at_once(batch, rec.experiment_id, 1, ((a, 1) for a in rec.arms), value)
+            batch.put_decision(rec)
         if self.sticky and self.record.unit_id:
             batch.put_assignment(self.record.experiment_id, self.record.unit_id, self.record.arms)
 
@@ -232,85 +232,23 @@ class LogDecision(WriteOp):
         self.on_done(self.record.decision_id)
 
 
-def observe_at_once(batch: WriteTxn, rec: DecisionRecord, value: float) -> None:
-    """Counts a decision that is an observation of `value` the moment it is stored: what
-    record_decision and Accounting.observe do at weight 1 (`decision_observation`), inlined."""
-    policy = batch.policy(rec.experiment_id)
-    policy.decisions += 1
-    for arm in rec.arms:
-        row = batch.arm(rec.experiment_id, arm)
-        row.pulls += 1
-        row.n += 1
-        row.sum += value
-        row.sumsq += value * value
-        row.observations += 1
-        row.value_sum += value
-        policy.clock += 1
-
-
-class DecisionLog:
-    """Decision records of plain experiments (`ExperimentSpec.plain`) on their way to the
-    writer without an op each: a handler appends its record, and only the first one after
-    each hand-over queues a `LogDecisions` op, which takes every record appended until it
-    runs. One op per commit instead of one per Decide: fewer objects, no per-op dispatch on
-    the writer thread, one cursor call for the puts."""
-
-    def __init__(self, writer: Writer, on_done: Callable[[list[DecisionRecord]], None]) -> None:
-        self.writer = writer
-        self.on_done = on_done
-        self._lock = threading.Lock()
-        self._records: list[tuple[DecisionRecord, float]] = []
-        self._queued = False
-
-    def append(self, record: DecisionRecord, value: float) -> None:
-        """`value`: the spec's `decision_observation`. Raises like `Writer.submit` (shutting
-        down, queue full) with nothing appended."""
-        with self._lock:
-            if not self._queued:
-                self.writer.submit(LogDecisions(self))
-                self._queued = True
-            elif len(self._records) >= self.writer.queue_limit:
-                raise ResourceExhausted(
-                    f"write queue is full ({self.writer.queue_limit} pending decisions); retry with backoff"
-                )
-            self._records.append((record, value))
-
-    def take(self) -> list[tuple[DecisionRecord, float]]:
-        with self._lock:
-            records, self._records = self._records, []
-            self._queued = False
-        return records
-
-    def __len__(self) -> int:
-        return len(self._records)
-
-
-class LogDecisions(WriteOp):
-    """Stores the records a `DecisionLog` holds when the writer gets to this op; each is
-    counted as `LogDecision` counts one. Retried after an unreachable database like it."""
-
-    deferrable = True
-
-    def __init__(self, log: DecisionLog) -> None:
-        self.log = log
-        self.records: list[tuple[DecisionRecord, float]] | None = None
-
-    def write(self, batch: WriteTxn) -> None:
-        if self.records is None:
-            self.records = self.log.take()
-        elif self.retried and self.records and batch.has_decision(self.records[0][0].decision_id):
-            return  # the failed commit was applied after all (one transaction: all of them)
-        for rec, value in self.records:
-            observe_at_once(batch, rec, value)
-        batch.put_decisions([rec for rec, _ in self.records])
-
-    def after_commit(self, result: None) -> None:
-        self.log.on_done([rec for rec, _ in self.records or ()])
-
-    def failed(self, exc: BaseException) -> None:
-        if self.records is None:  # the batch failed before this op ran: its records go too
-            self.records = self.log.take()
-        self.log.on_done([rec for rec, _ in self.records])
+def observe_at_once(
+    batch: WriteTxn, experiment_id: str, decisions: int, arm_counts: Iterable[tuple[str, int]], value: float
+) -> None:
+    """Counts decisions that are observations of `value` the moment they are stored
+    (`decision_observation`): what record_decision and Accounting.observe do at weight 1,
+    inlined, per arm with how many of the decisions chose it."""
+    policy = batch.policy(experiment_id)
+    policy.decisions += decisions
+    for arm_id, c in arm_counts:
+        row = batch.arm(experiment_id, arm_id)
+        row.pulls += c
+        row.n += c
+        row.sum += c * value
+        row.sumsq += c * value * value
+        row.observations += c
+        row.value_sum += c * value
+        policy.clock += c
 
 
 # What `_core.FastDecide.take` gives per experiment: (experiment id, [(decision id, record
@@ -352,18 +290,7 @@ class LogFastDecisions(WriteOp):
                     else:
                         record_decision(batch, acct, rec)
                 continue
-            n = len(items)
-            policy = batch.policy(exp)
-            policy.decisions += n
-            policy.clock += n
-            for arm_id, c in counts:
-                row = batch.arm(exp, arm_id)
-                row.pulls += c
-                row.n += c
-                row.sum += c * value
-                row.sumsq += c * value * value
-                row.observations += c
-                row.value_sum += c * value
+            observe_at_once(batch, exp, len(items), counts, value)
             batch.put_decision_items(items)
 
     def after_commit(self, result: None) -> None:

@@ -557,8 +557,6 @@ class BanditdService(pb_grpc.BanditdServicer):
                 if request.k > 1 or request.context or request.features:
                     raise InvalidArgument("allocation_version assigns one arm without a context; drop k and context")
                 result = self.allocations.decide(request.experiment_id, request.unit_id, request.allocation_version)
-            elif request.k <= 1 and not request.context and not request.features:
-                result = self.engine.decide_one(request.experiment_id, request.unit_id)
             else:
                 result = self.engine.decide(
                     request.experiment_id, request.unit_id, request.k, context_from_request(request)

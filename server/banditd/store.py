@@ -1209,11 +1209,6 @@ class WriteTxn:
         """Encoded records (decision id, `DecisionRecord.encode()` bytes), sorted by id."""
         self.txn.cursor(db=self.store.decisions).putmulti(items)
 
-    def put_decisions(self, records: list[DecisionRecord]) -> None:
-        """Many records in one cursor call (ids are new: time-ordered and random)."""
-        items = sorted((rec.decision_id.encode(), rec.encode()) for rec in records)
-        self.txn.cursor(db=self.store.decisions).putmulti(items)
-
     def decision(self, decision_id: str) -> DecisionRecord | None:
         k = decision_id.partition(".")[0].encode()
         raw = self.txn.get(k, db=self.store.decisions) if k else None

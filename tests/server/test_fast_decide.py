@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from banditd.engine import Engine, RewardInput
-from banditd.errors import ResourceExhausted
+from banditd.errors import ResourceExhausted, Unavailable
 from banditd.experiment import ArmSpec, ExperimentSpec
 from banditd.store import DecisionRecord, Store
 from banditd.writer import Writer
@@ -109,15 +109,34 @@ def test_sticky_paused_and_controlled_experiments_are_not_on_the_fast_path(engin
     assert "new" in seen
 
 
-def test_a_full_queue_or_a_failing_store_sends_decisions_to_the_general_refusal(engine: Engine) -> None:
+def test_a_failing_store_or_a_stopped_writer_sends_decisions_to_the_general_refusal(engine: Engine) -> None:
     engine.writer.storage_error = ResourceExhausted("disk full")
     engine.writer._health_changed()
     assert engine.fast.decide(_request("plain", "u")) is None
     with pytest.raises(ResourceExhausted, match="refused while the store cannot write"):
-        engine.decide_one("plain", "u")
+        engine.decide("plain", "u", 1)
     engine.writer.storage_error = None
     engine.writer._health_changed()
     assert engine.fast.decide(_request("plain", "u")) is not None
+    engine.writer.close()
+    assert engine.fast.decide(_request("plain", "u")) is None
+    with pytest.raises(Unavailable, match="shutting down"):
+        engine.decide("plain", "u", 1)
+
+
+def test_the_fast_paths_queue_is_bounded(tmp_path: Path) -> None:
+    store = Store(tmp_path / "store")
+    writer = Writer(store, linger_s=30.0, queue_limit=5)
+    writer.start()
+    eng = Engine(store, writer, seed=1)
+    eng.create_experiment(ExperimentSpec(id="e", arms=[ArmSpec("a"), ArmSpec("b")]), timeout=10)
+    answered = [eng.fast.decide(_request("e", f"u{i}")) for i in range(6)]
+    assert all(answered[:5]) and answered[5] is None  # the general path answers the 6th
+    writer.sync(timeout=10)  # the barrier ends the linger: the five are committed
+    assert eng.fast.decide(_request("e", "again")) is not None
+    assert sum(s.pulls for s in eng.arm_stats("e")) == 5
+    writer.close()
+    store.close()
 
 
 def test_the_server_serves_plain_decide_fast_with_the_general_errors(server: ServerProcess) -> None:

@@ -64,6 +64,43 @@ def test_two_workers_share_experiments_decisions_and_rewards(tmp_path: Path) -> 
         single.kill()
 
 
+
+def test_two_workers_serve_a_plain_experiment_on_the_fast_path_and_count_every_reward(tmp_path: Path) -> None:
+    """Not sticky, no context: each process answers from its core and commits behind the
+    response; a reward sent at once through a connection to the other process still finds
+    its decision (the other's next group commit), and nothing is lost by a graceful stop."""
+    srv = ServerProcess(tmp_path / "data", ("--workers", "2"))
+    srv.start()
+    clients = [own_connection(srv.target) for _ in range(6)]
+    try:
+        clients[0].create_experiment("plain", arms=["a", "b"], policy="thompson")
+        decisions = [clients[i % len(clients)].decide("plain", unit_id=f"u{i}") for i in range(300)]
+        assert len({d.decision_id for d in decisions}) == 300
+        for i, d in enumerate(decisions):
+            assert clients[(i + 1) % len(clients)].reward(d.decision_id, 1.0 if d.arm == "a" else 0.0)
+        clicks = sum(1 for d in decisions if d.arm == "a")
+
+        def counted() -> bool:
+            return all(
+                sum(s.pulls for s in c.arm_stats("plain")) == 300
+                and sum(s.reward_sum for s in c.arm_stats("plain")) == clicks
+                for c in clients
+            )
+
+        assert wait_for(counted), [(s.arm, s.pulls, s.reward_sum) for s in clients[0].arm_stats("plain")]
+    finally:
+        for c in clients:
+            c.close()
+        srv.stop()
+    single = ServerProcess(tmp_path / "data")
+    single.start()
+    try:
+        with single.client() as c:
+            stats = c.arm_stats("plain")
+            assert sum(s.pulls for s in stats) == 300 and sum(s.rewards for s in stats) == 300
+    finally:
+        single.kill()
+
 def test_a_sticky_unit_keeps_its_arm_when_its_next_call_reaches_another_process_at_once(tmp_path: Path) -> None:
     """The second call follows the first without a pause, through another connection (likely
     another process): the first assignment must already be visible there, not lingering in

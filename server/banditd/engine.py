@@ -578,6 +578,7 @@ class Engine:
                 action = {"paused": "pause", "running": "resume", "fallback": "fallback"}.get(new_state, "update")
                 action = action if new_state != old.state else ("settings" if "settings" in details else "update")
             entry = audit_entry(experiment_id, action, actor, details)
+
             def apply(spec: ExperimentSpec) -> None:
                 rt.apply_spec_change(spec)
                 self._route(rt)
@@ -674,6 +675,8 @@ class Engine:
 
     def _take_fast(self) -> LogFastDecisions | None:
         """Writer thread, for each commit: the fast path's records answered so far."""
+        if not self.fast.queued:  # most reward commits: nothing to take
+            return None
         token, groups = self.fast.take()
         if not groups:
             self.fast.committed(token)

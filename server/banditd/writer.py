@@ -275,10 +275,10 @@ class Writer:
         self.failed_commits += 1
         error = exc if isinstance(exc, BanditdError) else storage_error(exc)
         if isinstance(error, ResourceExhausted | Unavailable):
-            if self.storage_error is None:
-                self.storage_error = error
-                self._health_changed()
+            was_healthy = self.storage_error is None
             self.storage_error = error
+            if was_healthy:
+                self._health_changed()
         kept = [op for op in ops if op.deferrable and op.future is None] if isinstance(error, Unavailable) else []
         kept_ids = {id(op) for op in kept}
         for op in kept:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import grpc
 
-from banditd_client import Client
+from banditd_client import ArmStat, Client
 from conftest import ServerProcess, wait_for
 
 
@@ -15,6 +15,17 @@ def own_connection(target: str) -> Client:
     default), so that SO_REUSEPORT spreads the clients over the processes."""
     channel = grpc.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)])
     return Client(target, channel=channel, timeout=10.0)
+
+
+def stats_after_restart(data_dir: Path, experiment_id: str) -> list[ArmStat]:
+    """The experiment's arm statistics as one fresh process reads them from the store."""
+    single = ServerProcess(data_dir)
+    single.start()
+    try:
+        with single.client() as c:
+            return c.arm_stats(experiment_id)
+    finally:
+        single.kill()
 
 
 def test_two_workers_share_experiments_decisions_and_rewards(tmp_path: Path) -> None:
@@ -55,13 +66,7 @@ def test_two_workers_share_experiments_decisions_and_rewards(tmp_path: Path) -> 
             c.close()
         srv.stop()
     # Graceful stop committed everything: a single process sees all of it.
-    single = ServerProcess(tmp_path / "data")
-    single.start()
-    try:
-        with single.client() as c:
-            assert sum(s.rewards for s in c.arm_stats("shared")) == 200
-    finally:
-        single.kill()
+    assert sum(s.rewards for s in stats_after_restart(tmp_path / "data", "shared")) == 200
 
 
 
@@ -92,14 +97,8 @@ def test_two_workers_serve_a_plain_experiment_on_the_fast_path_and_count_every_r
         for c in clients:
             c.close()
         srv.stop()
-    single = ServerProcess(tmp_path / "data")
-    single.start()
-    try:
-        with single.client() as c:
-            stats = c.arm_stats("plain")
-            assert sum(s.pulls for s in stats) == 300 and sum(s.rewards for s in stats) == 300
-    finally:
-        single.kill()
+    stats = stats_after_restart(tmp_path / "data", "plain")
+    assert sum(s.pulls for s in stats) == 300 and sum(s.rewards for s in stats) == 300
 
 def test_a_sticky_unit_keeps_its_arm_when_its_next_call_reaches_another_process_at_once(tmp_path: Path) -> None:
     """The second call follows the first without a pause, through another connection (likely

@@ -89,6 +89,9 @@ pub struct Bandit {
     pub active: Vec<bool>,
     /// Bumps on every change of the posterior or the arm set.
     pub version: u64,
+    /// Bumped with `version` whenever the arm set, priors or groups change (not by
+    /// observations): what a posterior draw of an older version may not outlive.
+    pub structure: u64,
     /// Decisions served, for decaying ε.
     pub decisions: u64,
     /// Rewards observed since creation (undiscounted), for UCB's t.
@@ -152,6 +155,7 @@ impl Bandit {
             stats: Vec::new(),
             active: Vec::new(),
             version: 0,
+            structure: 0,
             decisions: 0,
             observations: 0.0,
             isa: Isa::detect(),
@@ -220,6 +224,7 @@ impl Bandit {
         self.thompson.invalidate();
         self.scores_built = false;
         self.version += 1;
+        self.structure += 1;
     }
 
     fn refresh_group_priors(&mut self) {

@@ -25,6 +25,7 @@ pub mod special;
 pub mod thompson;
 
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use bandit::{Bandit, ThompsonPath};
 use error::CoreError as RsError;
@@ -68,18 +69,25 @@ struct PropensityCache {
 }
 
 /// Posterior draws that single decisions share (`set_draw_sharing`): valid for one slate
-/// size and one posterior version (any change of the statistics or arms bumps it).
+/// size and arm set, and for at most POOL_MAX_AGE across posterior versions.
 struct DrawPool {
     k: usize,
-    version: u64,
+    structure: u64,
     arms: usize,
+    born: Instant,
     slates: Vec<Vec<usize>>,
 }
 
-/// Draws a pool keeps: its first POOL_DRAWS decisions each get a fresh draw (so a version
-/// with few decisions shares nothing and costs nothing extra); later ones a fresh draw with
+/// Draws a pool keeps: its first POOL_DRAWS decisions each get a fresh draw (so a pool with
+/// few decisions shares nothing and costs nothing extra); later ones a fresh draw with
 /// probability 1 / units_per_draw (replacing a random slot), else a random slot's slate.
 const POOL_DRAWS: usize = 8;
+/// How long a pool outlives the posterior version it started on. Every commit (of this
+/// process, and with a pool of processes of the others) makes a version: starting a pool
+/// per version made a third of 10,000-arm decisions draw afresh at 2 processes. A pooled
+/// draw is at most this much older than its decision, well within the logged propensities'
+/// own bound (the background refresh: at least 0.5 s behind the posterior).
+const POOL_MAX_AGE: Duration = Duration::from_millis(100);
 
 struct State {
     bandit: Bandit,
@@ -91,11 +99,12 @@ struct State {
 }
 
 impl State {
-    /// A decision's slate of k arms: a fresh posterior draw, or (draw sharing on) a uniformly
-    /// random one of the draws this posterior version already made. Each slot holds an
-    /// independent draw from the current posterior and the slot is picked independently of
-    /// what it holds, so every decision is still an exact draw from the policy's
-    /// distribution (the logged propensities hold); consecutive decisions are correlated.
+    /// A decision's slate of k arms: a fresh draw of the current posterior, or (draw
+    /// sharing on) a uniformly random one of the draws the pool made within POOL_MAX_AGE.
+    /// Each slot holds an independent draw and the slot is picked independently of what it
+    /// holds, so every decision is an exact draw from the policy's distribution under a
+    /// posterior at most POOL_MAX_AGE old (the logged propensities hold); consecutive
+    /// decisions are correlated.
     fn choose_slate(&mut self, k: usize) -> Result<Vec<usize>, RsError> {
         let draw = |s: &mut Self| -> Result<Vec<usize>, RsError> {
             Ok(s.bandit
@@ -107,16 +116,22 @@ impl State {
         if self.units_per_draw <= 1 {
             return draw(self);
         }
-        let (version, arms) = (self.bandit.version, self.bandit.len());
+        let (structure, arms) = (self.bandit.structure, self.bandit.len());
         let stale = match &self.pool {
-            Some(p) => p.k != k || p.version != version || p.arms != arms,
+            Some(p) => {
+                p.k != k
+                    || p.structure != structure
+                    || p.arms != arms
+                    || p.born.elapsed() > POOL_MAX_AGE
+            }
             None => true,
         };
         if stale {
             self.pool = Some(DrawPool {
                 k,
-                version,
+                structure,
                 arms,
+                born: Instant::now(),
                 slates: Vec::with_capacity(POOL_DRAWS),
             });
         }

@@ -22,7 +22,7 @@ class ServerConfig:
     queue_limit: int = 200000
     # A commit holding only decision records waits this long for more (fewer fsyncs): the
     # crash window of decision records (README, Guarantees). Rewards never wait.
-    decision_linger_ms: float = 50.0
+    decision_linger_ms: float = 200.0
     seed: int | None = None
     log_level: str = "info"
     # Server processes sharing the port (SO_REUSEPORT) and the store; 0 = one per core.

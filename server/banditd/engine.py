@@ -99,7 +99,7 @@ ArmStatsRow = ArmView
 # How long a pool process or node waits for another one to commit the decisions a reward
 # batch names (once per batch, not per reward): at least DECISION_WAIT_S, and for a decision
 # made less than DECISION_GRACE_S ago (its id carries its time) until that age: its record
-# may still be in its process's write queue (50 ms linger plus a commit, slow under load).
+# may still be in its process's write queue (--decision-linger-ms plus a commit).
 DECISION_WAIT_S = 0.25
 DECISION_GRACE_S = 2.0
 # A sticky unit's first assignment in a shared store waits at most this long for its commit.
@@ -704,11 +704,12 @@ class Engine:
             arms.frombytes(self.fast.pending_arms(experiment_id))
         return arms
 
-    def _settle_fast(self, timeout: float = 5.0) -> None:
-        """Before reading the learning monitor: the fast path's records count there once
-        committed, so a read right after a burst of decisions first lets the writer commit
-        them (one group commit, a few ms)."""
-        if not self.fast.queued or self.writer.is_writer_thread():
+    def _settle(self, timeout: float = 5.0) -> None:
+        """Before reading counters: decision records wait up to --decision-linger-ms for
+        their group commit (the fast path's in the core, the others in the writer's queue),
+        so a read first lets the writer commit what is waiting (one commit, a few ms) and
+        reflects every decision answered before it."""
+        if not (self.fast.queued or self.writer.pending) or self.writer.is_writer_thread():
             return
         try:
             self.writer.sync(timeout)
@@ -944,6 +945,7 @@ class Engine:
     # Statistics.
     def arm_stats(self, experiment_id: str) -> list[ArmStatsRow]:
         rt = self.require(experiment_id)
+        self._settle()
         means = rt.bandit.means()
         lows, highs = rt.bandit.intervals(0.95)
         shares = rt.recent_shares(self._pending_arms(experiment_id))
@@ -969,8 +971,7 @@ class Engine:
     def diagnostics(self, experiment_id: str, silence_s: float = 0.0) -> dict[str, Any]:
         """Learning-loop diagnostics of one experiment (see `banditd.diagnostics`)."""
         rt = self.require(experiment_id)
-        self._settle_fast()  # the learning monitor counts the fast path's decisions once committed
-        views = self.arm_stats(experiment_id)
+        views = self.arm_stats(experiment_id)  # settles first: the monitor counts committed decisions
         report = diagnostics.build(
             rt.monitor,
             views,

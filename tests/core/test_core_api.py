@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -190,8 +191,8 @@ def test_single_decisions_sharing_posterior_draws_follow_the_logged_propensities
     """set_draw_sharing (what the server turns on for Thompson over thousands of arms):
     within one posterior version single decisions share draws, yet each is still a draw from
     the policy's distribution: arm frequencies match the logged propensities, as without
-    sharing. A change of the posterior starts a new pool (every decision after a reward can
-    pick the arm the reward favoured). A bad share is refused."""
+    sharing. A pool lives at most 100 ms across posterior versions, a change of the arm set
+    ends it at once. A bad share is refused."""
     import numpy as np
 
     b = _core.Bandit("binary", "thompson", seed=9)
@@ -215,9 +216,21 @@ def test_single_decisions_sharing_posterior_draws_follow_the_logged_propensities
     assert len({flat.choose(1)[0][0] for _ in range(2000)}) > 1000
     flat.set_draw_sharing(10)
     assert len({flat.choose(1)[0][0] for _ in range(2000)}) < 400
-    # A new posterior version: the pool is rebuilt from fresh draws of the new posterior.
+    # ... also while commits make a posterior version every 20 decisions (as under load).
+    seen = set()
+    for i in range(2000):
+        if i % 20 == 0:
+            flat.set_stats(1999, 1.0 + i, 0.0, 0.0)
+        seen.add(flat.choose(1)[0][0])
+    assert len(seen) < 500, len(seen)
+    # A pool outlives posterior versions for at most 100 ms (every commit makes one), then
+    # is rebuilt from fresh draws of the current posterior.
     b.set_stats(5, 10_000.0, 9_900.0, 9_900.0)  # arm 5 is now clearly best
+    time.sleep(0.15)
     assert all(b.choose(1)[0][0] == 5 for _ in range(50))
+    # A change of the arm set takes effect at once: a retired arm is never served again.
+    b.set_active(5, False)
+    assert all(b.choose(1)[0][0] != 5 for _ in range(200))
     for bad in (0, 65):
         try:
             b.set_draw_sharing(bad)

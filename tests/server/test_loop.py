@@ -33,11 +33,15 @@ def test_create_decide_reward_stats(client: Client) -> None:
 def test_reward_of_one_raises_and_zero_lowers_the_score(client: Client) -> None:
     client.create_experiment("mono", arms=["x", "y"], policy="uniform")
     for value in (1.0, 0.0, 1.0, 1.0, 0.0):
+        before = {s.arm: s.mean for s in client.arm_stats("mono")}
         d = client.decide("mono", unit_id="u")
-        before = {s.arm: s.mean for s in client.arm_stats("mono")}[d.arm]
+        # The decision is observed at once (as a 0 until a reward says otherwise): the
+        # reward moves the mean from there the way its value says, never against it.
+        decided = {s.arm: s.mean for s in client.arm_stats("mono")}[d.arm]
         client.reward(d.decision_id, value)
         after = {s.arm: s.mean for s in client.arm_stats("mono")}[d.arm]
-        assert after > before if value == 1.0 else after < before
+        assert after > before[d.arm] if value == 1.0 else after < before[d.arm]
+        assert after > decided if value == 1.0 else after == decided
 
 
 def test_slates_give_k_distinct_arms(client: Client) -> None:

@@ -16,7 +16,7 @@ repeated.
 Then, unless --no-cpu, server CPU per Decide measured with h2load (a compiled generator,
 ~35 µs of CPU per call against ~225 µs for the Python one): the no-op server and banditd with
 1 and 2 processes, 10 and 10,000 arms, closed loop h2load -c 4 -m 8, `--cpu-rounds`
-interleaved rounds of `--cpu-seconds`, medians; plus one open-loop run at `--open-rps`.
+interleaved rounds of `--cpu-seconds`, medians; plus `--open-rounds` interleaved open-loop runs at `--open-rps`.
 Then the ingest benchmark (loadtest/bench_ingest.py) runs, unless --no-ingest, and
 DecideBulk and SDK-side assignment (loadtest/bench_bulk.py), unless --no-bulk.
 
@@ -508,7 +508,7 @@ class CpuBench:
         self.verify(target, res, before)
         if not srv.alive():
             raise RuntimeError(f"{target.label} died:\n{srv.log_tail()}")
-        what = "open" if rps else f"round {rnd + 1}"
+        what = f"open {rnd + 1}" if rps else f"round {rnd + 1}"
         print(f"    {what:<7}  {target.label:<26} {sample.rate:8,.0f}/s  server {sample.server_us:5.0f} us/call  "
               f"h2load {sample.gen_us:3.0f} us/call  failed {sample.failed}  busiest process "
               f"{sample.busiest_share:4.0%}  idle servers {sample.idle_servers_cores:.2f}, others {other:.2f}, steal "
@@ -558,7 +558,8 @@ class CpuBench:
                 f"{time.monotonic() - started:.0f} s")
         print(f"\n{head}")
         print(cpu_table(closed))
-        print(f"\nOpen loop, h2load -c 1 --rps {args.open_rps}, {args.open_seconds:.0f} s, once each")
+        print(f"\nOpen loop, h2load -c 1 --rps {args.open_rps}, {args.open_rounds} interleaved runs x "
+              f"{args.open_seconds:.0f} s per server, medians")
         print(open_table(opened))
         print("server CPU: all processes of the server (pool parent included), per call h2load counted; "
               "vs no-op: ratio to the no-op server with as many processes; vs closed loop: ratio to the same "
@@ -573,16 +574,23 @@ class CpuBench:
         }
 
     def open_rows(self, targets: list[CpuTarget], closed: list[CpuRow]) -> list[OpenRow]:
-        rows = []
+        """`--open-rounds` interleaved runs at `--open-rps` (no-op and banditd, 1 process),
+        medians: one 10 s run at a low rate moved by ±15% on this VM."""
         arms = self.args.cpu_arms[0]
-        for t in targets:
-            if t.processes != 1 or t.arms not in (None, arms):
-                continue
-            time.sleep(0.5)  # the closed-loop runs' decision records commit
-            s = self.measure(t, self.args.cpu_rounds, rps=self.args.open_rps)
+        chosen = [t for t in targets if t.processes == 1 and t.arms in (None, arms)]
+        samples: dict[int, list[CpuSample]] = {id(t): [] for t in chosen}
+        for rnd in range(self.args.open_rounds):
+            for t in chosen if rnd % 2 == 0 else chosen[::-1]:
+                time.sleep(0.5)  # the previous run's decision records commit
+                samples[id(t)].append(self.measure(t, rnd, rps=self.args.open_rps))
+        rows = []
+        for t in chosen:
+            runs = samples[id(t)]
+            us = statistics.median(s.server_us for s in runs)
             sat = next((r.server_us for r in closed if (r.processes, r.server, r.arms) == (1, t.server, t.arms)), 0.0)
-            rows.append(OpenRow(1, t.server, t.arms, self.args.open_rps, s.rate, s.completed, s.failed, s.server_us,
-                                s.server_us / sat if sat > 0 else None, s.gen_us))
+            rows.append(OpenRow(1, t.server, t.arms, self.args.open_rps, statistics.median(s.rate for s in runs),
+                                sum(s.completed for s in runs), sum(s.failed for s in runs), us,
+                                us / sat if sat > 0 else None, statistics.median(s.gen_us for s in runs)))
         return rows
 
 
@@ -671,11 +679,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     cpu.add_argument("--open-rps", type=int, default=150,
                      help="open-loop calls/s (banditd x1 at the first size, no-op x1)")
     cpu.add_argument("--open-seconds", type=int, default=10)
+    cpu.add_argument("--open-rounds", type=int, default=3, help="interleaved open-loop runs per server (median)")
     args = ap.parse_args(argv)
     if args.no_cpu and args.only_cpu:
         ap.error("--no-cpu and --only-cpu exclude each other")
-    if args.cpu_rounds < 1 or args.cpu_seconds < 1 or args.open_rps < 1 or args.open_seconds < 1:
-        ap.error("--cpu-rounds, --cpu-seconds, --open-rps and --open-seconds must be >= 1")
+    if min(args.cpu_rounds, args.cpu_seconds, args.open_rps, args.open_seconds, args.open_rounds) < 1:
+        ap.error("--cpu-rounds, --cpu-seconds, --open-rps, --open-seconds and --open-rounds must be >= 1")
     args.cpu_processes = [int(p) for p in args.cpu_processes.split(",")]
     args.cpu_arms = [int(a) for a in args.cpu_arms.split(",")]
     args.arms = [int(a) for a in args.arms.split(",")]

@@ -38,7 +38,7 @@ class Server:
             self.store,
             max_batch=config.max_batch,
             queue_limit=config.queue_limit,
-            linger_s=config.decision_linger_ms / 1000.0,
+            linger_s=config.decision_linger_s,
         )
         self.engine = Engine(self.store, self.writer, seed=config.seed)
         # The processes of a pool refresh the same posteriors' propensities: together they

@@ -40,13 +40,14 @@ def member_command(config: ServerConfig, index: int) -> list[str]:
         "--host", config.host, "--port", str(config.port), "--data-dir", config.data_dir,
         "--threads", str(config.threads), "--max-concurrent-rpcs", str(config.max_concurrent_rpcs),
         "--max-batch", str(config.max_batch), "--queue-limit", str(config.queue_limit),
-        "--decision-linger-ms", str(config.decision_linger_ms),
         "--refresh-ms", str(config.refresh_ms), "--log-level", config.log_level,
         "--retention-hours", str(config.retention_hours), "--retention-sweep-s", str(config.retention_sweep_s),
         "--max-streams", str(config.max_streams), "--stream-idle-s", str(config.stream_idle_s),
         "--shutdown-grace-s", str(config.shutdown_grace_s),
         "--http-port", str(config.http_port), "--history-seconds", str(config.history_seconds),
     ]  # fmt: skip
+    if config.decision_linger_ms is not None:  # else a member's own default (shared store)
+        cmd += ["--decision-linger-ms", str(config.decision_linger_ms)]
     if config.store:
         cmd += ["--store", config.store]
     if not config.metrics:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import grpc
+import pytest
 
 from banditd_client import ArmStat, Client
 from conftest import ServerProcess, wait_for
@@ -119,3 +120,21 @@ def test_a_sticky_unit_keeps_its_arm_when_its_next_call_reaches_another_process_
         for c in clients:
             c.close()
         srv.stop()
+
+
+def test_decision_records_linger_less_when_the_store_is_shared() -> None:
+    """Alone, decision records wait 200 ms for a group commit (rewards find them meanwhile);
+    sharing the store, 50 ms: a reward through another process waits for its decision's
+    commit. A pool passes only an explicit linger on, so its members take the shared default."""
+    from banditd.config import ServerConfig
+    from banditd.pool import member_command
+
+    assert ServerConfig().decision_linger_s == 0.2
+    assert ServerConfig(pool_member=True).decision_linger_s == 0.05
+    assert ServerConfig(store="postgresql://u@h/db").decision_linger_s == 0.05
+    assert ServerConfig(decision_linger_ms=5.0, pool_member=True).decision_linger_s == 0.005
+    assert "--decision-linger-ms" not in member_command(ServerConfig(workers=2), 0)
+    cmd = member_command(ServerConfig(workers=2, decision_linger_ms=7.0), 0)
+    assert cmd[cmd.index("--decision-linger-ms") + 1] == "7.0"
+    with pytest.raises(ValueError, match="decision-linger-ms"):
+        ServerConfig(decision_linger_ms=-1.0)

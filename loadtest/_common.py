@@ -32,6 +32,15 @@ SERVICE = pb.DESCRIPTOR.services_by_name["Banditd"]
 SETUP_TIMEOUT = 30.0
 
 
+# Polling a starting server: grpc backs a refused connection off for 1 s and more (each
+# start waited ~0.3 s longer than the server needed); retry every 20-50 ms instead.
+FAST_RECONNECT = [
+    ("grpc.initial_reconnect_backoff_ms", 20),
+    ("grpc.min_reconnect_backoff_ms", 20),
+    ("grpc.max_reconnect_backoff_ms", 50),
+]
+
+
 def method_path(name: str) -> str:
     """The HTTP/2 path of a Banditd RPC, as the generated stub uses it."""
     return f"/{SERVICE.full_name}/{SERVICE.methods_by_name[name].name}"
@@ -186,7 +195,7 @@ def renice(increment: int) -> bool:
 
 def wait_healthy(target: str, timeout: float, server: ServerProcess | None = None) -> None:
     deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(target) as ch:
+    with grpc.insecure_channel(target, options=FAST_RECONNECT) as ch:
         stub = health_pb2_grpc.HealthStub(ch)
         while time.monotonic() < deadline:
             if server is not None and not server.alive():

@@ -63,7 +63,7 @@ from banditd_client.v1 import banditd_pb2_grpc as pb_grpc
 from conftest import ServerProcess
 
 # The time budget of the fuzzing phase (setup and shutdown add a few seconds).
-FUZZ_SECONDS = float(os.environ.get("BANDITD_FUZZ_SECONDS", "40"))
+FUZZ_SECONDS = float(os.environ.get("BANDITD_FUZZ_SECONDS", "30"))
 # And a bound on the number of calls, whichever comes first.
 FUZZ_MAX_CALLS = int(os.environ.get("BANDITD_FUZZ_MAX_CALLS", "50000"))
 FUZZ_SEED = int(os.environ.get("BANDITD_FUZZ_SEED", "16"))

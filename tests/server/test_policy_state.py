@@ -1,6 +1,6 @@
 """All policy state survives a restart and is the same in every worker process: UCB's t,
 the ε-decay count, half-life discounting. Tried as an operator would: a history of decisions
-and rewards, then 2,000 decisions before and 2,000 after a graceful restart."""
+and rewards, then 1,200 decisions before and 1,200 after a graceful restart."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ from conftest import ServerProcess
 
 RATES = {"low": 0.2, "mid": 0.5, "high": 0.8}
 HISTORY = 400
-N = 2000
-# Explicit outcome mode: decisions without rewards do not move the posterior, so the 2,000
+N = 1200
+# Explicit outcome mode: decisions without rewards do not move the posterior, so the 1,200
 # decisions before and after the restart are drawn from one state (ε still decays).
 CASES = {
     "ucb1": ("ucb1", {}),

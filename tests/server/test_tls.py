@@ -24,7 +24,7 @@ from banditd import cli
 from banditd.config import ServerConfig, add_serve_args, from_args
 from banditd.pool import member_command
 from banditd_client import AsyncClient, BanditdError, Client, Unauthenticated
-from conftest import ServerProcess
+from conftest import FAST_RECONNECT, ServerProcess
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
 EC = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
@@ -90,7 +90,7 @@ class TlsServer(ServerProcess):
         log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the process
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
         deadline = time.monotonic() + timeout
-        with grpc.secure_channel(self.target, self.credentials()) as ch:
+        with grpc.secure_channel(self.target, self.credentials(), options=FAST_RECONNECT) as ch:
             stub = health_pb2_grpc.HealthStub(ch)
             while time.monotonic() < deadline:
                 if self.proc.poll() is not None:

@@ -17,6 +17,7 @@ from banditd.config import ServerConfig
 from banditd.engine import Engine
 from banditd.history import Historian, p_best
 from banditd.metrics import MetricsInterceptor, metrics_registry
+from banditd.nudge import Nudger
 from banditd.retention import Janitor
 from banditd.service import BanditdService, add_service
 from banditd.store import Store
@@ -73,6 +74,7 @@ class Server:
         if self.port == 0:
             raise RuntimeError(f"could not bind {config.host}:{config.port}")
         self._stopped = threading.Event()
+        self.nudger: Nudger | None = None
         self.janitor = Janitor(self.writer, config.retention_hours * 3600.0, config.retention_sweep_s)
         self.historian = Historian(self.engine, self.writer, config.history_seconds)
         self.web = (
@@ -91,6 +93,10 @@ class Server:
         self.writer.start()
         if self.config.shared_store:
             self.engine.shared = True
+            if not self.config.store:  # a pool on one machine (nodes on PostgreSQL: no nudges)
+                self.nudger = Nudger.for_pool_member(self.config.data_dir, self.writer.commit_now)
+                if self.nudger is not None:
+                    self.engine.nudge_others = self.nudger.nudge_others
             threading.Thread(target=self._follow, name="banditd-follow", daemon=True).start()
         threading.Thread(
             target=self.engine.run_background, args=(self._stopped,), name="banditd-background", daemon=True
@@ -125,6 +131,8 @@ class Server:
         if not self.grpc.stop(grace).wait(grace + STOP_BOUND_S):
             log.warning("calls still running %.0f s after the grace period; stopping anyway", STOP_BOUND_S)
         self.writer.close()
+        if self.nudger is not None:
+            self.nudger.close()
         self.store.close()
         if self.metrics is not None:
             self.metrics.flush()  # multiprocess mode: the last counts (os._exit skips atexit)

@@ -10,8 +10,8 @@ from typing import Any
 # Default linger of decision-only commits (see `ServerConfig.decision_linger_s`). On this
 # VM a synced commit costs the writer ~1 ms of CPU: at 150 decisions/s, 50 ms meant ~0.1 ms
 # per decision, 200 ms ~0.03 ms.
-ALONE_LINGER_MS = 200.0
-SHARED_LINGER_MS = 50.0
+LOCAL_LINGER_MS = 200.0
+NODES_LINGER_MS = 50.0
 
 
 @dataclass(frozen=True)
@@ -28,7 +28,7 @@ class ServerConfig:
     queue_limit: int = 200000
     # A commit holding only decision records waits this long for more (fewer fsyncs): the
     # crash window of decision records (README, Guarantees). Rewards never wait. None: 200 ms
-    # alone, 50 ms when the store is shared (`decision_linger_s`).
+    # on LMDB, 50 ms for nodes on PostgreSQL (`decision_linger_s`).
     decision_linger_ms: float | None = None
     seed: int | None = None
     log_level: str = "info"
@@ -88,13 +88,13 @@ class ServerConfig:
 
     @property
     def decision_linger_s(self) -> float:
-        """Alone, a long linger costs nothing but the crash window: rewards find this
-        process's lingering records. Sharing the store, a reward through another process
-        or node waits for the record's commit (engine.DECISION_GRACE_S), so a reward right
-        after its decision would wait out the linger."""
+        """A reward through another process or node waits for its decision's commit. The
+        members of a --workers pool ask each other to commit at once (`banditd.nudge`), so
+        on LMDB a long linger costs nothing but the crash window; nodes on PostgreSQL cannot,
+        so their rewards would wait out the linger: a shorter one there."""
         if self.decision_linger_ms is not None:
             return self.decision_linger_ms / 1000.0
-        return SHARED_LINGER_MS / 1000.0 if self.shared_store else ALONE_LINGER_MS / 1000.0
+        return (NODES_LINGER_MS if self.store else LOCAL_LINGER_MS) / 1000.0
 
     @property
     def stream_limit(self) -> int:
@@ -147,7 +147,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--decision-linger-ms", type=float, default=_env("decision_linger_ms", d.decision_linger_ms, float),
         help=f"a commit of decision records only waits this long for more; 0 = commit at once; default "
-        f"{ALONE_LINGER_MS:.0f}, {SHARED_LINGER_MS:.0f} with --workers or --store (BANDITD_DECISION_LINGER_MS)",
+        f"{LOCAL_LINGER_MS:.0f}, {NODES_LINGER_MS:.0f} with --store (BANDITD_DECISION_LINGER_MS)",
     )
     p.add_argument("--seed", type=int, default=_env("seed", None, int), help="RNG seed (BANDITD_SEED)")
     p.add_argument("--log-level", default=_env("log_level", d.log_level), help="log level (BANDITD_LOG_LEVEL)")

@@ -184,8 +184,10 @@ class Engine:
         # evicted from the assignment cache before its decision reached the store keeps it.
         self._pending_sticky: dict[tuple[str, str], tuple[str, ...]] = {}
         self._admin_lock = threading.RLock()
-        # Set when other processes share the store (a worker pool): look there on misses.
+        # Set when other processes share the store (a worker pool): look there on misses,
+        # after asking the pool's other members to commit what lingers (app: `nudge.Nudger`).
         self.shared = False
+        self.nudge_others: Callable[[], None] = lambda: None
         self._seen_specs = -1
         self.skipped: dict[str, str] = {}  # experiments that could not be loaded, and why
         self.propensity_lag_s = 0.0  # how far behind the posterior the last refresh round ran
@@ -891,6 +893,7 @@ class Engine:
         if missing:
             found.update(self.store.decisions_many(missing))
         if self.shared and len(found) < len(missing):
+            self.nudge_others()  # pool members commit their lingering records now
             wall = time.time()
             # Ids claiming to be from the future (beyond a second of clock skew) earn no wait.
             made = [t for t in (_made_ms(d) / 1000.0 for d in missing if d not in found) if t <= wall + 1.0]

@@ -46,7 +46,7 @@ def member_command(config: ServerConfig, index: int) -> list[str]:
         "--shutdown-grace-s", str(config.shutdown_grace_s),
         "--http-port", str(config.http_port), "--history-seconds", str(config.history_seconds),
     ]  # fmt: skip
-    if config.decision_linger_ms is not None:  # else a member's own default (shared store)
+    if config.decision_linger_ms is not None:  # else the members' own default
         cmd += ["--decision-linger-ms", str(config.decision_linger_ms)]
     if config.store:
         cmd += ["--store", config.store]

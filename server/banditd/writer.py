@@ -171,6 +171,12 @@ class Writer:
     def wake(self) -> None:
         self._wake.set()
 
+    def commit_now(self) -> None:
+        """Ends a linger at once if anything waits (another pool member needs the records)."""
+        if self._ops or self._queued_outside():
+            self._urgent.set()
+            self._wake.set()
+
     def _health_changed(self) -> None:
         if self._on_health is not None:
             self._on_health(self.storage_error is None and not self._closed)

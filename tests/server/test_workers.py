@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import grpc
@@ -122,15 +123,15 @@ def test_a_sticky_unit_keeps_its_arm_when_its_next_call_reaches_another_process_
         srv.stop()
 
 
-def test_decision_records_linger_less_when_the_store_is_shared() -> None:
-    """Alone, decision records wait 200 ms for a group commit (rewards find them meanwhile);
-    sharing the store, 50 ms: a reward through another process waits for its decision's
-    commit. A pool passes only an explicit linger on, so its members take the shared default."""
+def test_decision_records_linger_200_ms_on_lmdb_and_50_ms_on_postgresql() -> None:
+    """On LMDB decision records wait 200 ms for a group commit (rewards find them meanwhile,
+    in a --workers pool by nudging the other members); nodes on PostgreSQL cannot nudge each
+    other, so 50 ms there. A pool passes only an explicit linger on to its members."""
     from banditd.config import ServerConfig
     from banditd.pool import member_command
 
     assert ServerConfig().decision_linger_s == 0.2
-    assert ServerConfig(pool_member=True).decision_linger_s == 0.05
+    assert ServerConfig(pool_member=True).decision_linger_s == 0.2
     assert ServerConfig(store="postgresql://u@h/db").decision_linger_s == 0.05
     assert ServerConfig(decision_linger_ms=5.0, pool_member=True).decision_linger_s == 0.005
     assert "--decision-linger-ms" not in member_command(ServerConfig(workers=2), 0)
@@ -138,3 +139,34 @@ def test_decision_records_linger_less_when_the_store_is_shared() -> None:
     assert cmd[cmd.index("--decision-linger-ms") + 1] == "7.0"
     with pytest.raises(ValueError, match="decision-linger-ms"):
         ServerConfig(decision_linger_ms=-1.0)
+
+
+def test_a_reward_through_the_other_worker_does_not_wait_out_the_linger(tmp_path: Path) -> None:
+    """--workers 2 with a 10 s linger: a reward sent right after its decision, on a connection
+    that may reach the other process, finds the decision at once — that process is asked to
+    commit now (without it each such reward would wait 2 s and be refused NOT_FOUND)."""
+    srv = ServerProcess(tmp_path / "data", ("--workers", "2", "--decision-linger-ms", "10000"))
+    srv.start()
+    clients = [own_connection(srv.target) for _ in range(8)]  # SO_REUSEPORT spreads them
+    try:
+        clients[0].create_experiment("nudge", arms=["a", "b"])
+        wait_for(lambda: all(_knows(c, "nudge") for c in clients), timeout=10)
+        t0 = time.monotonic()
+        for i in range(40):
+            d = clients[i % 8].decide("nudge", unit_id=f"u{i}")
+            assert clients[(i + 1) % 8].reward(d.decision_id, 1.0) is True
+        elapsed = time.monotonic() - t0
+        assert sum(s.rewards for s in clients[0].arm_stats("nudge")) == 40
+        assert elapsed < 20.0, elapsed  # ~20 cross-process rewards would take >= 40 s waiting
+    finally:
+        for c in clients:
+            c.close()
+        srv.stop()
+
+
+def _knows(client: Client, exp: str) -> bool:
+    try:
+        client.arm_stats(exp)
+        return True
+    except grpc.RpcError:
+        return False

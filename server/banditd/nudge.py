@@ -71,7 +71,8 @@ class Nudger:
     def _listen(self) -> None:
         while True:
             try:
-                self._sock.recv(16)
+                if not self._sock.recv(16):
+                    return  # shut down (close)
             except OSError:
                 return  # closed
             try:

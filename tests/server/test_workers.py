@@ -170,3 +170,21 @@ def _knows(client: Client, exp: str) -> bool:
         return True
     except grpc.RpcError:
         return False
+
+
+def test_nudges_reach_the_other_members_and_a_gone_member_is_skipped(tmp_path: Path) -> None:
+    from banditd.nudge import Nudger
+
+    hits: list[int] = []
+    members = [Nudger(str(tmp_path), i, 3, lambda i=i: hits.append(i)) for i in range(2)]  # 2 of 3 up
+    for m in members:
+        m._thread.start()
+    members[0].nudge_others()  # member 2 is not listening: skipped without an error
+    assert wait_for(lambda: hits == [1], timeout=5), hits
+    with pytest.raises(OSError):  # one listener per member and data directory
+        Nudger(str(tmp_path), 1, 3, lambda: None)
+    members[1].close()
+    assert wait_for(lambda: not members[1]._thread.is_alive(), timeout=5)
+    members[0].nudge_others()  # member 1 is gone now
+    members[0].close()
+    assert hits == [1]

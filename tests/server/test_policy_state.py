@@ -9,6 +9,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import grpc
 import pytest
 
 from banditd_client import Client
@@ -27,8 +28,13 @@ CASES = {
 
 
 def _clients(srv: ServerProcess, n: int) -> list[Client]:
-    # One connection each: SO_REUSEPORT spreads connections over a pool's processes.
-    return [Client(srv.target, timeout=10.0) for _ in range(n)]
+    # One connection each (grpc shares one per target between channels unless told not to):
+    # SO_REUSEPORT spreads connections over a pool's processes.
+    return [
+        Client(srv.target, channel=grpc.insecure_channel(srv.target, options=[("grpc.use_local_subchannel_pool", 1)]),
+               timeout=10.0)
+        for _ in range(n)
+    ]  # fmt: skip
 
 
 def _history(client: Client, exp: str) -> None:

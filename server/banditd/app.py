@@ -17,7 +17,7 @@ from banditd.config import ServerConfig
 from banditd.engine import Engine
 from banditd.history import Historian, p_best
 from banditd.metrics import MetricsInterceptor, metrics_registry
-from banditd.nudge import Nudger
+from banditd.nudge import FALLBACK_S, Follower, Nudger
 from banditd.retention import Janitor
 from banditd.service import BanditdService, add_service
 from banditd.store import Store
@@ -62,9 +62,7 @@ class Server:
         )
         add_service(BanditdService(self.engine, config.stream_limit, config.stream_idle_s, self.keys), self.grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc
-        )
+        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc)
         address = f"{config.host}:{config.port}"
         credentials = server_credentials(config)  # TLS only when --tls-cert/--tls-key are set
         if credentials is None:
@@ -75,6 +73,7 @@ class Server:
             raise RuntimeError(f"could not bind {config.host}:{config.port}")
         self._stopped = threading.Event()
         self.nudger: Nudger | None = None
+        self.follower: Follower | None = None
         self.janitor = Janitor(self.writer, config.retention_hours * 3600.0, config.retention_sweep_s)
         self.historian = Historian(self.engine, self.writer, config.history_seconds)
         self.web = (
@@ -93,11 +92,18 @@ class Server:
         self.writer.start()
         if self.config.shared_store:
             self.engine.shared = True
+            # Picks up experiments and rewards the other processes committed: when a member on
+            # this machine says it committed, else (nodes on PostgreSQL) every --refresh-ms.
+            gap = max(0.001, self.config.refresh_ms / 1000.0)
+            follower = Follower(self.engine.refresh_from_store, gap, gap)
             if not self.config.store:  # a pool on one machine (nodes on PostgreSQL: no nudges)
-                self.nudger = Nudger.for_pool_member(self.config.data_dir, self.writer.commit_now)
+                self.nudger = Nudger.for_pool_member(self.config.data_dir, self.writer.commit_now, follower.poke)
                 if self.nudger is not None:
                     self.engine.nudge_others = self.nudger.nudge_others
-            threading.Thread(target=self._follow, name="banditd-follow", daemon=True).start()
+                    self.writer.notify_commit = self.nudger.committed
+                    follower.fallback_s = max(gap, FALLBACK_S)
+            self.follower = follower
+            follower.start()
         threading.Thread(
             target=self.engine.run_background, args=(self._stopped,), name="banditd-background", daemon=True
         ).start()
@@ -124,6 +130,8 @@ class Server:
             return
         grace = self.config.shutdown_grace_s if grace is None else grace
         self._stopped.set()
+        if self.follower is not None:
+            self.follower.stop()
         self.janitor.stop()
         if self.web is not None:
             self.web.stop()
@@ -140,15 +148,6 @@ class Server:
 
     def wait(self) -> None:
         self._stopped.wait()
-
-    def _follow(self) -> None:
-        """Pool member: picks up experiments and rewards the other processes committed."""
-        interval = max(0.001, self.config.refresh_ms / 1000.0)
-        while not self._stopped.wait(interval):
-            try:
-                self.engine.refresh_from_store()
-            except Exception:  # keep following; the next round retries
-                log.exception("refresh from store failed")
 
 
 def serve(config: ServerConfig) -> None:

@@ -146,6 +146,8 @@ class Writer:
         self.storage_error: BanditdError | None = None
         # Called after each commit with the statistics it changed, before any op is resolved.
         self.on_commit: Callable[[dict[str, ExperimentChanges]], None] | None = None
+        # Called after each commit (a pool member tells the others to follow the store).
+        self.notify_commit: Callable[[], None] | None = None
         # Records queued outside `_ops` (the Decide fast path, see `attach_source`).
         self._take: Callable[[], WriteOp | None] | None = None
         self._queued_outside: Callable[[], int] = lambda: 0
@@ -337,6 +339,11 @@ class Writer:
                 self.on_commit(batch.changes)
             except Exception:  # noqa: BLE001 - durable already; memory catches up on refresh
                 log.exception("applying committed statistics failed")
+        if self.notify_commit is not None:
+            try:
+                self.notify_commit()
+            except Exception:  # noqa: BLE001 - best effort: the others poll as a fallback
+                log.exception("telling the other processes of a commit failed")
         for op, (ok, value) in zip(ops, results, strict=True):
             if ok:
                 try:

@@ -71,7 +71,6 @@ def test_two_workers_share_experiments_decisions_and_rewards(tmp_path: Path) -> 
     assert sum(s.rewards for s in stats_after_restart(tmp_path / "data", "shared")) == 200
 
 
-
 def test_two_workers_serve_a_plain_experiment_on_the_fast_path_and_count_every_reward(tmp_path: Path) -> None:
     """Not sticky, no context: each process answers from its core and commits behind the
     response; a reward sent at once through a connection to the other process still finds
@@ -101,6 +100,7 @@ def test_two_workers_serve_a_plain_experiment_on_the_fast_path_and_count_every_r
         srv.stop()
     stats = stats_after_restart(tmp_path / "data", "plain")
     assert sum(s.pulls for s in stats) == 300 and sum(s.rewards for s in stats) == 300
+
 
 def test_a_sticky_unit_keeps_its_arm_when_its_next_call_reaches_another_process_at_once(tmp_path: Path) -> None:
     """The second call follows the first without a pause, through another connection (likely
@@ -176,16 +176,63 @@ def _knows(client: Client, exp: str) -> bool:
 def test_nudges_reach_the_other_members_and_a_gone_member_is_skipped(tmp_path: Path) -> None:
     from banditd.nudge import Nudger
 
-    hits: list[int] = []
-    members = [Nudger(str(tmp_path), i, 3, lambda i=i: hits.append(i)) for i in range(2)]  # 2 of 3 up
+    hits: list[tuple[str, int]] = []
+    members = [
+        Nudger(
+            str(tmp_path), i, 3, lambda i=i: hits.append(("commit now", i)), lambda i=i: hits.append(("committed", i))
+        )
+        for i in range(2)
+    ]  # 2 of 3 up
     for m in members:
-        m._thread.start()
+        m.start()
     members[0].nudge_others()  # member 2 is not listening: skipped without an error
-    assert wait_for(lambda: hits == [1], timeout=5), hits
+    assert wait_for(lambda: hits == [("commit now", 1)], timeout=5), hits
+    members[1].committed()
+    assert wait_for(lambda: hits[1:] == [("committed", 0)], timeout=5), hits
     with pytest.raises(OSError):  # one listener per member and data directory
         Nudger(str(tmp_path), 1, 3, lambda: None)
     members[1].close()
-    assert wait_for(lambda: not members[1]._thread.is_alive(), timeout=5)
+    assert wait_for(lambda: not members[1].listening(), timeout=5)
     members[0].nudge_others()  # member 1 is gone now
     members[0].close()
-    assert hits == [1]
+    assert len(hits) == 2
+
+
+def test_a_follower_told_of_commits_refreshes_once_per_burst_and_not_while_idle() -> None:
+    """Pool members follow the store when another says it committed: nothing while idle (was
+    20 polls a second), a burst of commits coalesced into refreshes >= the gap apart, and the
+    last commit of a burst is always followed."""
+    from banditd.nudge import Follower
+
+    times: list[float] = []
+    follower = Follower(lambda: times.append(time.monotonic()), gap_s=0.05, fallback_s=30.0)
+    follower.start()
+    try:
+        time.sleep(0.4)
+        assert times == []  # idle: no refresh (polling every 50 ms made 8)
+        t0 = time.monotonic()
+        follower.poke()
+        assert wait_for(lambda: len(times) == 1, timeout=5)
+        assert times[0] - t0 < 0.2  # at once, not at the next poll
+        for _ in range(100):  # a burst of commits over ~0.3 s
+            follower.poke()
+            time.sleep(0.003)
+        last_poke = time.monotonic()
+        assert wait_for(lambda: times[-1] > last_poke, timeout=5)  # the last one is followed
+        gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+        assert len(times) <= 2 + 0.5 / 0.05 and min(gaps) >= 0.045, gaps
+    finally:
+        follower.stop()
+
+
+def test_a_follower_that_is_not_told_polls_every_gap() -> None:
+    """Nodes on PostgreSQL (no nudges across machines) and a member without its socket poll:
+    fallback == gap."""
+    from banditd.nudge import Follower
+
+    times: list[float] = []
+    follower = Follower(lambda: times.append(time.monotonic()), gap_s=0.05, fallback_s=0.05)
+    follower.start()
+    time.sleep(0.5)
+    follower.stop()
+    assert 5 <= len(times) <= 11, len(times)

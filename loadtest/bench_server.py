@@ -428,7 +428,7 @@ def _decisions(target: CpuTarget) -> int:
 
 def _settled_decisions(target: CpuTarget, timeout: float = 15.0) -> int:
     """The decision count once it stops moving: decision records commit behind the calls
-    (linger) and the other pool processes pick them up every --refresh-ms."""
+    (linger) and the other pool processes pick them up when told (at most every --refresh-ms)."""
     last = _decisions(target)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

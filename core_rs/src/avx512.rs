@@ -500,17 +500,27 @@ unsafe fn draw_range_with<const SMALL: bool, const SLATE: bool>(
                 // One division for the vector, then each better lane into the slate.
                 let r = _mm512_div_ps(ga, _mm512_add_ps(ga, gb));
                 let mut m = better;
-                if !SLATE {
+                if let Some(s) = skip {
+                    // Skipped lanes first: the block's best may be one, and the best of
+                    // the rest must still enter.
+                    let mut bits = m;
+                    while bits != 0 {
+                        let lane = bits.trailing_zeros() as usize;
+                        bits &= bits - 1;
+                        if s[pos + lane] {
+                            m &= !(1u16 << lane);
+                        }
+                    }
+                }
+                if !SLATE && m != 0 {
                     // Only the block's best can enter (the first block lets all 16 through).
-                    let best = _mm512_set1_ps(_mm512_mask_reduce_max_ps(better, r));
+                    let best = _mm512_set1_ps(_mm512_mask_reduce_max_ps(m, r));
                     m &= _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(r, best);
                 }
                 while m != 0 {
                     let lane = m.trailing_zeros() as usize;
                     m &= m - 1;
-                    if !skip.is_some_and(|s| s[pos + lane]) {
-                        slate.insert_lane(r, lane, (pos + lane) as u32 + offset);
-                    }
+                    slate.insert_lane(r, lane, (pos + lane) as u32 + offset);
                 }
                 better = 0;
                 if fail == 0 {

@@ -705,7 +705,7 @@ pub mod tests {
                     if k == want.len() {
                         assert_eq!(got, want, "{isa:?} round {round}");
                     } else {
-                        assert_eq!(got.len(), k);
+                        assert_eq!(got.len(), k, "{isa:?} round {round} k {k}");
                         assert!(got.iter().all(|p| want.contains(p)), "{isa:?} {got:?}");
                     }
                 }

@@ -289,7 +289,7 @@ impl FastDecide {
         let b = bandit.get();
         let (arm, score, propensity, version) = locked(&b.state, py, b.quick_choice(), |s| {
             let arms = s.choose_slate(1)?;
-            let props = s.propensities(1, &arms)?;
+            let props = s.propensities(1, &arms, crate::INLINE_MIN_DRAWS)?;
             Ok((arms[0], s.bandit.mean(arms[0]), props[0], s.bandit.version))
         })
         .ok()?;

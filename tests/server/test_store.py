@@ -105,7 +105,8 @@ def test_a_pool_member_reads_only_the_arms_that_changed_and_gets_the_full_state(
             engine.decide("e", f"w{i}", 1)
             writer.sync(10)
         policy, rows, counter, full = store.experiment_state_since("e", seen)
-        assert full and rows == store.experiment_state("e")[1] and len(rows) == 200
+        # (An arm no decision chose has no row: which ones depends on the kernel's draws.)
+        assert full and rows == store.experiment_state("e")[1] and len(rows) >= 150
     finally:
         writer.close()
         store.close()

@@ -569,8 +569,9 @@ class CpuBench:
         with contextlib.ExitStack() as stack:
             targets = self.start(workdir, workers, stack, notes)
             wait_for_quiet()
+            order = measuring_order(targets)
             for rnd in range(args.cpu_rounds):  # interleaved, the order reversed every other round
-                for target in targets if rnd % 2 == 0 else targets[::-1]:
+                for target in order if rnd % 2 == 0 else order[::-1]:
                     target.samples.append(self.measure_balanced(target, rnd))
             closed = cpu_rows(targets)
             opened = self.open_rows(targets, closed)
@@ -613,6 +614,20 @@ class CpuBench:
                                 sum(s.completed for s in runs), sum(s.failed for s in runs), us,
                                 us / sat if sat > 0 else None, statistics.median(s.gen_us for s in runs)))
         return rows
+
+
+def measuring_order(targets: list[CpuTarget]) -> list[CpuTarget]:
+    """Per process count, the no-op between the experiment sizes (10 arms, no-op, 10,000 arms):
+    every banditd run is next to the no-op run it is compared with, seconds apart, whichever
+    way the round goes; this VM's speed drifts by 10-20% within a minute."""
+    order: list[CpuTarget] = []
+    for p in dict.fromkeys(t.processes for t in targets):
+        group = [t for t in targets if t.processes == p]
+        noop = [t for t in group if t.server == "noop"]
+        rest = [t for t in group if t.server != "noop"]
+        half = (len(rest) + 1) // 2
+        order += rest[:half] + noop + rest[half:]
+    return order
 
 
 def cpu_rows(targets: list[CpuTarget]) -> list[CpuRow]:

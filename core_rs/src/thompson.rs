@@ -49,6 +49,11 @@ impl ThompsonIndex {
         self.ordered
     }
 
+    #[cfg(test)]
+    pub fn dirty_len(&self) -> usize {
+        self.dirty.len()
+    }
+
     /// Lays out every active arm (in arm order) with its sharpened Beta shapes.
     pub fn rebuild(&mut self, shapes: impl Fn(usize) -> (f64, f64), active: &[bool]) {
         self.pos_arm = (0..active.len() as u32)

@@ -7,8 +7,8 @@ acknowledged reward shows in the next Decide.
    (synced LMDB group commit), so accepted/s over the wall time is durable rewards/s.
    Against a server it started, it then kills the server with SIGKILL, restarts it on the
    same data dir and checks that every acknowledged reward is still counted.
-2. Time to effect: a 2-arm greedy experiment; each trial rewards the trailing arm (on a
-   k=2 slate decision) just enough to make it lead, then polls Decide, round robin over
+2. Time to effect: a 2-arm greedy experiment; each trial rewards the trailing arm (one win
+   on each of just enough k=2 slate decisions) to make it lead, then polls Decide, round robin over
    --channels connections (so every server process is asked), until each connection has
    returned the new leader. Reported: ack -> first Decide showing it, and ack -> every
    connection showing it.
@@ -201,14 +201,20 @@ class EffectResult:
     connections: int
 
 
+SETTLE_S = 0.5  # > the default --decision-linger-ms (200) + --refresh-ms (50)
+
+
 def _leader_and_needed(stub: pb_grpc.BanditdStub, experiment: str) -> tuple[str, str, int]:
-    """(leader, trailer, rewards of 1.0 the trailer needs to lead), from the posterior means."""
+    """(leader, trailer, m): m slates of both arms, each with a win for the trailer, make the
+    trailer lead. Beta(1, 1) priors; every decision is an observation (decision mode: 0 unless
+    rewarded) and the events of one decision count once (`max`), so each win needs its own
+    decision, which also counts a 0 for the leader."""
     stats = stub.GetArmStats(pb.GetArmStatsRequest(experiment_id=experiment), timeout=10).arms
     lead, trail = sorted(stats, key=lambda s: s.mean, reverse=True)
-    # Beta(1, 1) prior: mean = (1 + sum) / (2 + n). Add wins until strictly ahead (with margin).
-    a, n = 1.0 + trail.reward_sum, 2.0 + trail.rewards
+    a_t, n_t = 1.0 + trail.reward_sum, 2.0 + trail.observations
+    a_l, n_l = 1.0 + lead.reward_sum, 2.0 + lead.observations
     need = 1
-    while (a + need) / (n + need) <= lead.mean + 1e-9:
+    while (a_t + need) / (n_t + need) <= a_l / (n_l + need) + 1e-9:  # strictly ahead, with margin
         need += 1
     return lead.arm_id, trail.arm_id, need
 
@@ -221,11 +227,20 @@ def bench_effect(args: argparse.Namespace, target: str) -> EffectResult:
     decide = pb.DecideRequest(experiment_id=experiment, unit_id="probe")
     first, full, polls, timeouts = [], [], [], 0
     for trial in range(args.trials):
+        # The previous trial's polls are decisions (trials of 0 for the arm they returned);
+        # with several processes those answered elsewhere commit within their linger. The
+        # wins needed must be counted on the settled posterior, else a trial's reward makes
+        # the trailer lead in this process's view only until they land, and the trial times
+        # the other arm's polls wearing it down (~the 200 ms linger), not the reward.
+        time.sleep(SETTLE_S)
         _, trailer, need = _leader_and_needed(stubs[0], experiment)
-        slate = stubs[0].Decide(pb.DecideRequest(experiment_id=experiment, unit_id="slate", k=2), timeout=10)
+        slates = [
+            stubs[0].Decide(pb.DecideRequest(experiment_id=experiment, unit_id=f"slate-{j}", k=2), timeout=10)
+            for j in range(need)
+        ]
         rewards = [
             pb.RewardRequest(decision_id=slate.decision_id, value=1.0, arm_id=trailer, event_id=f"{trial}-{j}")
-            for j in range(need)
+            for j, slate in enumerate(slates)
         ]
         resp = stubs[0].RewardStream(iter(rewards), timeout=30)
         acked = time.perf_counter()

@@ -305,6 +305,7 @@ CPU_TOLERANCE = 0.01  # decisions made vs 2xx responses counted by h2load
 # loop run whose busiest process used more than this over its fair share of the server's CPU
 # is repeated (any server, up to --retries times), and the table counts the repeats.
 CPU_IMBALANCE = 0.15
+OPEN_PAIR_S = 3  # closed-loop seconds after each open-loop run (its same-minute saturation)
 
 
 @dataclass
@@ -369,6 +370,9 @@ class OpenRow:
     server_us: float
     vs_closed: float | None  # server_us / the same server's closed-loop median (saturation)
     gen_us: float
+    # Median over runs of (this open run / a closed-loop run of the same server right after
+    # it): both rates measured in the same minute of the VM.
+    vs_closed_paired: float | None = None
 
 
 def _pid_cpu(server: ServerProcess) -> dict[int, float]:
@@ -483,8 +487,9 @@ class CpuBench:
                         targets.append(CpuTarget(p, kind, arms, srv, body, plan.id))
         return targets
 
-    def measure(self, target: CpuTarget, rnd: int, rps: int | None = None) -> CpuSample:
+    def measure(self, target: CpuTarget, rnd: int, rps: int | None = None, seconds: float | None = None) -> CpuSample:
         args = self.args
+        seconds = args.cpu_seconds if seconds is None else seconds
         srv = target.srv
         if not target.checked:
             status, message = h2load.grpc_status(srv.port, target.body)
@@ -498,7 +503,7 @@ class CpuBench:
         idle0 = sum(s.cpu_seconds() for s in self.servers if s is not srv)
         cpu0, busy0, steal0, t0 = _pid_cpu(srv), busy_cpu_seconds(), steal_cpu_seconds(), time.monotonic()
         if rps is None:
-            res = h2load.closed_loop(srv.port, target.body, args.cpu_seconds, CPU_CONNS, CPU_STREAMS, nice=args.nice)
+            res = h2load.closed_loop(srv.port, target.body, seconds, CPU_CONNS, CPU_STREAMS, nice=args.nice)
         else:
             res = h2load.open_loop(srv.port, target.body, args.open_seconds, rps, nice=args.nice)
         time.sleep(CPU_TAIL_S)
@@ -516,24 +521,24 @@ class CpuBench:
         self.verify(target, res, before)
         if not srv.alive():
             raise RuntimeError(f"{target.label} died:\n{srv.log_tail()}")
-        what = f"open {rnd + 1}" if rps else f"round {rnd + 1}"
+        what = f"open {rnd + 1}" if rps else f"round {rnd + 1}" if seconds == args.cpu_seconds else f"sat {rnd + 1}"
         print(f"    {what:<7}  {target.label:<26} {sample.rate:8,.0f}/s  server {sample.server_us:5.0f} us/call  "
               f"h2load {sample.gen_us:3.0f} us/call  failed {sample.failed}  busiest process "
               f"{sample.busiest_share:4.0%}  idle servers {sample.idle_servers_cores:.2f}, others {other:.2f}, steal "
               f"{sample.steal_cores:.2f} cores", flush=True)
         return sample
 
-    def measure_balanced(self, target: CpuTarget, rnd: int) -> CpuSample:
+    def measure_balanced(self, target: CpuTarget, rnd: int, seconds: float | None = None) -> CpuSample:
         """A closed-loop sample whose connections spread over the server's processes (see
         CPU_IMBALANCE)."""
-        sample = self.measure(target, rnd)
+        sample = self.measure(target, rnd, seconds=seconds)
         fair = 1.0 / target.processes
         for _ in range(self.args.retries):
             if target.processes == 1 or sample.busiest_share <= fair + CPU_IMBALANCE:
                 break
             target.unbalanced += 1
             print(f"    repeated: the busiest process used {sample.busiest_share:.0%} of the server's CPU", flush=True)
-            sample = self.measure(target, rnd)
+            sample = self.measure(target, rnd, seconds=seconds)
         return sample
 
     def verify(self, target: CpuTarget, res: h2load.H2Result, before: int | None) -> None:
@@ -581,11 +586,13 @@ class CpuBench:
         print(f"\n{head}")
         print(cpu_table(closed))
         print(f"\nOpen loop, h2load -c 1 --rps {args.open_rps}, {args.open_rounds} interleaved runs x "
-              f"{args.open_seconds:.0f} s per server, medians")
+              f"{args.open_seconds:.0f} s per server, each followed by {OPEN_PAIR_S} s of closed loop on the same "
+              f"server, medians")
         print(open_table(opened))
         print("server CPU: all processes of the server (pool parent included), per call h2load counted; "
               "vs no-op: ratio to the no-op server with as many processes; vs closed loop: ratio to the same "
-              "server's closed-loop median (saturation)")
+              "server's closed-loop median (saturation); same minute: median of each open run's ratio to the closed "
+              "loop that followed it")
         for line in notes:
             print(line)
         return {
@@ -601,10 +608,17 @@ class CpuBench:
         arms = self.args.cpu_arms[0]
         chosen = [t for t in targets if t.processes == 1 and t.arms in (None, arms)]
         samples: dict[int, list[CpuSample]] = {id(t): [] for t in chosen}
+        paired: dict[int, list[float]] = {id(t): [] for t in chosen}
         for rnd in range(self.args.open_rounds):
             for t in chosen if rnd % 2 == 0 else chosen[::-1]:
                 time.sleep(0.5)  # the previous run's decision records commit
-                samples[id(t)].append(self.measure(t, rnd, rps=self.args.open_rps))
+                opened = self.measure(t, rnd, rps=self.args.open_rps)
+                samples[id(t)].append(opened)
+                # Saturation of the same server seconds later: this VM's speed moves by 2x
+                # between minutes, and both rates must come from the same one.
+                after = self.measure_balanced(t, rnd, seconds=OPEN_PAIR_S)
+                if after.server_us > 0:
+                    paired[id(t)].append(opened.server_us / after.server_us)
         rows = []
         for t in chosen:
             runs = samples[id(t)]
@@ -612,7 +626,8 @@ class CpuBench:
             sat = next((r.server_us for r in closed if (r.processes, r.server, r.arms) == (1, t.server, t.arms)), 0.0)
             rows.append(OpenRow(1, t.server, t.arms, self.args.open_rps, statistics.median(s.rate for s in runs),
                                 sum(s.completed for s in runs), sum(s.failed for s in runs), us,
-                                us / sat if sat > 0 else None, statistics.median(s.gen_us for s in runs)))
+                                us / sat if sat > 0 else None, statistics.median(s.gen_us for s in runs),
+                                statistics.median(paired[id(t)]) if paired[id(t)] else None))
         return rows
 
 
@@ -669,10 +684,10 @@ def cpu_table(rows: list[CpuRow]) -> str:
 
 def open_table(rows: list[OpenRow]) -> str:
     headers = ("processes", "server", "arms", "rate/s", "decisions/s", "server CPU µs/call", "vs closed loop",
-               "generator CPU µs/call")
+               "vs closed loop, same minute (median)", "generator CPU µs/call")
     return fmt_table(headers, [
         (r.processes, r.server, _arms(r.arms), r.target_rps, f"{r.rate:,.0f}", f"{r.server_us:.0f}",
-         _x(r.vs_closed), f"{r.gen_us:.0f}")
+         _x(r.vs_closed), _x(r.vs_closed_paired), f"{r.gen_us:.0f}")
         for r in rows
     ])
 
@@ -717,7 +732,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     cpu.add_argument("--open-rps", type=int, default=150,
                      help="open-loop calls/s (banditd x1 at the first size, no-op x1)")
     cpu.add_argument("--open-seconds", type=int, default=10)
-    cpu.add_argument("--open-rounds", type=int, default=3, help="interleaved open-loop runs per server (median)")
+    cpu.add_argument("--open-rounds", type=int, default=5, help="interleaved open-loop runs per server (median)")
     args = ap.parse_args(argv)
     if args.no_cpu and args.only_cpu:
         ap.error("--no-cpu and --only-cpu exclude each other")

@@ -487,7 +487,9 @@ class CpuBench:
                         targets.append(CpuTarget(p, kind, arms, srv, body, plan.id))
         return targets
 
-    def measure(self, target: CpuTarget, rnd: int, rps: int | None = None, seconds: float | None = None) -> CpuSample:
+    def measure(
+        self, target: CpuTarget, rnd: int, rps: int | None = None, seconds: float | None = None, kind: str = "round"
+    ) -> CpuSample:
         args = self.args
         seconds = args.cpu_seconds if seconds is None else seconds
         srv = target.srv
@@ -521,24 +523,26 @@ class CpuBench:
         self.verify(target, res, before)
         if not srv.alive():
             raise RuntimeError(f"{target.label} died:\n{srv.log_tail()}")
-        what = f"open {rnd + 1}" if rps else f"round {rnd + 1}" if seconds == args.cpu_seconds else f"sat {rnd + 1}"
+        what = f"{'open' if rps else kind} {rnd + 1}"
         print(f"    {what:<7}  {target.label:<26} {sample.rate:8,.0f}/s  server {sample.server_us:5.0f} us/call  "
               f"h2load {sample.gen_us:3.0f} us/call  failed {sample.failed}  busiest process "
               f"{sample.busiest_share:4.0%}  idle servers {sample.idle_servers_cores:.2f}, others {other:.2f}, steal "
               f"{sample.steal_cores:.2f} cores", flush=True)
         return sample
 
-    def measure_balanced(self, target: CpuTarget, rnd: int, seconds: float | None = None) -> CpuSample:
+    def measure_balanced(
+        self, target: CpuTarget, rnd: int, seconds: float | None = None, kind: str = "round"
+    ) -> CpuSample:
         """A closed-loop sample whose connections spread over the server's processes (see
         CPU_IMBALANCE)."""
-        sample = self.measure(target, rnd, seconds=seconds)
+        sample = self.measure(target, rnd, seconds=seconds, kind=kind)
         fair = 1.0 / target.processes
         for _ in range(self.args.retries):
             if target.processes == 1 or sample.busiest_share <= fair + CPU_IMBALANCE:
                 break
             target.unbalanced += 1
             print(f"    repeated: the busiest process used {sample.busiest_share:.0%} of the server's CPU", flush=True)
-            sample = self.measure(target, rnd, seconds=seconds)
+            sample = self.measure(target, rnd, seconds=seconds, kind=kind)
         return sample
 
     def verify(self, target: CpuTarget, res: h2load.H2Result, before: int | None) -> None:
@@ -616,7 +620,7 @@ class CpuBench:
                 samples[id(t)].append(opened)
                 # Saturation of the same server seconds later: this VM's speed moves by 2x
                 # between minutes, and both rates must come from the same one.
-                after = self.measure_balanced(t, rnd, seconds=OPEN_PAIR_S)
+                after = self.measure_balanced(t, rnd, seconds=OPEN_PAIR_S, kind="sat")
                 if after.server_us > 0:
                     paired[id(t)].append(opened.server_us / after.server_us)
         rows = []

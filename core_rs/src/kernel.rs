@@ -438,7 +438,15 @@ pub mod tests {
         k * (1.0 - 2.0 / (9.0 * k) + z * (2.0 / (9.0 * k)).sqrt()).powi(3)
     }
 
-    fn winners_kernel(isa: Isa, shapes: &[(f64, f64)], n: usize, seed: u64) -> Vec<u64> {
+    /// Inclusion counts in the top k of every position not skipped, over `n` kernel draws.
+    fn included_kernel(
+        isa: Isa,
+        shapes: &[(f64, f64)],
+        skip: Option<&[bool]>,
+        k: usize,
+        n: usize,
+        seed: u64,
+    ) -> Vec<u64> {
         let mut arrays = BetaArrays::with_len(shapes.len());
         for (i, &(a, b)) in shapes.iter().enumerate() {
             arrays.set(i, a, b);
@@ -446,29 +454,39 @@ pub mod tests {
         let mut rng = KernelRng::seed_from_u64(seed);
         let mut counts = vec![0u64; shapes.len()];
         for _ in 0..n {
-            let mut top = TopK::new(1);
-            draw_range(isa, &arrays, 0, shapes.len(), &mut rng, &mut top, None, 0);
-            counts[top.items[0].1 as usize] += 1;
+            let mut top = TopK::new(k);
+            draw_range(isa, &arrays, 0, shapes.len(), &mut rng, &mut top, skip, 0);
+            for item in &top.items {
+                counts[item.1 as usize] += 1;
+            }
         }
         counts
     }
 
-    fn winners_reference(shapes: &[(f64, f64)], n: usize, seed: u64) -> Vec<u64> {
+    /// The same from independent Beta draws (rand_distr) of the positions not skipped only.
+    fn included_reference(
+        shapes: &[(f64, f64)],
+        skip: Option<&[bool]>,
+        k: usize,
+        n: usize,
+        seed: u64,
+    ) -> Vec<u64> {
         let mut rng = Xoshiro256PlusPlus::seed_from_u64(seed);
-        let dists: Vec<Beta<f64>> = shapes
+        let dists: Vec<(usize, Beta<f64>)> = shapes
             .iter()
-            .map(|&(a, b)| Beta::new(a, b).unwrap())
+            .enumerate()
+            .filter(|&(i, _)| !skip.is_some_and(|s| s[i]))
+            .map(|(i, &(a, b))| (i, Beta::new(a, b).unwrap()))
             .collect();
         let mut counts = vec![0u64; shapes.len()];
+        let mut draws: Vec<(f64, usize)> = Vec::with_capacity(dists.len());
         for _ in 0..n {
-            let mut best = (f64::NEG_INFINITY, 0);
-            for (i, d) in dists.iter().enumerate() {
-                let v = d.sample(&mut rng);
-                if v > best.0 {
-                    best = (v, i);
-                }
+            draws.clear();
+            draws.extend(dists.iter().map(|(i, d)| (d.sample(&mut rng), *i)));
+            draws.sort_unstable_by(|x, y| y.0.total_cmp(&x.0));
+            for &(_, i) in &draws[..k] {
+                counts[i] += 1;
             }
-            counts[best.1] += 1;
         }
         counts
     }
@@ -483,9 +501,9 @@ pub mod tests {
 
     fn assert_matches_reference(shapes: &[(f64, f64)], label: &str) {
         let n = 1_000_000;
-        let reference = winners_reference(shapes, n, 99);
+        let reference = included_reference(shapes, None, 1, n, 99);
         for isa in isas() {
-            let got = winners_kernel(isa, shapes, n, 7);
+            let got = included_kernel(isa, shapes, None, 1, n, 7);
             let (stat, df) = chi2_two_sample(&got, &reference);
             assert!(
                 stat < chi2_critical(df),
@@ -717,61 +735,6 @@ pub mod tests {
         }
     }
 
-    /// Inclusion counts in the top k of every position not skipped, over `n` draws.
-    fn included_kernel(
-        isa: Isa,
-        shapes: &[(f64, f64)],
-        skip: &[bool],
-        k: usize,
-        n: usize,
-    ) -> Vec<u64> {
-        let mut arrays = BetaArrays::with_len(shapes.len());
-        for (i, &(a, b)) in shapes.iter().enumerate() {
-            arrays.set(i, a, b);
-        }
-        let mut rng = KernelRng::seed_from_u64(11 + k as u64);
-        let mut counts = vec![0u64; shapes.len()];
-        for _ in 0..n {
-            let mut top = TopK::new(k);
-            draw_range(
-                isa,
-                &arrays,
-                0,
-                shapes.len(),
-                &mut rng,
-                &mut top,
-                Some(skip),
-                0,
-            );
-            for item in &top.items {
-                counts[item.1 as usize] += 1;
-            }
-        }
-        counts
-    }
-
-    /// The same from independent Beta draws of the positions not skipped only.
-    fn included_reference(shapes: &[(f64, f64)], skip: &[bool], k: usize, n: usize) -> Vec<u64> {
-        let mut rng = Xoshiro256PlusPlus::seed_from_u64(97 + k as u64);
-        let dists: Vec<(usize, Beta<f64>)> = shapes
-            .iter()
-            .enumerate()
-            .filter(|&(i, _)| !skip[i])
-            .map(|(i, &(a, b))| (i, Beta::new(a, b).unwrap()))
-            .collect();
-        let mut counts = vec![0u64; shapes.len()];
-        let mut draws: Vec<(f64, usize)> = Vec::with_capacity(dists.len());
-        for _ in 0..n {
-            draws.clear();
-            draws.extend(dists.iter().map(|(i, d)| (d.sample(&mut rng), *i)));
-            draws.sort_unstable_by(|x, y| y.0.total_cmp(&x.0));
-            for &(_, i) in &draws[..k] {
-                counts[i] += 1;
-            }
-        }
-        counts
-    }
-
     /// The pruned index draws its "dirty" arms (posterior changed since the last reorder)
     /// outside the kernel and skips them inside it. Skipping must not change the chances of
     /// the other arms: here the skipped positions have the best posteriors by far, one or two
@@ -794,9 +757,9 @@ pub mod tests {
         let skip: Vec<bool> = (0..len).map(|i| i % 7 == 3).collect();
         let n = 400_000;
         for k in [1, 3] {
-            let reference = included_reference(&shapes, &skip, k, n);
+            let reference = included_reference(&shapes, Some(&skip), k, n, 97 + k as u64);
             for isa in isas() {
-                let got = included_kernel(isa, &shapes, &skip, k, n);
+                let got = included_kernel(isa, &shapes, Some(&skip), k, n, 11 + k as u64);
                 let offered = got.iter().sum::<u64>();
                 assert_eq!(
                     offered,
